@@ -1,0 +1,158 @@
+"""What every poisoning attack shares: constructor validation, ``repr``, and the result type.
+
+An attack takes its hyperparameters in the constructor (validated there) and the data in
+``poison(model, X, y, loss=None)``, which returns a :class:`PoisonResult`. The poisons are kept apart
+from the clean data; :meth:`PoisonResult.mixed` forms the training set a victim would retrain on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import io
+from ..errors import PoisonReachError
+from ..losses import to_probabilities
+
+
+class Attack:
+    """Base class: parameters are the constructor's keyword arguments, stored under their names."""
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as scikit-learn's estimators expose them."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def __repr__(self) -> str:
+        defaults = {
+            k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items() if k != "self"
+        }
+        shown = [f"{k}={v!r}" for k, v in self.get_params().items() if defaults[k] is inspect.Parameter.empty or v != defaults[k]]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> "PoisonResult":
+        raise NotImplementedError
+
+
+def check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False) -> None:
+    """Raise a PoisonReachError naming ``name`` unless ``value`` is a number within the bounds."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise PoisonReachError(f"{name} must be {kind}, got {value!r}")
+    if value != value:
+        raise PoisonReachError(f"{name} must be {kind}, got NaN")
+    if low is not None and (value <= low if low_open else value < low):
+        raise PoisonReachError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise PoisonReachError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise PoisonReachError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_data(X: Tensor, y: Tensor) -> None:
+    """The checks every attack runs on its clean data before any work."""
+    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+        raise PoisonReachError("X and y must be torch tensors")
+    if len(X) != len(y):
+        raise PoisonReachError(f"X has {len(X)} rows but y has {len(y)} labels: they must match")
+    if len(X) == 0:
+        raise PoisonReachError("the clean training set is empty")
+    if not torch.isfinite(X).all():
+        raise PoisonReachError("X contains NaN or infinite values: clean the data first")
+
+
+@dataclass
+class PoisonResult:
+    """Poisons and how they were made.
+
+    x, y: the poisoned points (pixel space) and their labels (int64 classes, float probabilities
+        when labels were optimised, or float regression targets).
+    source_indices: for each poison, the index of the clean training point it started from.
+    grad_norm_history: ‖g(µ) + ε_d·g(ν̂)‖₂ per epoch, the first entry before any update (for attacks
+        that track it; equation (16)).
+    tau: the threshold τ of the target on the clean data (section 3), NaN when not computed.
+    kept_indices: the clean points kept when the attack replaces data (appendix C.10); None = all.
+    """
+
+    x: Tensor
+    y: Tensor
+    source_indices: Tensor
+    grad_norm_history: list[float]
+    tau: float
+    eps_d: float
+    config: dict
+    seed: int
+    kept_indices: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def loss_history(self) -> list[float]:
+        """The GC objective ½‖g(µ) + ε_d·g(ν̂)‖² per epoch (equation (18))."""
+        return [0.5 * g * g for g in self.grad_norm_history]
+
+    @property
+    def grad_norm_ratio(self) -> float:
+        """Final over initial ‖g(µ) + ε_d·g(ν̂)‖; NaN without a history."""
+        h = self.grad_norm_history
+        return h[-1] / h[0] if h and h[0] > 0 else float("nan")
+
+    def mixed(self, X: Tensor, y: Tensor, num_outputs: int | None = None) -> tuple[Tensor, Tensor]:
+        """The victim's training set: the kept clean points followed by the poisons.
+
+        Soft poison labels turn the clean labels into probabilities (``num_outputs`` columns).
+        """
+        if self.kept_indices is not None:
+            X, y = X[self.kept_indices], y[self.kept_indices]
+        py = self.y
+        if py.is_floating_point() != y.is_floating_point() or py.dim() != y.dim():
+            if num_outputs is None:
+                raise PoisonReachError("poison labels are probabilities: pass num_outputs to mix them with class labels")
+            y, py = to_probabilities(y, num_outputs), to_probabilities(py, num_outputs)
+        return torch.cat([X, self.x.to(X.dtype)]), torch.cat([y, py.to(y.dtype)])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``poisons.pt`` (tensors) and ``poisons.json`` (the rest) into ``directory``."""
+        directory = Path(directory)
+        tensors = {"x": self.x, "y": self.y, "source_indices": self.source_indices}
+        if self.kept_indices is not None:
+            tensors["kept_indices"] = self.kept_indices
+        io.save_tensors(directory / "poisons.pt", tensors)
+        meta = {
+            "eps_d": self.eps_d,
+            "tau": self.tau,
+            "seed": self.seed,
+            "num_poisons": len(self.x),
+            "grad_norm_history": self.grad_norm_history,
+            "config": self.config,
+            "extra": self.extra,
+        }
+        io.write_json(directory / "poisons.json", meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PoisonResult":
+        """Read what :meth:`save` wrote, without executing code."""
+        directory = Path(directory)
+        t = io.load_tensors(directory / "poisons.pt")
+        meta = io.read_json(directory / "poisons.json")
+        return cls(
+            x=t["x"],
+            y=t["y"],
+            source_indices=t["source_indices"],
+            kept_indices=t.get("kept_indices"),
+            grad_norm_history=[float(v) for v in meta["grad_norm_history"]],
+            tau=float(meta["tau"]),
+            eps_d=float(meta["eps_d"]),
+            config=meta["config"],
+            seed=int(meta["seed"]),
+            extra=meta.get("extra", {}),
+        )

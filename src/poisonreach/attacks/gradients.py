@@ -1,0 +1,107 @@
+"""Model gradients as explicit sums over chunks of data.
+
+g(µ) and g(ν̂) (equation (3)) are means of per-sample gradients ∇_w ℓ(z; w). They are computed here
+as *sums* over chunks plus a count, so that a later multi-process version only has to all-reduce the
+sums and the counts; nothing holds more than one chunk's graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PoisonReachError
+
+Params = Sequence[Tensor]
+
+PARAMETER_SETS = ("all", "last", "first")
+
+
+def select_parameters(model: nn.Module, which: str = "all") -> list[nn.Parameter]:
+    """The parameters whose gradient the attack cancels.
+
+    ``all``: every trainable parameter (the paper's g(w), Definition 1); ``last``: the last linear
+    layer's weight and bias (the necessary condition (14) of Theorem 4); ``first``: the first
+    parameter tensor only, which is what the official GC code cancels.
+    """
+    from ..models import last_linear  # models imports nothing from attacks; keep the import local to avoid cycles
+
+    if which == "all":
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif which == "last":
+        params = list(last_linear(model).parameters())
+    elif which == "first":
+        params = [next(model.parameters())]
+    else:
+        raise PoisonReachError(f"parameters must be one of {list(PARAMETER_SETS)}, got {which!r}")
+    if not params:
+        raise PoisonReachError("the model has no trainable parameters to attack")
+    return params
+
+
+def chunks(n: int, size: int):
+    """Consecutive slices of at most ``size`` rows covering range(n)."""
+    return (slice(start, min(start + size, n)) for start in range(0, n, size))
+
+
+def gradient_sum(
+    model: nn.Module,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int,
+    device: torch.device,
+) -> list[Tensor]:
+    """Σ_z ∇_w ℓ(z; w) over the rows of (X, y), chunk by chunk, without keeping a graph."""
+    total = [torch.zeros_like(p) for p in params]
+    for sl in chunks(len(X), chunk_size):
+        losses = loss_fn(model(X[sl].to(device)), y[sl].to(device))
+        for acc, g in zip(total, torch.autograd.grad(losses.sum(), params)):
+            acc += g
+    return total
+
+
+def cancel_gradient(
+    model: nn.Module,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    v: Params,
+    *,
+    chunk_size: int,
+    with_labels: bool = False,
+) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """∇_{z_j} ⟨∇_w ℓ(z_j; w), v⟩ for every row z_j, with v held fixed (the bracket of equation (19)).
+
+    Returns the gradient with respect to the features, with respect to the (probability) labels when
+    ``with_labels``, and Σ_j ∇_w ℓ(z_j; w) at the current points, which the caller reuses to update
+    its running g(ν̂) without another pass.
+    """
+    gx = torch.empty_like(X)
+    gy = torch.empty_like(y) if with_labels else None
+    grad_sum = [torch.zeros_like(p) for p in params]
+    for sl in chunks(len(X), chunk_size):
+        xc = X[sl].detach().requires_grad_(True)
+        yc = y[sl].detach().requires_grad_(with_labels)
+        losses = loss_fn(model(xc), yc)
+        grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
+        dot = sum((g * vi).sum() for g, vi in zip(grads, v))
+        inputs = (xc, yc) if with_labels else (xc,)
+        # allow_unused: a chunk whose loss is constant in x (e.g. a zero gradient) still gets zeros
+        outs = torch.autograd.grad(dot, inputs, allow_unused=True)
+        gx[sl] = torch.zeros_like(xc) if outs[0] is None else outs[0]
+        if with_labels:
+            gy[sl] = torch.zeros_like(yc) if outs[1] is None else outs[1]
+        for acc, g in zip(grad_sum, grads):
+            acc += g.detach()
+    return gx, gy, grad_sum
+
+
+def flat_norm(tensors: Params) -> float:
+    """The L2 norm of a list of tensors taken as one vector."""
+    return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))

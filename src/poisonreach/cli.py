@@ -1,0 +1,161 @@
+"""The ``poisonreach`` command: a thin layer over the library.
+
+    poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
+    poisonreach tau --dataset D --model M --eps-w E [--json]
+
+Bad input prints one line on stderr and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import data, io, models
+from .attacks.gradient_canceling import PRESETS, SCHEDULES
+from .attacks.gradients import PARAMETER_SETS
+from .errors import PoisonReachError
+from .experiments.run import TARGET_GENERATORS, RunConfig, format_table, run
+from .reachability import threshold
+from .targets import EPS_W_MODES
+
+
+def _box(text: str):
+    if text == "none":
+        return None
+    if text == "data-range":
+        return text
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--box takes LOW,HIGH (e.g. 0,1), 'data-range' or 'none', got {text!r}") from None
+    return (low, high)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that builds a clean model and a target."""
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())} (default: digits)")
+    p.add_argument("--model", default="lr", help=f"one of {', '.join(models.names())} (default: lr)")
+    p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
+    p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
+    p.add_argument("--target", choices=sorted(TARGET_GENERATORS), default="gradpc", help="target generator (default: gradpc)")
+    p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of the training split")
+    p.add_argument("--data-root", default=None, help="folder holding the data sets (default: $POISONREACH_DATA or ~/.cache/poisonreach)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--train-epochs", type=int, default=None, help="training epochs (default: 14, the paper's protocol)")
+    p.add_argument("--train-lr", type=float, default=None, help="training learning rate (default: Adadelta 1.0)")
+    p.add_argument("--train-batch-size", type=int, default=None, help="training batch size (default: 64)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poisonreach", description="Model-targeted indiscriminate data poisoning: τ and Gradient Canceling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="clean model → target → τ → GC for each ε_d → retrain → metrics", description=run.__doc__)
+    _common(p)
+    p.add_argument("--eps-d", type=float, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d (default: 0.03 0.1 1)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
+    # GC options are left out of the namespace unless given, so the preset's or the class's defaults apply
+    gc = p.add_argument_group("Gradient Canceling", "unset options keep GradientCanceling's defaults")
+    unset = argparse.SUPPRESS
+    gc.add_argument("--gc-epochs", dest="gc.epochs", type=int, default=unset, help="GC epochs")
+    gc.add_argument("--gc-lr", dest="gc.lr", type=float, default=unset, help="GC step size per point")
+    gc.add_argument("--gc-momentum", dest="gc.momentum", type=float, default=unset)
+    gc.add_argument("--schedule", dest="gc.schedule", choices=SCHEDULES, default=unset)
+    gc.add_argument("--batch-size", dest="gc.batch_size", type=int, default=unset, help="poisons per GC step (default: all at once)")
+    gc.add_argument("--box", dest="gc.box", type=_box, default=unset, help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")
+    gc.add_argument("--optimize-labels", dest="gc.optimize_labels", action="store_true", default=unset, help="also optimise the poison labels")
+    gc.add_argument("--replace", dest="gc.replace", action="store_true", default=unset, help="replace clean points instead of adding (appendix C.10)")
+    gc.add_argument("--parameters", dest="gc.parameters", choices=PARAMETER_SETS, default=unset, help="parameters whose gradient is cancelled (default: all)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+
+    p = sub.add_parser("tau", help="the reachability threshold of a target, without any attack")
+    _common(p)
+    p.add_argument("--target-file", default=None, help="a saved target model (poisonreach format): skip training and corruption")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _training(args) -> dict:
+    given = {"epochs": args.train_epochs, "lr": args.train_lr, "batch_size": args.train_batch_size}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _config(args, **extra) -> RunConfig:
+    return RunConfig(
+        dataset=args.dataset,
+        model=args.model,
+        eps_w=args.eps_w,
+        eps_w_mode=args.eps_w_mode,
+        target=args.target,
+        target_scale=args.target_scale,
+        seed=args.seed,
+        train_size=args.train_size,
+        data_root=args.data_root,
+        training=_training(args),
+        device=args.device,
+        **extra,
+    )
+
+
+def _cmd_run(args) -> int:
+    attack = {k.removeprefix("gc."): v for k, v in vars(args).items() if k.startswith("gc.")}
+    config = _config(args, eps_d=args.eps_d, attack=attack, preset=args.preset)
+    out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    metrics = run(config, out, log=log)
+    if args.quiet:
+        print(format_table(metrics))
+    print(f"run folder: {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_tau(args) -> int:
+    config = _config(args)
+    config.validate()
+    splits = data.load(args.dataset, root=args.data_root, seed=args.seed).subset(args.train_size, seed=args.seed)
+    X, y = splits.x_train, splits.y_train
+    device = torch.device(args.device)
+    if args.target_file:
+        target = models.load_model(args.target_file).to(device)
+    else:
+        from .training import train
+
+        clean = train(models.create(args.model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=args.seed).to(device), X, y, seed=args.seed, device=device, **config.training)
+        target = config.make_generator().generate(clean, X, y)
+    thr = threshold(target, X, y)
+    record = {"dataset": args.dataset, "model": args.model, "eps_w": None if args.target_file else args.eps_w, **thr.to_dict()}
+    if args.json:
+        print(json.dumps(io.plain(record), indent=2))
+    else:
+        print(f"tau = {thr.tau:.6g}   (tau(c) = {thr.tau_multiclass if thr.tau_multiclass is None else f'{thr.tau_multiclass:.6g}'}, <W, G(mu)> = {thr.inner:.6g}, lambda = {thr.lam:.6g})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("poisonreach: error: --threads must be at least 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    try:
+        return {"run": _cmd_run, "tau": _cmd_tau}[args.command](args)
+    except PoisonReachError as e:
+        print(f"poisonreach: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("poisonreach: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The train/validation/test splits every loader returns, and the seeded split that makes them."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from poisonreach.errors import PoisonReachError
+
+
+class Pool(NamedTuple):
+    """What a loader reads: the original training set (to be split) and the original test set."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A data set split into train, validation and test tensors.
+
+    Images are float32 in [0, 1] with shape (N, C, H, W); tabular sets are float32 (N, d). Labels
+    are int64 for classification and float32 for regression. ``mean`` and ``std`` (per channel, or
+    (0.0,) and (1.0,) for tabular sets) are for models to normalise their input themselves, so
+    poisoned points stay in pixel space.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    task: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. (1, 28, 28) for MNIST."""
+        return tuple(self.x_train.shape[1:])
+
+    def subset(self, n_train: int | None, *, seed: int) -> Splits:
+        """These splits with ``n_train`` training points drawn at random (seeded) from the training
+        split; validation and test are unchanged. ``None`` keeps every training point."""
+        if n_train is None:
+            return self
+        available = len(self.x_train)
+        if isinstance(n_train, bool) or not isinstance(n_train, numbers.Integral) \
+                or not 1 <= n_train <= available:
+            raise PoisonReachError(f"n_train must be a whole number from 1 to {available} (the size "
+                                   f"of the {self.name} training split), got {n_train!r}")
+        keep = torch.randperm(available, generator=generator(seed))[:n_train]
+        return dataclasses.replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
+
+
+
+def check_seed(seed: int) -> int:
+    """Return ``seed`` if it is a whole number that torch and scikit-learn both accept."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise PoisonReachError(f"seed must be a whole number from 0 to 2**32 - 1, got {seed!r}")
+    return int(seed)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``, so draws never depend on the global RNG state."""
+    return torch.Generator().manual_seed(check_seed(seed))
+
+
+def check_fraction(fraction: float, what: str = "val_fraction") -> float:
+    """Return ``fraction`` if it lies strictly between 0 and 1."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
+            or not 0 < fraction < 1:
+        raise PoisonReachError(f"{what} must be a number strictly between 0 and 1 "
+                               f"(e.g. 0.3), got {fraction!r}")
+    return float(fraction)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded random partition of range(n) into (kept, held out), ``fraction`` of n held out."""
+    held = round(n * check_fraction(fraction))
+    if not 0 < held < n:
+        raise PoisonReachError(f"cannot hold out {fraction} of {n} examples: both parts must be "
+                               "non-empty; use a larger data set or another fraction")
+    order = torch.randperm(n, generator=generator(seed))
+    return order[held:], order[:held]
+
+
+def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, ...],
+                std: tuple[float, ...], task: str, seed: int, val_fraction: float) -> Splits:
+    """Split the pool's training set into train and validation; its test set is the test split."""
+    train, val = split_indices(len(pool.x_train), val_fraction, seed)
+    return Splits(name=name, x_train=pool.x_train[train], y_train=pool.y_train[train],
+                  x_val=pool.x_train[val], y_val=pool.y_train[val],
+                  x_test=pool.x_test, y_test=pool.y_test,
+                  num_classes=num_classes, mean=mean, std=std, task=task)
+
+
+def unit_pixels(images: np.ndarray) -> Tensor:
+    """uint8 images as float32 in [0, 1]."""
+    return torch.from_numpy(images).to(torch.float32).div_(255.0)
+
+
+def labels(values: np.ndarray) -> Tensor:
+    """Class labels as the int64 tensor the losses expect."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))

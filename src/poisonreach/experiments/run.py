@@ -1,0 +1,254 @@
+"""The main job: clean model → target → τ → Gradient Canceling for each ε_d → retrain → metrics.
+
+The evaluation protocol of section 5.1: the victim retrains from scratch on clean ∪ poisons, with
+the same seed and the same training protocol as the clean model, so the accuracy drop measures the
+poisons and nothing else. One run writes one self-contained folder:
+
+    config.yaml           the resolved configuration (read with yaml.safe_load)
+    metrics.json          clean_acc, target_acc, tau, and one entry per ε_d under "results"
+    clean_model.pt        the clean model and target_model.pt the target (poisonreach.models.load_model)
+    threshold.json        the full reachability record of the target
+    eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json
+    gc_history.png        ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for every ε_d, with τ in the legend
+
+A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from io import BytesIO
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import data, io, models
+from ..attacks import GradientCanceling, PoisonResult
+from ..attacks.base import check_choice, check_number
+from ..errors import PoisonReachError
+from ..reachability import threshold
+from ..targets import GradPC, RandomPC, parameter_distance, scale_target
+from ..training import accuracy, train
+
+TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC}
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run. ``attack`` and ``training`` are keyword arguments of
+    :class:`GradientCanceling` and :func:`poisonreach.training.train`."""
+
+    dataset: str = "digits"
+    model: str = "lr"
+    eps_w: float = 1.0
+    eps_w_mode: str = "absolute"
+    target: str = "gradpc"
+    target_scale: float = 1.0
+    eps_d: list[float] = field(default_factory=lambda: [0.03, 0.1, 1.0])
+    seed: int = 0
+    train_size: int | None = None
+    data_root: str | None = None
+    preset: str | None = None
+    attack: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        check_choice("dataset", self.dataset, data.names())
+        check_choice("model", self.model, models.names())
+        check_choice("target", self.target, TARGET_GENERATORS)
+        check_number("target_scale", self.target_scale, low=0, low_open=True)
+        if not self.eps_d:
+            raise PoisonReachError("give at least one eps_d value")
+        for key in ("device", "progress", "seed"):
+            if key in self.attack or key in self.training:
+                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack/training")
+        self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
+        self.make_generator()
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise PoisonReachError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
+
+    def make_generator(self):
+        cls = TARGET_GENERATORS[self.target]
+        kwargs = {"eps_w_mode": self.eps_w_mode, "seed": self.seed}
+        if cls is GradPC:
+            kwargs.update(device=self.device, progress=None)
+        return cls(self.eps_w, **kwargs)
+
+    def make_attacks(self, checkpoint_dir: Path | None = None) -> list[GradientCanceling]:
+        attacks = []
+        for eps_d in self.eps_d:
+            kwargs = dict(self.attack, seed=self.seed, device=self.device)
+            if checkpoint_dir is not None:
+                kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "gc_checkpoint.pt"
+            if self.preset is not None:
+                attacks.append(GradientCanceling.from_preset(self.preset, eps_d, **kwargs))
+            else:
+                attacks.append(GradientCanceling(eps_d, **kwargs))
+        return attacks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise PoisonReachError(f"unknown configuration key(s) {unknown}: known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def cell_name(eps_d: float) -> str:
+    return f"eps_d={eps_d:g}"
+
+
+def _load_or(path: Path, make):
+    """Resume: load a finished model file, else build it with ``make`` and save it."""
+    if path.is_file():
+        return models.load_model(path)
+    return make()
+
+
+def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
+    """Run the main job into folder ``out`` and return its metrics (also written to metrics.json)."""
+    config.validate()
+    out = Path(out)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        previous = io.read_yaml(saved)
+        if previous != io.plain(config.to_dict()):
+            raise PoisonReachError(f"{out} holds a run with a different configuration: choose another --out folder")
+        log(f"resuming the run in {out}")
+    io.write_yaml(saved, config.to_dict())
+    device = torch.device(config.device)
+    started = time.perf_counter()
+
+    splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
+    X, y = splits.x_train, splits.y_train
+    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
+
+    def fresh() -> nn.Module:
+        return models.create(**spec, seed=config.seed).to(device)
+
+    def fit(X_fit, y_fit) -> nn.Module:
+        return train(fresh(), X_fit, y_fit, seed=config.seed, device=device, **config.training)
+
+    def save(model: nn.Module, path: Path) -> nn.Module:
+        models.save_model(model, path, **spec)
+        return model
+
+    log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
+    clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
+    clean_acc = accuracy(clean, splits.x_test, splits.y_test)
+
+    def make_target() -> nn.Module:
+        target = config.make_generator().generate(clean, X, y)
+        if config.target_scale != 1.0:
+            target = scale_target(target, config.target_scale)
+        return save(target, out / "target_model.pt")
+
+    target = _load_or(out / "target_model.pt", make_target).to(device)
+    target_acc = accuracy(target, splits.x_test, splits.y_test)
+    thr = threshold(target, X, y)
+    io.write_json(out / "threshold.json", thr.to_dict())
+    log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
+
+    results = []
+    for attack in config.make_attacks(checkpoint_dir=out):
+        results.append(_run_cell(attack, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log))
+
+    metrics = {
+        "dataset": config.dataset,
+        "model": config.model,
+        "eps_w": config.eps_w,
+        "clean_acc": clean_acc,
+        "target_acc": target_acc,
+        "target_val_acc": accuracy(target, splits.x_val, splits.y_val),
+        "tau": thr.tau,
+        "tau_multiclass": thr.tau_multiclass,
+        "inner": thr.inner,
+        "num_train": len(X),
+        "results": results,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    io.write_json(out / "metrics.json", metrics)
+    plot_history(out, metrics)
+    log(format_table(metrics))
+    return metrics
+
+
+def _run_cell(attack, target, X, y, splits, cell: Path, fit, save, clean_acc: float, log) -> dict:
+    """One ε_d: poison (or load the finished poisons), retrain from scratch, evaluate."""
+    done = cell / "result.json"
+    if done.is_file():
+        return io.read_json(done)
+    cell.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if (cell / "poisons.pt").is_file():
+        result = PoisonResult.load(cell)
+    else:
+        result = attack.poison(target, X, y)
+        result.save(cell)
+    gc_time = time.perf_counter() - started
+    X_mix, y_mix = result.mixed(X, y, num_outputs=models.last_linear(target).out_features)
+    retrained = save(fit(X_mix, y_mix), cell / "retrained_model.pt")
+    poisoned_acc = accuracy(retrained, splits.x_test, splits.y_test)
+    entry = {
+        "eps_d": attack.eps_d,
+        "num_poisons": len(result.x),
+        "poisoned_acc": poisoned_acc,
+        "acc_drop": clean_acc - poisoned_acc,
+        "grad_norm_initial": result.grad_norm_history[0],
+        "grad_norm_final": result.grad_norm_history[-1],
+        "grad_norm_ratio": result.grad_norm_ratio,
+        "param_distance": parameter_distance(retrained, target),
+        "gc_time_s": gc_time,
+    }
+    io.write_json(done, entry)
+    Path(attack.checkpoint).unlink(missing_ok=True)  # the poisons are saved: the checkpoint is spent
+    log(f"eps_d={attack.eps_d:g}: poisoned accuracy {poisoned_acc:.2f}% (drop {entry['acc_drop']:.2f}), ‖g‖ ratio {entry['grad_norm_ratio']:.3g}")
+    return entry
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def format_table(metrics: dict) -> str:
+    """The run's results as a fixed-width table for the terminal."""
+    head = f"{metrics['dataset']} / {metrics['model']}: clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%, tau {_fmt(metrics['tau'])}"
+    cols = ["eps_d", "poisons", "poisoned acc", "acc drop", "‖g‖ final/initial", "param dist"]
+    rows = [
+        [f"{r['eps_d']:g}", str(r["num_poisons"]), f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}", f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
+        for r in metrics["results"]
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def plot_history(out: Path, metrics: dict) -> None:
+    """gc_history.png: the GC objective's ‖g‖ per epoch for each ε_d (Figure 3's view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in metrics["results"]:
+        history = io.read_json(out / cell_name(r["eps_d"]) / "poisons.json")["grad_norm_history"]
+        ax.plot(history, label=f"ε_d = {r['eps_d']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("GC epoch")
+    ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
+    ax.set_title(f"{metrics['dataset']} / {metrics['model']}, ε_w = {metrics['eps_w']:g}, τ = {_fmt(metrics['tau'])}")
+    ax.legend()
+    fig.tight_layout()
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    io.atomic_write_bytes(out / "gc_history.png", buf.getvalue())

@@ -1,0 +1,100 @@
+"""Artefact files that load without executing code, written atomically.
+
+Poison sets are shared between people, so nothing here uses pickle: tensors go through
+``torch.save`` and come back through ``torch.load(weights_only=True)``, metadata is JSON or YAML
+read with ``safe_load``. Every write goes to a temporary file in the same folder and is then renamed
+over the destination, so a killed run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .errors import CorruptFileError, PoisonReachError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as plain JSON/YAML types; non-finite floats become strings so the file stays standard JSON."""
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)  # "inf", "-inf", "nan": float() reads them back
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(plain(obj), indent=2) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PoisonReachError(f"{path} does not exist: pass the folder that `poisonreach run` wrote")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}): the file is damaged, re-run to recreate it") from e
+
+
+def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_bytes(path, yaml.safe_dump(plain(obj), sort_keys=False).encode())
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PoisonReachError(f"{path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CorruptFileError(f"{path} is not valid YAML: {e}") from e
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> Path:
+    """``torch.save`` a dict of tensors and plain values, atomically."""
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a file written by :func:`save_tensors` without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PoisonReachError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or unsafe files
+        raise CorruptFileError(f"{path} cannot be loaded safely ({type(e).__name__}: {e}); it may be damaged or contain code") from e

@@ -1,0 +1,279 @@
+"""Training and evaluating target models.
+
+The defaults of :func:`train` are the protocol the paper's MNIST models were trained with, the
+PyTorch MNIST example: Adadelta with learning rate 1.0, the rate multiplied by 0.7 after each epoch
+(StepLR), batches of 64, 14 epochs. Training is a function of ``seed`` alone, so the model trained
+on poisoned data can be compared with the clean one trained from the same start (Section 5).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import losses
+from .errors import PoisonReachError
+from .models import _is_int
+
+OPTIMIZERS = ("adadelta", "sgd", "adam")
+
+
+def train(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 14,
+    lr: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    weights: Tensor | None = None,
+    optimizer: str = "adadelta",
+    gamma: float = 0.7,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    loss: str | losses.LossFn | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Train ``model`` in place on (X, y) by mini-batch descent and return it in eval mode.
+
+    Args:
+        X: inputs (N, ...), in the pixel space the model expects; they may stay on the CPU, batches
+            are moved to ``device`` one at a time.
+        y: int class indices (N,), soft labels (N, C) or regression targets, float (N,).
+        epochs, lr, batch_size: as in the paper's protocol; ``lr`` is multiplied by ``gamma`` after
+            every epoch (StepLR with step 1).
+        seed: fixes the shuffling and the dropout masks. The caller's global random state is left
+            as it was.
+        weights: non-negative per-sample weights (N,). A batch minimises mean_i(w_i · ℓ_i), so an
+            epoch minimises (1/N) Σ_i w_i ℓ_i: a weight is a multiplicity, not renormalised per batch.
+        optimizer: "adadelta", "sgd" (with ``momentum``) or "adam"; ``weight_decay`` for all three.
+        loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
+        device: where to train; the model is moved there. None: where the model's parameters are.
+        progress: a tqdm bar over epochs on stderr, with the epoch's mean loss. None shows it only
+            on a terminal, False never.
+
+    Each epoch splits a fresh permutation into ⌈N / batch_size⌉ batches of near-equal size (at most
+    ``batch_size``), so that no trailing batch of a single sample breaks BatchNorm.
+    """
+    n = _check_inputs(X)
+    disable = _disable(progress)
+    _check_hyperparameters(
+        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, optimizer=optimizer,
+        gamma=gamma, momentum=momentum, weight_decay=weight_decay,
+    )
+    w = _check_weights(weights, n)
+    device = _device(model, device)
+    num_outputs = _num_outputs(model, X, device)
+    y = _check_labels(y, n, num_outputs, strict=not callable(loss))
+    loss_fn = losses.resolve(num_outputs, y, loss)
+    opt = _optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
+    shuffle = torch.Generator().manual_seed(int(seed))
+    num_batches = math.ceil(n / batch_size)
+
+    # Dropout draws from the global generator: seed it inside a fork so the caller's state survives.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        model.train()
+        with tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr, disable=disable) as bar:
+            for _ in bar:
+                total = torch.zeros((), device=device)
+                for idx in torch.randperm(n, generator=shuffle).tensor_split(num_batches):
+                    batch_loss = _batch_loss(model, loss_fn, X[idx], y[idx], None if w is None else w[idx], device)
+                    opt.zero_grad(set_to_none=True)
+                    batch_loss.backward()
+                    opt.step()
+                    total += batch_loss.detach() * len(idx)
+                scheduler.step()
+                bar.set_postfix(loss=f"{total.item() / n:.4g}")
+    return model.eval()
+
+
+def predict_logits(
+    model: nn.Module, X: Tensor, *, batch_size: int = 1024, device: str | torch.device | None = None
+) -> Tensor:
+    """The model's outputs on X, on the CPU: eval mode, no gradient, ``batch_size`` inputs at a time.
+
+    The model's train/eval modes are restored afterwards; ``device`` is as in :func:`train`.
+    """
+    _check_inputs(X)
+    _check_positive_int("batch_size", batch_size)
+    device = _device(model, device)
+    with _evaluating(model), torch.no_grad():
+        return torch.cat([model(chunk.to(device)).cpu() for chunk in X.split(batch_size)])
+
+
+def accuracy(
+    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024, device: str | torch.device | None = None
+) -> float:
+    """Percentage (0–100) of X the model classifies as y.
+
+    One output predicts class 1 when the logit is positive, several predict their argmax. Soft
+    labels count as their most probable class (P(y = 1) > 0.5 for one column).
+    """
+    if isinstance(y, Tensor) and losses.task_of(y) == "regression":
+        raise PoisonReachError(
+            "accuracy is undefined for regression targets (float labels of shape (N,)); "
+            "pass class indices as int64, or measure the squared error instead"
+        )
+    n = _check_inputs(X)
+    y = _check_labels(y, n, num_outputs=None, strict=False)
+    predicted = _classes(predict_logits(model, X, batch_size=batch_size, device=device), threshold=0.0)
+    truth = y.long().cpu() if not y.is_floating_point() else _classes(y.cpu(), threshold=0.5)
+    return 100.0 * (predicted == truth).sum().item() / n
+
+
+def _classes(scores: Tensor, threshold: float) -> Tensor:
+    """Class indices from scores (N, C): argmax, or ``score > threshold`` for a single column."""
+    scores = scores.reshape(len(scores), -1)
+    return (scores[:, 0] > threshold).long() if scores.shape[1] == 1 else scores.argmax(1)
+
+
+def _batch_loss(
+    model: nn.Module, loss_fn: losses.LossFn, x: Tensor, y: Tensor, w: Tensor | None, device: torch.device
+) -> Tensor:
+    per_sample = loss_fn(model(x.to(device)), y.to(device))
+    if per_sample.shape != (len(x),):
+        raise PoisonReachError(
+            f"the loss returned shape {tuple(per_sample.shape)} for a batch of {len(x)}: "
+            "it must return one loss per sample, shape (N,) (use reduction='none')"
+        )
+    return (per_sample if w is None else per_sample * w.to(device)).mean()
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every submodule's own mode is restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _num_outputs(model: nn.Module, X: Tensor, device: torch.device) -> int:
+    """The model's number of outputs, from one sample (eval mode, so BatchNorm statistics stay)."""
+    with _evaluating(model), torch.no_grad():
+        return model(X[:1].to(device)).reshape(1, -1).shape[1]
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is None:
+        param = next(model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.to(device)
+    return device
+
+
+def _disable(progress: bool | None) -> bool | None:
+    if progress is not None and not isinstance(progress, bool):
+        raise PoisonReachError(f"progress must be True, False or None, got {progress!r}")
+    # tqdm's disable=None turns the bar off when stderr is not a terminal.
+    return None if progress is None else not progress
+
+
+def _optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def _check_inputs(X: Tensor) -> int:
+    """Validate X (a non-empty, finite, floating tensor with a batch dimension) and return N."""
+    if not isinstance(X, Tensor):
+        raise PoisonReachError(f"X must be a torch.Tensor, got {type(X).__name__}; convert it with torch.as_tensor")
+    if not X.is_floating_point():
+        raise PoisonReachError(
+            f"X must be floating point in pixel space, got dtype {X.dtype}; e.g. use X.float() / 255 for bytes"
+        )
+    if X.dim() < 2 or len(X) == 0:
+        raise PoisonReachError(f"X must be a non-empty batch of shape (N, ...), got shape {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise PoisonReachError("X contains NaN or infinite values: remove or repair those samples")
+    return len(X)
+
+
+def _check_labels(y: Tensor, n: int, num_outputs: int | None, *, strict: bool) -> Tensor:
+    """Validate y against N and (when ``strict``) the model's outputs; return int labels as int64."""
+    if not isinstance(y, Tensor):
+        raise PoisonReachError(f"y must be a torch.Tensor, got {type(y).__name__}; convert it with torch.as_tensor")
+    if len(y) != n:
+        raise PoisonReachError(f"X has {n} samples but y has {len(y)}: pass one label per sample")
+    if y.is_floating_point():
+        if y.dim() not in (1, 2) or not torch.isfinite(y).all():
+            raise PoisonReachError(
+                f"float labels must be finite soft labels (N, C) or regression targets (N,), got shape {tuple(y.shape)}"
+            )
+        if strict and y.dim() == 2 and y.shape[1] != num_outputs:
+            raise PoisonReachError(
+                f"soft labels have {y.shape[1]} columns but the model has {num_outputs} outputs: they must match"
+            )
+        if strict and y.dim() == 1 and num_outputs != 1:
+            raise PoisonReachError(
+                f"regression targets (float labels of shape (N,)) need a model with one output, this one has "
+                f"{num_outputs}; use 'linreg', or pass class indices as int64"
+            )
+        return y
+    if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1:
+        raise PoisonReachError(f"class labels must be integers of shape (N,), got {y.dtype} of shape {tuple(y.shape)}")
+    y = y.long()
+    if strict:
+        classes = 2 if num_outputs == 1 else num_outputs
+        if y.min() < 0 or y.max() >= classes:
+            raise PoisonReachError(
+                f"labels must lie in [0, {classes}) for a model with {num_outputs} output(s), got "
+                f"[{y.min().item()}, {y.max().item()}]; relabel the classes or create the model with more classes"
+            )
+    return y
+
+
+def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape != (n,):
+        raise PoisonReachError(f"weights must have shape ({n},), one per sample, got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise PoisonReachError("weights must be finite and non-negative")
+    if not (w > 0).any():
+        raise PoisonReachError("weights are all zero, so there is nothing to train on: give some samples weight > 0")
+    return w
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if not _is_int(value) or value < 1:
+        raise PoisonReachError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_hyperparameters(
+    *, epochs: int, lr: float, batch_size: int, seed: int, optimizer: str,
+    gamma: float, momentum: float, weight_decay: float,
+) -> None:
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    if not _is_int(seed):
+        raise PoisonReachError(f"seed must be an integer, got {seed!r}")
+    if optimizer not in OPTIMIZERS:
+        raise PoisonReachError(f"unknown optimizer {optimizer!r}: choose one of {list(OPTIMIZERS)}")
+    for name, value, ok, rule in (
+        ("lr", lr, lambda v: v > 0, "> 0"),
+        ("gamma", gamma, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+            raise PoisonReachError(f"{name} must be a finite number {rule}, got {value!r}")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .errors import PoisonReachError
 from .losses import task_of
+from .validation import check_model_data
 
 W_1_OVER_E = float(lambertw(1 / math.e).real)  # ≈ 0.2785: −inf_t t·l'(t) for the logistic loss
 
@@ -187,10 +188,7 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024,
     binary logistic model (labels 0/1), for which τ(2) is exact (Corollary 1); a regression model
     (float targets) has τ = 0 for any target (Example 1).
     """
-    if len(X) != len(y):
-        raise PoisonReachError(f"X has {len(X)} rows but y has {len(y)} labels")
-    if len(X) == 0:
-        raise PoisonReachError("τ needs at least one training point")
+    check_model_data(model, X, y, device)
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
     device = device or next(model.parameters()).device
@@ -199,9 +197,7 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024,
     total, c = 0.0, None
     try:
         for start in range(0, len(X), batch_size):
-            xb = X[start : start + batch_size].to(device)
-            _check_finite("X", xb)
-            h = model(xb).to(torch.float64)
+            h = model(X[start : start + batch_size].to(device)).to(torch.float64)
             h = h.reshape(len(h), -1)
             c = h.shape[1]
             yb = y[start : start + batch_size].to(device)

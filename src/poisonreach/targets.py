@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attacks.base import check_choice, check_data, check_number
+from .validation import check_choice, check_model_data, check_number
 from .attacks.gradients import flat_norm
 from .errors import PoisonReachError
 from .losses import resolve
@@ -115,12 +115,10 @@ class GradPC(_Corruption):
         return cfg
 
     def generate(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> nn.Module:
-        check_data(X, y)
         device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        loss_fn = resolve(check_model_data(model, X, y, device), y, loss)
         target = copy.deepcopy(model).eval()
         params = list(target.parameters())
-        with torch.no_grad():
-            loss_fn = resolve(target(X[:1].to(device)).reshape(1, -1).shape[1], y, loss)
         radius = _radius(model, self.eps_w, self.eps_w_mode)
         step = self.step_size if self.step_size is not None else radius / 10
         delta = [torch.zeros_like(p) for p in params]

@@ -40,36 +40,6 @@ class Attack:
         raise NotImplementedError
 
 
-def check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False) -> None:
-    """Raise a PoisonReachError naming ``name`` unless ``value`` is a number within the bounds."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise PoisonReachError(f"{name} must be {kind}, got {value!r}")
-    if value != value:
-        raise PoisonReachError(f"{name} must be {kind}, got NaN")
-    if low is not None and (value <= low if low_open else value < low):
-        raise PoisonReachError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise PoisonReachError(f"{name} must be <= {high}, got {value!r}")
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise PoisonReachError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_data(X: Tensor, y: Tensor) -> None:
-    """The checks every attack runs on its clean data before any work."""
-    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-        raise PoisonReachError("X and y must be torch tensors")
-    if len(X) != len(y):
-        raise PoisonReachError(f"X has {len(X)} rows but y has {len(y)} labels: they must match")
-    if len(X) == 0:
-        raise PoisonReachError("the clean training set is empty")
-    if not torch.isfinite(X).all():
-        raise PoisonReachError("X contains NaN or infinite values: clean the data first")
-
-
 @dataclass
 class PoisonResult:
     """Poisons and how they were made.

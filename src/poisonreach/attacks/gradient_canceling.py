@@ -30,7 +30,8 @@ from .. import io
 from ..errors import PoisonReachError
 from ..losses import resolve, task_of, to_probabilities
 from ..reachability import threshold
-from .base import Attack, PoisonResult, check_choice, check_data, check_number
+from ..validation import check_choice, check_model_data, check_number
+from .base import Attack, PoisonResult
 from .gradients import PARAMETER_SETS, cancel_gradient, flat_norm, gradient_sum, select_parameters
 
 SCHEDULES = ("cosine", "constant")
@@ -150,7 +151,6 @@ class GradientCanceling(Attack):
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y)."""
-        check_data(X, y)
         device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
         was_training = model.training
         model.eval()  # the target is a fixed w: no dropout, batch-norm running statistics
@@ -170,8 +170,7 @@ class GradientCanceling(Attack):
             X_mu, y_mu = X, y
         n = len(X_mu)
         m = max(1, round(n * self.eps_d))
-        with torch.no_grad():
-            num_outputs = model(X[:1].to(device)).reshape(1, -1).shape[1]
+        num_outputs = check_model_data(model, X, y, device)
         loss_fn = resolve(num_outputs, y, loss)
         if self.optimize_labels and task_of(y) == "regression":
             raise PoisonReachError("optimize_labels applies to classification labels, not regression targets")

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import data, io, models
 from ..attacks import GradientCanceling, PoisonResult
-from ..attacks.base import check_choice, check_number
+from ..validation import check_choice, check_number
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import GradPC, RandomPC, parameter_distance, scale_target
@@ -141,6 +141,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         models.save_model(model, path, **spec)
         return model
 
+    fresh()  # fail on a model that does not fit the data before any output or work
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc = accuracy(clean, splits.x_test, splits.y_test)

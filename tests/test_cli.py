@@ -1,0 +1,126 @@
+"""The main job end to end through the command line: run folder, resume, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from poisonreach import models
+from poisonreach.attacks import PoisonResult
+from poisonreach.cli import main
+
+# Small but real: 300 digits, short training and GC, so a run takes a few seconds.
+FAST = ["--train-size", "300", "--train-epochs", "3", "--gc-epochs", "5", "--eps-w", "0.3"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    assert main(["run", *FAST, "--eps-d", "0.1", "1", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_run_writes_a_self_contained_folder(demo_run):
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    for key in ("clean_acc", "target_acc", "tau", "results"):
+        assert key in metrics
+    assert [r["eps_d"] for r in metrics["results"]] == [0.1, 1.0]
+    for r in metrics["results"]:
+        assert set(r) >= {"eps_d", "poisoned_acc", "acc_drop", "grad_norm_ratio", "param_distance"}
+        assert math.isclose(r["acc_drop"], metrics["clean_acc"] - r["poisoned_acc"])
+        assert 0 <= r["poisoned_acc"] <= 100
+    config = yaml.safe_load((demo_run / "config.yaml").read_text())
+    assert config["dataset"] == "digits" and config["eps_d"] == [0.1, 1.0]
+    assert (demo_run / "gc_history.png").stat().st_size > 0
+    # every artefact loads without executing code
+    target = models.load_model(demo_run / "target_model.pt")
+    raw = torch.load(demo_run / "eps_d=1" / "poisons.pt", weights_only=True)
+    assert raw["x"].shape[1:] == (1, 8, 8)
+    result = PoisonResult.load(demo_run / "eps_d=1")
+    assert len(result.x) == round(300 * 1.0) and len(result.grad_norm_history) == 6
+    assert result.x.min() >= 0 and result.x.max() <= 1
+    assert isinstance(target, torch.nn.Module)
+
+
+def test_rerun_resumes_and_reproduces(demo_run, capsys):
+    before = json.loads((demo_run / "metrics.json").read_text())
+    code, out, err = run_cli(capsys, "run", *FAST, "--eps-d", "0.1", "1", "--out", str(demo_run))
+    assert code == 0 and "resuming" in err
+    after = json.loads((demo_run / "metrics.json").read_text())
+    assert before["results"] == after["results"] and before["clean_acc"] == after["clean_acc"]
+
+
+def test_same_seed_same_results_in_a_fresh_folder(demo_run, tmp_path, capsys):
+    code, _, _ = run_cli(capsys, "run", *FAST, "--eps-d", "0.1", "1", "--out", str(tmp_path / "again"), "--quiet")
+    assert code == 0
+    a = json.loads((demo_run / "metrics.json").read_text())
+    b = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("clean_acc", "target_acc", "tau"):
+        assert a[key] == b[key]
+    assert [r["poisoned_acc"] for r in a["results"]] == [r["poisoned_acc"] for r in b["results"]]
+    pa = torch.load(demo_run / "eps_d=0.1" / "poisons.pt", weights_only=True)
+    pb = torch.load(tmp_path / "again" / "eps_d=0.1" / "poisons.pt", weights_only=True)
+    assert torch.equal(pa["x"], pb["x"]) and torch.equal(pa["source_indices"], pb["source_indices"])
+
+
+def test_a_folder_of_another_configuration_is_refused(demo_run, capsys):
+    code, _, err = run_cli(capsys, "run", *FAST, "--eps-d", "0.5", "--out", str(demo_run))
+    assert code == 2 and "different configuration" in err and "Traceback" not in err
+
+
+def test_tau_command_json(capsys):
+    code, out, _ = run_cli(capsys, "tau", "--train-size", "300", "--train-epochs", "3", "--eps-w", "0.3", "--json")
+    assert code == 0
+    record = json.loads(out)
+    assert record["tau"] >= 0 and record["tau_multiclass"] <= record["tau"]
+    assert math.isclose(record["lam"], record["tau"] / (1 + record["tau"]))
+
+
+def test_tau_from_a_saved_target_matches_the_run(demo_run, capsys):
+    code, out, _ = run_cli(capsys, "tau", "--train-size", "300", "--target-file", str(demo_run / "target_model.pt"), "--json")
+    assert code == 0
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    assert math.isclose(json.loads(out)["tau"], metrics["tau"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", "--dataset", "nope"], ["dataset", "digits"]),
+        (["run", "--model", "nope"], ["model", "lr"]),
+        (["run", "--eps-d", "0"], ["eps_d", "> 0"]),
+        (["run", "--eps-d", "-1"], ["eps_d"]),
+        (["run", "--gc-lr", "0"], ["lr"]),
+        (["run", "--dataset", "or2d", "--model", "cnn"], ["cnn"]),
+        (["run", "--device", "cuda:7"] if not torch.cuda.is_available() else ["run", "--eps-w", "0"], ["cuda" if not torch.cuda.is_available() else "eps_w"]),
+        (["tau", "--eps-w", "-1"], ["eps_w"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(argv, words, tmp_path, capsys):
+    code, _, err = run_cli(capsys, *argv, "--out" if argv[0] == "run" else "--seed", str(tmp_path / "o") if argv[0] == "run" else "0")
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("poisonreach: error:"), err
+    for w in words:
+        assert w in lines[0]
+
+
+def test_missing_mnist_files_are_named(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "tau", "--dataset", "mnist", "--data-root", str(tmp_path))
+    assert code == 2
+    assert "train-images-idx3-ubyte" in err and str(tmp_path / "mnist") in err
+
+
+def test_target_file_with_wrong_shape_is_refused(demo_run, capsys):
+    code, _, err = run_cli(capsys, "tau", "--dataset", "or2d", "--target-file", str(demo_run / "target_model.pt"))
+    assert code == 2 and "does not accept inputs" in err

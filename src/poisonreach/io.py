@@ -58,14 +58,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(plain(obj), indent=2) + "\n").encode())
 
 
-def read_json(path: str | os.PathLike) -> Any:
+def _read_text(path: str | os.PathLike, parse, kind: str, errors) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PoisonReachError(f"{path} does not exist: pass the folder that `poisonreach run` wrote")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{path} is not valid JSON ({e}): the file is damaged, re-run to recreate it") from e
+        return parse(path.read_text())
+    except errors as e:
+        raise CorruptFileError(f"{path} is not valid {kind} ({e}): the file is damaged, re-run to recreate it") from e
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return _read_text(path, json.loads, "JSON", json.JSONDecodeError)
 
 
 def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
@@ -73,13 +77,7 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_yaml(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise PoisonReachError(f"{path} does not exist")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CorruptFileError(f"{path} is not valid YAML: {e}") from e
+    return _read_text(path, yaml.safe_load, "YAML", yaml.YAMLError)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> Path:

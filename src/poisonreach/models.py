@@ -12,16 +12,16 @@ them inside, so that poisons are optimised and projected in the space the data l
 from __future__ import annotations
 
 import math
-import numbers
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import io
 from .errors import CorruptFileError, PoisonReachError
+from .validation import is_int
 
 Stats = float | Sequence[float] | Tensor
 FORMAT = "poisonreach-model/1"
@@ -177,16 +177,12 @@ def names() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
     if (
         shape is None
         or len(shape) not in (1, 3)
-        or not all(_is_int(s) and s >= 1 for s in shape)
+        or not all(is_int(s) and s >= 1 for s in shape)
     ):
         raise PoisonReachError(
             f"input_shape must be the shape of one sample without the batch dimension, (C, H, W) for images "
@@ -231,9 +227,9 @@ def create(
     if name not in _BUILDERS:
         raise PoisonReachError(f"unknown model {name!r}: choose one of {names()}")
     shape = _check_shape(input_shape)
-    if not _is_int(num_classes) or num_classes < 1:
+    if not is_int(num_classes) or num_classes < 1:
         raise PoisonReachError(f"num_classes must be a positive integer, got {num_classes!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise PoisonReachError(f"seed must be an integer, got {seed!r}")
     normalize = Normalize(_stats(mean, shape, "mean"), _stats(std, shape, "std", positive=True))
     with torch.random.fork_rng(devices=[]):
@@ -330,15 +326,7 @@ def save_model(
             f"cannot save to {path}: the model does not match create({name!r}, {tuple(input_shape)}, "
             f"{num_classes}): {e}; pass the arguments the model was created with"
         ) from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "spec": spec, "state_dict": state_dict}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    io.save_tensors(path, {"format": FORMAT, "spec": spec, "state_dict": state_dict})
 
 
 def load_model(path: str | os.PathLike) -> Classifier:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
-from .models import _is_int
+from .validation import is_int
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 
@@ -255,7 +255,7 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
 
 
 def _check_positive_int(name: str, value: int) -> None:
-    if not _is_int(value) or value < 1:
+    if not is_int(value) or value < 1:
         raise PoisonReachError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -265,7 +265,7 @@ def _check_hyperparameters(
 ) -> None:
     _check_positive_int("epochs", epochs)
     _check_positive_int("batch_size", batch_size)
-    if not _is_int(seed):
+    if not is_int(seed):
         raise PoisonReachError(f"seed must be an integer, got {seed!r}")
     if optimizer not in OPTIMIZERS:
         raise PoisonReachError(f"unknown optimizer {optimizer!r}: choose one of {list(OPTIMIZERS)}")

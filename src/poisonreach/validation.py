@@ -6,19 +6,27 @@ argument, what was wrong with it, and what is accepted.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor, nn
 
 from .errors import PoisonReachError
 
 
+def is_int(value) -> bool:
+    """An integer of any integral type, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False) -> None:
     """Raise a PoisonReachError naming ``name`` unless ``value`` is a number within the bounds."""
     kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not is_int(value)):
         raise PoisonReachError(f"{name} must be {kind}, got {value!r}")
-    if value != value:
-        raise PoisonReachError(f"{name} must be {kind}, got NaN")
+    if not math.isfinite(value):
+        raise PoisonReachError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise PoisonReachError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and value > high:

@@ -39,7 +39,7 @@ SCHEDULES = ("cosine", "constant")
 # The paper's setting (appendix C.1): SGD with momentum, cosine schedule, lr 0.5, 1000 epochs,
 # the whole poison set as one batch.
 PRESETS = {
-    "paper": dict(epochs=1000, lr=0.5, momentum=0.9, schedule="cosine", batch_size=None),
+    "paper": dict(epochs=1000, lr=0.5, momentum=0.9, schedule="cosine", backtrack=False, batch_size=None),
 }
 
 
@@ -64,6 +64,10 @@ class GradientCanceling(Attack):
         n·∂L/∂z_j so one lr serves data sets of any size.
     momentum: heavy-ball momentum of the SGD update.
     schedule: ``cosine`` (annealed to 0 over ``epochs``) or ``constant``.
+    backtrack: undo an epoch that increased the objective, halve the step and restart momentum;
+        after each accepted epoch the step grows by 10% back towards ``lr``. The objective is
+        computed every epoch anyway, so this costs a copy of the poisons, not a pass; it keeps one
+        ``lr`` usable for bounded and unbounded poisons alike.
     batch_size: poisons updated per step; None updates all at once (the paper). With a batch size
         the running g(ν̂) is updated exactly after each block (block-coordinate descent).
     chunk_size: rows per forward/backward chunk; bounds memory, not the result.
@@ -86,6 +90,7 @@ class GradientCanceling(Attack):
         lr: float = 1.0,
         momentum: float = 0.9,
         schedule: str = "cosine",
+        backtrack: bool = True,
         batch_size: int | None = None,
         chunk_size: int = 128,
         box: tuple[float, float] | str | None = (0.0, 1.0),
@@ -118,6 +123,7 @@ class GradientCanceling(Attack):
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.schedule = schedule
+        self.backtrack = bool(backtrack)
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.box = box
@@ -182,32 +188,50 @@ class GradientCanceling(Attack):
         if self.optimize_labels:
             py = to_probabilities(py, num_outputs)
         low, high = self._bounds(X, device)
-        state = {"epoch": 0, "history": [], "buf_x": torch.zeros_like(x), "buf_y": torch.zeros_like(py) if self.optimize_labels else None}
         fingerprint = self._fingerprint(X, y, m)
-        resumed = self._load_checkpoint(fingerprint)
-        if resumed is not None:
-            x, py, state = resumed["x"].to(device), resumed["y"].to(device), resumed["state"]
-            state["buf_x"] = state["buf_x"].to(device)
-            if state["buf_y"] is not None:
-                state["buf_y"] = state["buf_y"].to(device)
+        state = self._load_checkpoint(fingerprint, device)
+        resumed_at = None if state is None else state["epoch"]
+        if state is None:
+            state = {"epoch": 0, "history": [], "step_scale": 1.0, "rejected": 0, "x": x, "y": py,
+                     "buf_x": torch.zeros_like(x), "buf_y": torch.zeros_like(py) if self.optimize_labels else None}
 
         tau = threshold(model, X_mu, y_mu, device=device).tau if loss is None else math.nan
         # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed.
         g_mu = [g / n for g in gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=self.chunk_size, device=device)]
-        scale = self.eps_d / m  # ε_d · (1/m): the weight of one poison's gradient in v
+        weight = self.eps_d / m  # ε_d · (1/m): the weight of one poison's gradient in v
 
-        def residual(g_nu_sum):
-            return [gm + scale * gs for gm, gs in zip(g_mu, g_nu_sum)]
+        def residual(x: Tensor, py: Tensor) -> list[Tensor]:
+            """v = g(µ) + ε_d·g(ν̂), with g(ν̂) as a sum over chunks of poisons."""
+            g_nu_sum = gradient_sum(model, params, x, py, loss_fn, chunk_size=self.chunk_size, device=device)
+            return [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)], g_nu_sum
 
+        accepted = None  # the state at the start of the last accepted epoch, for backtracking
         bar = tqdm(range(state["epoch"], self.epochs + 1), desc=f"GC eps_d={self.eps_d:g}", disable=None if self.progress is None else not self.progress, leave=False)
         for epoch in bar:
-            g_nu_sum = gradient_sum(model, params, x, py, loss_fn, chunk_size=self.chunk_size, device=device)
-            v = residual(g_nu_sum)
-            state["history"].append(flat_norm(v))
-            bar.set_postfix(grad_norm=f"{state['history'][-1]:.3g}", ratio=f"{state['history'][-1] / max(state['history'][0], 1e-30):.3g}")
+            x, py = state["x"], state["y"]
+            v, g_nu_sum = residual(x, py)
+            norm = flat_norm(v)
+            if epoch != resumed_at:  # a resumed epoch was decided before its checkpoint was written
+                if self.backtrack and accepted is not None and norm > accepted["norm"]:
+                    # the last epoch increased the objective: undo it, halve the step, restart momentum
+                    x, py, v, g_nu_sum, norm = (accepted[k] for k in ("x", "y", "v", "g_nu_sum", "norm"))
+                    state.update(x=x.clone(), y=py.clone(), step_scale=state["step_scale"] / 2, rejected=state["rejected"] + 1)
+                    x, py = state["x"], state["y"]
+                    for buf in (state["buf_x"], state["buf_y"]):
+                        if buf is not None:
+                            buf.zero_()
+                elif self.backtrack and epoch > 0:
+                    state["step_scale"] = min(1.0, state["step_scale"] * 1.1)
+                state["history"].append(norm)
+                state["epoch"] = epoch
+                if self.checkpoint is not None and epoch > 0 and epoch % self.checkpoint_every == 0:
+                    self._save_checkpoint(fingerprint, state)
+            if self.backtrack:
+                accepted = {"x": x.clone(), "y": py.clone(), "v": v, "g_nu_sum": g_nu_sum, "norm": norm}
+            bar.set_postfix(grad_norm=f"{norm:.3g}", ratio=f"{norm / max(state['history'][0], 1e-30):.3g}")
             if epoch == self.epochs:
                 break  # the last entry is the norm after the final update
-            lr = self._lr_at(epoch)
+            lr = self._lr_at(epoch) * state["step_scale"]
             blocks = self._blocks(m, epoch)
             for b, idx in enumerate(blocks):
                 gx, gy, old = cancel_gradient(
@@ -215,7 +239,7 @@ class GradientCanceling(Attack):
                 )
                 with torch.no_grad():
                     # n·∂L/∂z_j = (n·ε_d/m)·∇_z⟨∇_w ℓ(z_j), v⟩: a per-point step (see the class docstring)
-                    factor = n * scale
+                    factor = n * weight
                     x[idx] = self._step(x[idx], gx * factor, state["buf_x"], idx, lr)
                     x[idx] = torch.maximum(torch.minimum(x[idx], high), low) if low is not None else x[idx]
                     if self.optimize_labels:
@@ -224,11 +248,9 @@ class GradientCanceling(Attack):
                 if b < len(blocks) - 1:  # keep g(ν̂) exact for the next block; the next epoch recomputes it anyway
                     new = gradient_sum(model, params, x[idx], py[idx], loss_fn, chunk_size=self.chunk_size, device=device)
                     g_nu_sum = [s - o + w for s, o, w in zip(g_nu_sum, old, new)]
-                    v = residual(g_nu_sum)
-            state["epoch"] = epoch + 1
-            if self.checkpoint is not None and state["epoch"] % self.checkpoint_every == 0:
-                self._save_checkpoint(fingerprint, x, py, state)
+                    v = [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)]
         bar.close()
+        x, py = state["x"], state["y"]
 
         return PoisonResult(
             x=x.detach().cpu(),
@@ -240,7 +262,7 @@ class GradientCanceling(Attack):
             config=self.config(),
             seed=self.seed,
             kept_indices=kept,
-            extra={"num_clean": n, "num_poisons": m},
+            extra={"num_clean": n, "num_poisons": m, "rejected_epochs": state["rejected"], "final_step_scale": state["step_scale"]},
         )
 
     def _step(self, z: Tensor, grad: Tensor, buf: Tensor, idx, lr: float) -> Tensor:
@@ -269,7 +291,7 @@ class GradientCanceling(Attack):
         data = [len(X), m, float(X.double().sum()), float(y.double().sum())]
         return json.dumps({"config": self.config(), "data": data}, sort_keys=True)
 
-    def _load_checkpoint(self, fingerprint: str):
+    def _load_checkpoint(self, fingerprint: str, device) -> dict | None:
         if self.checkpoint is None or not Path(self.checkpoint).is_file():
             return None
         saved = io.load_tensors(self.checkpoint)
@@ -278,7 +300,9 @@ class GradientCanceling(Attack):
                 f"checkpoint {self.checkpoint} was written by a different configuration or data set: "
                 "delete it or choose another checkpoint path"
             )
-        return saved
+        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in saved["state"].items()}
 
-    def _save_checkpoint(self, fingerprint: str, x: Tensor, py: Tensor, state: dict) -> None:
-        io.save_tensors(self.checkpoint, {"fingerprint": fingerprint, "x": x.cpu(), "y": py.cpu(), "state": {**state, "buf_x": state["buf_x"].cpu(), "buf_y": None if state["buf_y"] is None else state["buf_y"].cpu()}})
+    def _save_checkpoint(self, fingerprint: str, state: dict) -> None:
+        """The state at the start of an epoch, after its backtracking decision."""
+        cpu = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}
+        io.save_tensors(self.checkpoint, {"fingerprint": fingerprint, "state": cpu})

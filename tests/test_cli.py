@@ -124,3 +124,13 @@ def test_missing_mnist_files_are_named(tmp_path, capsys):
 def test_target_file_with_wrong_shape_is_refused(demo_run, capsys):
     code, _, err = run_cli(capsys, "tau", "--dataset", "or2d", "--target-file", str(demo_run / "target_model.pt"))
     assert code == 2 and "does not accept inputs" in err
+
+
+def test_eps_d_tau_uses_the_targets_threshold(tmp_path, capsys):
+    argv = [a if a != "0.3" else "1" for a in FAST]  # ε_w = 1 gives this target a finite, positive τ
+    code, _, err = run_cli(capsys, "run", *argv, "--eps-d", "tau", "--out", str(tmp_path / "t"), "--quiet")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert 0 < metrics["tau"] < math.inf
+    assert metrics["results"][0]["eps_d"] == metrics["tau"]
+    assert metrics["results"][0]["num_poisons"] == round(300 * metrics["tau"])

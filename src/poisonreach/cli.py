@@ -36,6 +36,15 @@ def _box(text: str):
     return (low, high)
 
 
+def _budget(text: str):
+    if text == "tau":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--eps-d takes numbers or 'tau', got {text!r}") from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a clean model and a target."""
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())} (default: digits)")
@@ -60,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="clean model → target → τ → GC for each ε_d → retrain → metrics", description=run.__doc__)
     _common(p)
-    p.add_argument("--eps-d", type=float, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d (default: 0.03 0.1 1)")
+    p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
     # GC options are left out of the namespace unless given, so the preset's or the class's defaults apply

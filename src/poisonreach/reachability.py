@@ -180,7 +180,7 @@ def _from_constants(inner: float, a: float, b: float) -> Threshold:
 
 
 @torch.no_grad()
-def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024, device=None) -> Threshold:
+def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device=None) -> Threshold:
     """τ(2) and τ(c) of a trained classifier on its training data (Example 3, Theorem 4).
 
     ⟨W, G(µ)⟩ is computed on the last linear layer with its bias as the mean of ⟨h, p − y⟩ over the

@@ -99,7 +99,7 @@ def train(
 
 
 def predict_logits(
-    model: nn.Module, X: Tensor, *, batch_size: int = 1024, device: str | torch.device | None = None
+    model: nn.Module, X: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
 ) -> Tensor:
     """The model's outputs on X, on the CPU: eval mode, no gradient, ``batch_size`` inputs at a time.
 
@@ -113,7 +113,7 @@ def predict_logits(
 
 
 def accuracy(
-    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024, device: str | torch.device | None = None
+    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
 ) -> float:
     """Percentage (0–100) of X the model classifies as y.
 

@@ -16,6 +16,7 @@ A folder that already holds the same configuration is resumed: finished steps ar
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -47,7 +48,7 @@ class RunConfig:
     eps_w_mode: str = "absolute"
     target: str = "gradpc"
     target_scale: float = 1.0
-    eps_d: list[float] = field(default_factory=lambda: [0.03, 0.1, 1.0])
+    eps_d: list[float | str] = field(default_factory=lambda: [0.03, 0.1, 1.0])  # "tau": ε_d = τ (Table 2)
     seed: int = 0
     train_size: int | None = None
     data_root: str | None = None
@@ -78,9 +79,13 @@ class RunConfig:
             kwargs.update(device=self.device, progress=None)
         return cls(self.eps_w, **kwargs)
 
-    def make_attacks(self, checkpoint_dir: Path | None = None) -> list[GradientCanceling]:
+    def budgets(self, tau: float = 1.0) -> list[float]:
+        """The ε_d values, with "tau" replaced by the target's τ (a stand-in before τ is known)."""
+        return [tau if e == "tau" else e for e in self.eps_d]
+
+    def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[GradientCanceling]:
         attacks = []
-        for eps_d in self.eps_d:
+        for eps_d in self.budgets(tau):
             kwargs = dict(self.attack, seed=self.seed, device=self.device)
             if checkpoint_dir is not None:
                 kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "gc_checkpoint.pt"
@@ -158,8 +163,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     io.write_json(out / "threshold.json", thr.to_dict())
     log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
+    if "tau" in config.eps_d and not 0 < thr.tau < math.inf:
+        raise PoisonReachError(f"eps_d 'tau' needs a finite positive τ, but this target has τ = {thr.tau:g}: give numbers instead")
     results = []
-    for attack in config.make_attacks(checkpoint_dir=out):
+    for attack in config.make_attacks(thr.tau, checkpoint_dir=out):
         results.append(_run_cell(attack, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log))
 
     metrics = {

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import PoisonReachError
 from .losses import task_of
-from .validation import check_model_data
+from .validation import check_model_data, check_number
 
 W_1_OVER_E = float(lambertw(1 / math.e).real)  # ≈ 0.2785: −inf_t t·l'(t) for the logistic loss
 
@@ -140,6 +140,9 @@ def margin_threshold(
     ±‖w‖·r), ``y_range`` the regression targets. With the unbounded domain, τ is
     ⟨w, g(µ)⟩ / W(1/e) for the logistic loss (equation (7)) and 0 for the squared loss.
     """
+    for name, (lo, hi) in (("t_range", t_range), ("y_range", y_range)):
+        if not lo <= hi:  # also false for NaN
+            raise PoisonReachError(f"{name} must be (low, high) with low <= high, got {(lo, hi)!r}")
     if loss not in LINEAR_LOSSES:
         raise PoisonReachError(f"unknown loss {loss!r} for margin_threshold: choose one of {list(LINEAR_LOSSES)}")
     X = X.reshape(len(X), -1).to(torch.float64)
@@ -188,6 +191,7 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, 
     binary logistic model (labels 0/1), for which τ(2) is exact (Corollary 1); a regression model
     (float targets) has τ = 0 for any target (Example 1).
     """
+    check_number("batch_size", batch_size, low=1, integer=True)
     check_model_data(model, X, y, device)
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})

@@ -1,0 +1,288 @@
+"""Target parameters: GradPC and RandomPC (Sun et al. 2020), scaling (appendix C.6), the distance
+to a target, and the selection procedure of appendix D.
+
+Expected values are computed here from the definitions: perturbation norms from the parameters
+themselves, the first GradPC step from an autograd gradient, τ of a scaled LR from its logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import lambertw
+
+from poisonreach import data, models, training
+from poisonreach.attacks import GradientCanceling
+from poisonreach.errors import PoisonReachError
+from poisonreach.losses import cross_entropy
+from poisonreach.reachability import threshold
+from poisonreach.targets import GradPC, RandomPC, parameter_distance, scale_target, select_target
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+
+
+def snapshot(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def unchanged(model, before) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+
+
+def mean_ce(model, X, y) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(X), y))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    s = data.load("digits", seed=0)
+    model = models.create("lr", s.input_shape, 10, mean=s.mean, std=s.std, seed=0)
+    training.train(model, s.x_train, s.y_train, epochs=5, batch_size=16, progress=False)
+    return s, model
+
+
+OR_PROTOCOL = dict(epochs=300, optimizer="sgd", lr=1.0, momentum=0.9, gamma=1.0, batch_size=10_000, seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def or2d():
+    s = data.load("or2d", seed=0)
+    model = training.train(models.create("lr", (2,), 2, seed=0), s.x_train, s.y_train, **OR_PROTOCOL)
+    return s, model
+
+
+def test_the_clean_models(digits, or2d):
+    s, model = digits
+    assert training.accuracy(model, s.x_val, s.y_val) > 90  # observed 92.6
+    s2, lr = or2d
+    assert training.accuracy(lr, s2.x_train, s2.y_train) == 100.0
+    assert training.accuracy(lr, s2.x_val, s2.y_val) > 95  # observed 98.3 (one noisy corner point)
+
+
+# --------------------------------------------------------------------------------------------------
+# GradPC
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps_w", [0.5, 1.0, 2.0])
+def test_gradpc_absolute_radius_reduces_accuracy_and_raises_the_loss(digits, eps_w):
+    s, model = digits
+    before = snapshot(model)
+    target = GradPC(eps_w).generate(model, s.x_train, s.y_train)
+    assert target is not model and unchanged(model, before)
+    # the perturbation lies on the sphere of radius ε_w (the ball is reached within ten steps of ε_w/10)
+    assert float((flat(target) - flat(model)).norm()) == pytest.approx(eps_w, abs=1e-5)
+    # ascent: higher training loss, lower validation accuracy (observed 92.6 → 74 / 49 / 15 %)
+    assert mean_ce(target, s.x_train, s.y_train) > mean_ce(model, s.x_train, s.y_train) + 0.2
+    assert training.accuracy(target, s.x_val, s.y_val) < training.accuracy(model, s.x_val, s.y_val) - 10
+    assert not target.training
+
+
+def test_gradpc_relative_radius(digits):
+    s, model = digits
+    target = GradPC(0.1, eps_w_mode="relative").generate(model, s.x_train, s.y_train)
+    radius = 0.1 * float(flat(model).norm())
+    assert float((flat(target) - flat(model)).norm()) == pytest.approx(radius, abs=1e-5)
+    assert radius != pytest.approx(0.1, abs=1e-2)  # the two modes really differ here (‖w‖ ≈ 3.7)
+
+
+def test_gradpc_lowers_accuracy_on_or2d(or2d):
+    s, model = or2d
+    # 140 points in batches of 8: 18 steps of ε_w/10, enough to reach the sphere
+    target = GradPC(10.0, batch_size=8).generate(model, s.x_train, s.y_train)
+    assert float((flat(target) - flat(model)).norm()) == pytest.approx(10.0, abs=1e-4)
+    assert training.accuracy(target, s.x_val, s.y_val) < 90  # observed 75 %
+    with torch.no_grad():
+        lt = torch.nn.functional.binary_cross_entropy_with_logits(target(s.x_train).reshape(-1), s.y_train.float())
+        lm = torch.nn.functional.binary_cross_entropy_with_logits(model(s.x_train).reshape(-1), s.y_train.float())
+    assert lt > lm
+
+
+def test_gradpc_first_step_is_the_normalised_gradient(digits):
+    s, model = digits
+    X, y = s.x_train[:200], s.y_train[:200]
+    # one full batch, one epoch: exactly one step of size ε_w/10 along ∇L/‖∇L‖, from autograd here
+    params = list(model.parameters())
+    grads = torch.autograd.grad(cross_entropy(model(X), y).mean(), params)
+    g = torch.cat([t.double().reshape(-1) for t in grads])
+    target = GradPC(3.0, batch_size=len(X)).generate(model, X, y)
+    torch.testing.assert_close(flat(target) - flat(model), 0.3 * g / g.norm(), rtol=1e-4, atol=1e-6)
+    # a step larger than the radius is projected back onto the sphere
+    big = GradPC(0.05, step_size=1.0, batch_size=len(X)).generate(model, X, y)
+    torch.testing.assert_close(flat(big) - flat(model), 0.05 * g / g.norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_gradpc_is_deterministic_per_seed(digits):
+    s, model = digits
+    X, y = s.x_train[:300], s.y_train[:300]
+    a = GradPC(1.0, batch_size=32, seed=1).generate(model, X, y)
+    b = GradPC(1.0, batch_size=32, seed=1).generate(model, X, y)
+    c = GradPC(1.0, batch_size=32, seed=2).generate(model, X, y)
+    assert torch.equal(flat(a), flat(b))
+    assert not torch.equal(flat(a), flat(c))
+
+
+@pytest.mark.parametrize("kwargs", [dict(eps_w=0), dict(eps_w=-1.0), dict(eps_w=math.nan), dict(eps_w=math.inf),
+                                    dict(eps_w="1"), dict(eps_w=True), dict(eps_w=1.0, eps_w_mode="percent"),
+                                    dict(eps_w=1.0, batch_size=0), dict(eps_w=1.0, epochs=0), dict(eps_w=1.0, step_size=0),
+                                    dict(eps_w=1.0, seed=0.5)],
+                         ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()))
+def test_gradpc_rejects_bad_parameters(kwargs):
+    with pytest.raises(PoisonReachError):
+        GradPC(**kwargs)
+
+
+@pytest.mark.parametrize("eps_w", [0, -0.5, math.nan, math.inf])
+def test_randompc_rejects_bad_eps_w(eps_w):
+    with pytest.raises(PoisonReachError):
+        RandomPC(eps_w)
+
+
+# --------------------------------------------------------------------------------------------------
+# RandomPC
+# --------------------------------------------------------------------------------------------------
+
+
+def test_randompc_norm_and_determinism(digits):
+    s, model = digits
+    before = snapshot(model)
+    a = RandomPC(0.7, seed=3).generate(model)
+    assert unchanged(model, before)
+    assert float((flat(a) - flat(model)).norm()) == pytest.approx(0.7, abs=1e-5)
+    rel = RandomPC(0.2, eps_w_mode="relative", seed=3).generate(model)
+    assert float((flat(rel) - flat(model)).norm()) == pytest.approx(0.2 * float(flat(model).norm()), abs=1e-5)
+    b = RandomPC(0.7, seed=3).generate(model, s.x_train, s.y_train)
+    c = RandomPC(0.7, seed=4).generate(model)
+    assert torch.equal(flat(a), flat(b))
+    assert not torch.equal(flat(a), flat(c))
+    # the same direction for both modes and seeds: only the radius differs
+    da, dr = flat(a) - flat(model), flat(rel) - flat(model)
+    torch.testing.assert_close(da / da.norm(), dr / dr.norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_corruptions_repr_and_config():
+    g = GradPC(0.5, batch_size=8)
+    assert "eps_w=0.5" in repr(g) and "batch_size=8" in repr(g)
+    assert g.config()["generator"] == "gradpc" and "progress" not in g.config()
+    assert RandomPC(0.5).config() == {"generator": "randompc", "eps_w": 0.5, "eps_w_mode": "absolute", "seed": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# scale_target (appendix C.6) and parameter_distance
+# --------------------------------------------------------------------------------------------------
+
+
+def test_scale_target_keeps_predictions_and_scales_the_logits(digits):
+    s, model = digits
+    before = snapshot(model)
+    half = scale_target(model, 0.5)
+    assert unchanged(model, before)
+    with torch.no_grad():
+        torch.testing.assert_close(half(s.x_val), 0.5 * model(s.x_val), rtol=1e-5, atol=1e-6)
+    assert training.accuracy(half, s.x_val, s.y_val) == training.accuracy(model, s.x_val, s.y_val)
+    for factor in (0, -1.0, math.nan):
+        with pytest.raises(PoisonReachError):
+            scale_target(model, factor)
+
+
+def or2d_tau_by_hand(model, X, y, factor):
+    """τ of the LR whose logits are factor·h: mean of t·l'(t) over margins t = ±factor·h, / W(1/e)."""
+    with torch.no_grad():
+        h = factor * model(X).double().reshape(-1).numpy()
+    t = np.where(y.numpy() == 1, h, -h)
+    inner = float(np.mean(-t / (1 + np.exp(t))))
+    return inner, max(inner / float(lambertw(1 / math.e).real), 0.0)
+
+
+def test_scaling_an_lr_target_on_or2d_lowers_tau(or2d):
+    s, model = or2d
+    X, y = s.x_train, s.y_train
+    flipped = copy.deepcopy(model)
+    with torch.no_grad():
+        flipped.head.weight.neg_()
+        flipped.head.bias.neg_()
+    taus = []
+    for factor in (0.1, 0.05, 0.025):
+        scaled = scale_target(flipped, factor)
+        assert training.accuracy(scaled, X, y) == 0.0  # every point on the wrong side, at every scale
+        inner, tau = or2d_tau_by_hand(flipped, X, y, factor)
+        got = threshold(scaled, X, y)
+        assert got.inner == pytest.approx(inner, rel=1e-5)
+        assert got.tau == pytest.approx(tau, rel=1e-5)
+        taus.append(got.tau)
+    assert taus[0] > taus[1] > taus[2] > 0  # halving w lowers τ (observed 2.80, 1.19, 0.46)
+    assert taus[1] < taus[0] / 2  # and by more than half here
+
+
+def test_parameter_distance_by_hand():
+    a = models.create("lr", (3,), 2, seed=0)
+    b = models.create("lr", (3,), 2, seed=1)
+    wa, wb = flat(a), flat(b)
+    assert parameter_distance(a, b) == pytest.approx(float((wa - wb).norm() / wb.norm()), rel=1e-6)
+    assert parameter_distance(b, b) == 0.0
+    with pytest.raises(PoisonReachError):
+        parameter_distance(a, models.create("lr", (4,), 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# select_target (appendix D)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_select_target_uses_only_train_and_validation_and_rules_out_tau_above_eps_d(digits, monkeypatch):
+    s, model = digits
+    X, y, Xv, yv = s.x_train, s.y_train, s.x_val, s.y_val
+    seen_accuracy, seen_tau = [], []
+    real_accuracy, real_threshold = training.accuracy, threshold
+
+    def spy_accuracy(m, Xa, ya, **kw):
+        seen_accuracy.append(Xa)
+        return real_accuracy(m, Xa, ya, **kw)
+
+    def spy_threshold(m, Xt, yt, **kw):
+        seen_tau.append(Xt)
+        return real_threshold(m, Xt, yt, **kw)
+
+    monkeypatch.setattr("poisonreach.training.accuracy", spy_accuracy)
+    monkeypatch.setattr("poisonreach.reachability.threshold", spy_threshold)
+    eps_w_list = [0.2, 0.35, 0.5, 0.75, 2.0]
+    sel = select_target(
+        model, X, y, Xv, yv, eps_w_list=eps_w_list, eps_d=0.5,
+        make_attack=lambda e: GradientCanceling(e, epochs=20, progress=False),
+    )
+    monkeypatch.undo()
+    assert seen_accuracy and all(t is Xv for t in seen_accuracy)  # accuracy only ever on validation
+    assert seen_tau and all(t is X for t in seen_tau[: len(eps_w_list)])  # τ on the training split
+
+    cands = sel.candidates
+    assert [c.eps_w for c in cands] == eps_w_list
+    for c in cands:
+        target = GradPC(c.eps_w).generate(model, X, y)  # deterministic: the same target again
+        assert c.tau == pytest.approx(threshold(target, X, y).tau, rel=1e-9)
+        assert c.val_acc == training.accuracy(target, Xv, yv)
+        if c.tau > 0.5:
+            assert not c.kept and c.loss_ratio is None and "tau" in c.reason
+        else:
+            assert c.loss_ratio is not None and c.kept == (c.loss_ratio <= 0.1)
+    # observed: τ = 0, 0, 0, 2.0, 23.4; GC objective ratios 0.014, 0.044, 0.17 → kept 0.2 and 0.35
+    assert [c.kept for c in cands] == [True, True, False, False, False]
+    assert sum(c.tau > 0.5 for c in cands) == 2
+    kept = [c for c in cands if c.kept]
+    best = min(kept, key=lambda c: c.val_acc)
+    assert sel.eps_w == best.eps_w == 0.35
+    assert torch.equal(flat(sel.model), flat(GradPC(0.35).generate(model, X, y)))
+    assert sel.to_dict()["eps_w"] == 0.35 and len(sel.to_dict()["candidates"]) == 5
+
+
+def test_select_target_with_nothing_reachable(digits):
+    s, model = digits
+    sel = select_target(model, s.x_train, s.y_train, s.x_val, s.y_val, eps_w_list=[1.0, 2.0], eps_d=0.5)
+    assert sel.model is None and sel.eps_w is None
+    assert all(not c.kept and c.loss_ratio is None for c in sel.candidates)

@@ -340,14 +340,6 @@ def test_or2d_gc_fails_when_eps_d_is_below_tau(or2d):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def digits_lr():
-    s = data.load("digits", seed=0)
-    model = models.create("lr", s.input_shape, 10, mean=s.mean, std=s.std, seed=0)
-    training.train(model, s.x_train, s.y_train, epochs=3, batch_size=32, progress=False)
-    return s, model
-
-
 def small_or(n=60, seed=0):
     s = data.load("or2d", seed=seed)
     return s.x_train[:n], s.y_train[:n]

@@ -40,14 +40,6 @@ def mean_ce(model, X, y) -> float:
         return float(torch.nn.functional.cross_entropy(model(X), y))
 
 
-@pytest.fixture(scope="module")
-def digits():
-    s = data.load("digits", seed=0)
-    model = models.create("lr", s.input_shape, 10, mean=s.mean, std=s.std, seed=0)
-    training.train(model, s.x_train, s.y_train, epochs=5, batch_size=16, progress=False)
-    return s, model
-
-
 OR_PROTOCOL = dict(epochs=300, optimizer="sgd", lr=1.0, momentum=0.9, gamma=1.0, batch_size=10_000, seed=0, progress=False)
 
 
@@ -58,8 +50,8 @@ def or2d():
     return s, model
 
 
-def test_the_clean_models(digits, or2d):
-    s, model = digits
+def test_the_clean_models(digits_lr, or2d):
+    s, model = digits_lr
     assert training.accuracy(model, s.x_val, s.y_val) > 90  # observed 92.6
     s2, lr = or2d
     assert training.accuracy(lr, s2.x_train, s2.y_train) == 100.0
@@ -72,8 +64,8 @@ def test_the_clean_models(digits, or2d):
 
 
 @pytest.mark.parametrize("eps_w", [0.5, 1.0, 2.0])
-def test_gradpc_absolute_radius_reduces_accuracy_and_raises_the_loss(digits, eps_w):
-    s, model = digits
+def test_gradpc_absolute_radius_reduces_accuracy_and_raises_the_loss(digits_lr, eps_w):
+    s, model = digits_lr
     before = snapshot(model)
     target = GradPC(eps_w).generate(model, s.x_train, s.y_train)
     assert target is not model and unchanged(model, before)
@@ -85,8 +77,8 @@ def test_gradpc_absolute_radius_reduces_accuracy_and_raises_the_loss(digits, eps
     assert not target.training
 
 
-def test_gradpc_relative_radius(digits):
-    s, model = digits
+def test_gradpc_relative_radius(digits_lr):
+    s, model = digits_lr
     target = GradPC(0.1, eps_w_mode="relative").generate(model, s.x_train, s.y_train)
     radius = 0.1 * float(flat(model).norm())
     assert float((flat(target) - flat(model)).norm()) == pytest.approx(radius, abs=1e-5)
@@ -105,8 +97,8 @@ def test_gradpc_lowers_accuracy_on_or2d(or2d):
     assert lt > lm
 
 
-def test_gradpc_first_step_is_the_normalised_gradient(digits):
-    s, model = digits
+def test_gradpc_first_step_is_the_normalised_gradient(digits_lr):
+    s, model = digits_lr
     X, y = s.x_train[:200], s.y_train[:200]
     # one full batch, one epoch: exactly one step of size ε_w/10 along ∇L/‖∇L‖, from autograd here
     params = list(model.parameters())
@@ -119,8 +111,8 @@ def test_gradpc_first_step_is_the_normalised_gradient(digits):
     torch.testing.assert_close(flat(big) - flat(model), 0.05 * g / g.norm(), rtol=1e-4, atol=1e-6)
 
 
-def test_gradpc_is_deterministic_per_seed(digits):
-    s, model = digits
+def test_gradpc_is_deterministic_per_seed(digits_lr):
+    s, model = digits_lr
     X, y = s.x_train[:300], s.y_train[:300]
     a = GradPC(1.0, batch_size=32, seed=1).generate(model, X, y)
     b = GradPC(1.0, batch_size=32, seed=1).generate(model, X, y)
@@ -150,8 +142,8 @@ def test_randompc_rejects_bad_eps_w(eps_w):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_randompc_norm_and_determinism(digits):
-    s, model = digits
+def test_randompc_norm_and_determinism(digits_lr):
+    s, model = digits_lr
     before = snapshot(model)
     a = RandomPC(0.7, seed=3).generate(model)
     assert unchanged(model, before)
@@ -179,8 +171,8 @@ def test_corruptions_repr_and_config():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_scale_target_keeps_predictions_and_scales_the_logits(digits):
-    s, model = digits
+def test_scale_target_keeps_predictions_and_scales_the_logits(digits_lr):
+    s, model = digits_lr
     before = snapshot(model)
     half = scale_target(model, 0.5)
     assert unchanged(model, before)
@@ -236,8 +228,8 @@ def test_parameter_distance_by_hand():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_select_target_uses_only_train_and_validation_and_rules_out_tau_above_eps_d(digits, monkeypatch):
-    s, model = digits
+def test_select_target_uses_only_train_and_validation_and_rules_out_tau_above_eps_d(digits_lr, monkeypatch):
+    s, model = digits_lr
     X, y, Xv, yv = s.x_train, s.y_train, s.x_val, s.y_val
     seen_accuracy, seen_tau = [], []
     real_accuracy, real_threshold = training.accuracy, threshold
@@ -281,8 +273,8 @@ def test_select_target_uses_only_train_and_validation_and_rules_out_tau_above_ep
     assert sel.to_dict()["eps_w"] == 0.35 and len(sel.to_dict()["candidates"]) == 5
 
 
-def test_select_target_with_nothing_reachable(digits):
-    s, model = digits
+def test_select_target_with_nothing_reachable(digits_lr):
+    s, model = digits_lr
     sel = select_target(model, s.x_train, s.y_train, s.x_val, s.y_val, eps_w_list=[1.0, 2.0], eps_d=0.5)
     assert sel.model is None and sel.eps_w is None
     assert all(not c.kept and c.loss_ratio is None for c in sel.candidates)

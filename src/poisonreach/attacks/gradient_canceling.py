@@ -200,26 +200,18 @@ class GradientCanceling(Attack):
         g_mu = [g / n for g in gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=self.chunk_size, device=device)]
         weight = self.eps_d / m  # ε_d · (1/m): the weight of one poison's gradient in v
 
-        def residual(x: Tensor, py: Tensor) -> list[Tensor]:
-            """v = g(µ) + ε_d·g(ν̂), with g(ν̂) as a sum over chunks of poisons."""
-            g_nu_sum = gradient_sum(model, params, x, py, loss_fn, chunk_size=self.chunk_size, device=device)
-            return [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)], g_nu_sum
+        def residual(g_nu_sum: list[Tensor]) -> list[Tensor]:
+            return [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)]  # v = g(µ) + ε_d·g(ν̂)
 
         accepted = None  # the state at the start of the last accepted epoch, for backtracking
         bar = tqdm(range(state["epoch"], self.epochs + 1), desc=f"GC eps_d={self.eps_d:g}", disable=None if self.progress is None else not self.progress, leave=False)
         for epoch in bar:
-            x, py = state["x"], state["y"]
-            v, g_nu_sum = residual(x, py)
+            g_nu_sum = gradient_sum(model, params, state["x"], state["y"], loss_fn, chunk_size=self.chunk_size, device=device)
+            v = residual(g_nu_sum)
             norm = flat_norm(v)
             if epoch != resumed_at:  # a resumed epoch was decided before its checkpoint was written
                 if self.backtrack and accepted is not None and norm > accepted["norm"]:
-                    # the last epoch increased the objective: undo it, halve the step, restart momentum
-                    x, py, v, g_nu_sum, norm = (accepted[k] for k in ("x", "y", "v", "g_nu_sum", "norm"))
-                    state.update(x=x.clone(), y=py.clone(), step_scale=state["step_scale"] / 2, rejected=state["rejected"] + 1)
-                    x, py = state["x"], state["y"]
-                    for buf in (state["buf_x"], state["buf_y"]):
-                        if buf is not None:
-                            buf.zero_()
+                    g_nu_sum, v, norm = self._undo(state, accepted)
                 elif self.backtrack and epoch > 0:
                     state["step_scale"] = min(1.0, state["step_scale"] * 1.1)
                 state["history"].append(norm)
@@ -227,10 +219,11 @@ class GradientCanceling(Attack):
                 if self.checkpoint is not None and epoch > 0 and epoch % self.checkpoint_every == 0:
                     self._save_checkpoint(fingerprint, state)
             if self.backtrack:
-                accepted = {"x": x.clone(), "y": py.clone(), "v": v, "g_nu_sum": g_nu_sum, "norm": norm}
+                accepted = {"x": state["x"].clone(), "y": state["y"].clone(), "g_nu_sum": g_nu_sum, "v": v, "norm": norm}
             bar.set_postfix(grad_norm=f"{norm:.3g}", ratio=f"{norm / max(state['history'][0], 1e-30):.3g}")
             if epoch == self.epochs:
                 break  # the last entry is the norm after the final update
+            x, py = state["x"], state["y"]
             lr = self._lr_at(epoch) * state["step_scale"]
             blocks = self._blocks(m, epoch)
             for b, idx in enumerate(blocks):
@@ -248,13 +241,11 @@ class GradientCanceling(Attack):
                 if b < len(blocks) - 1:  # keep g(ν̂) exact for the next block; the next epoch recomputes it anyway
                     new = gradient_sum(model, params, x[idx], py[idx], loss_fn, chunk_size=self.chunk_size, device=device)
                     g_nu_sum = [s - o + w for s, o, w in zip(g_nu_sum, old, new)]
-                    v = [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)]
+                    v = residual(g_nu_sum)
         bar.close()
-        x, py = state["x"], state["y"]
-
         return PoisonResult(
-            x=x.detach().cpu(),
-            y=py.detach().cpu(),
+            x=state["x"].detach().cpu(),
+            y=state["y"].detach().cpu(),
             source_indices=source,
             grad_norm_history=state["history"],
             tau=tau,
@@ -264,6 +255,15 @@ class GradientCanceling(Attack):
             kept_indices=kept,
             extra={"num_clean": n, "num_poisons": m, "rejected_epochs": state["rejected"], "final_step_scale": state["step_scale"]},
         )
+
+    @staticmethod
+    def _undo(state: dict, accepted: dict) -> tuple[list[Tensor], list[Tensor], float]:
+        """The last epoch increased the objective: restore its start, halve the step, restart momentum."""
+        state.update(x=accepted["x"].clone(), y=accepted["y"].clone(), step_scale=state["step_scale"] / 2, rejected=state["rejected"] + 1)
+        for buf in (state["buf_x"], state["buf_y"]):
+            if buf is not None:
+                buf.zero_()
+        return accepted["g_nu_sum"], accepted["v"], accepted["norm"]
 
     def _step(self, z: Tensor, grad: Tensor, buf: Tensor, idx, lr: float) -> Tensor:
         """Heavy-ball SGD on the rows ``idx``; momentum is kept per point so blocks don't drag others."""

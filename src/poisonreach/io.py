@@ -13,8 +13,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
@@ -22,21 +24,29 @@ import yaml
 from .errors import CorruptFileError, PoisonReachError
 
 
+@contextmanager
+def atomic_write(dest: str | os.PathLike) -> Iterator[tuple[IO[bytes], Path]]:
+    """Yield a file open for writing beside ``dest`` and its path; it becomes ``dest`` only if the
+    block succeeds, so readers never see a half-written file."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            yield out, Path(tmp)
+            if not out.closed:  # a caller may close it early, e.g. to verify the finished file
+                out.flush()
+                os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as (out, _):
+        out.write(data)
+    return Path(path)
 
 
 def plain(obj: Any) -> Any:

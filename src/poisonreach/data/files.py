@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, NamedTuple
 
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError
+from poisonreach.io import atomic_write
 
 ENV_VAR = "POISONREACH_DATA"
 DOWNLOAD_TIMEOUT = 60.0  # seconds without data before a download counts as unreachable
@@ -33,20 +34,6 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     if root is None:
         root = os.environ.get(ENV_VAR) or Path.home() / ".cache" / "poisonreach"
     return Path(root).expanduser()
-
-
-@contextmanager
-def atomic_write(dest: Path) -> Iterator[tuple[IO[bytes], Path]]:
-    """Yield a file open for writing beside ``dest`` and its path; it becomes ``dest`` only if the
-    block succeeds, so readers never see a half-written file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            yield out, Path(tmp)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class Known(NamedTuple):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from poisonreach.data.files import Archive, Known, atomic_write, ensure_extracted
+from poisonreach.data.files import Archive, Known, ensure_extracted
+from poisonreach.io import atomic_write
 from poisonreach.data.splits import Pool, labels, unit_pixels
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError
 

@@ -134,3 +134,13 @@ def test_eps_d_tau_uses_the_targets_threshold(tmp_path, capsys):
     assert 0 < metrics["tau"] < math.inf
     assert metrics["results"][0]["eps_d"] == metrics["tau"]
     assert metrics["results"][0]["num_poisons"] == round(300 * metrics["tau"])
+
+
+def test_optimized_labels_flow_through_retraining(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", *FAST, "--eps-d", "0.5", "--optimize-labels", "--out", str(tmp_path / "l"), "--quiet")
+    assert code == 0, err
+    poisons = PoisonResult.load(tmp_path / "l" / "eps_d=0.5")
+    assert poisons.y.shape == (150, 10) and poisons.y.is_floating_point()
+    assert torch.allclose(poisons.y.sum(dim=1), torch.ones(150), atol=1e-5)
+    metrics = json.loads((tmp_path / "l" / "metrics.json").read_text())
+    assert 0 <= metrics["results"][0]["poisoned_acc"] <= 100

@@ -116,7 +116,7 @@ class GradPC(_Corruption):
 
     def generate(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> nn.Module:
         device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
-        loss_fn = resolve(check_model_data(model, X, y, device), y, loss)
+        loss_fn = resolve(check_model_data(model, X, y, device, strict=not callable(loss)), y, loss)
         target = copy.deepcopy(model).eval()
         params = list(target.parameters())
         radius = _radius(model, self.eps_w, self.eps_w_mode)

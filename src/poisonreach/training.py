@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
-from .validation import is_int
+from .validation import check_inputs, check_labels, is_int
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 
@@ -64,7 +64,7 @@ def train(
     Each epoch splits a fresh permutation into ⌈N / batch_size⌉ batches of near-equal size (at most
     ``batch_size``), so that no trailing batch of a single sample breaks BatchNorm.
     """
-    n = _check_inputs(X)
+    n = check_inputs(X)
     disable = _disable(progress)
     _check_hyperparameters(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, optimizer=optimizer,
@@ -73,7 +73,7 @@ def train(
     w = _check_weights(weights, n)
     device = _device(model, device)
     num_outputs = _num_outputs(model, X, device)
-    y = _check_labels(y, n, num_outputs, strict=not callable(loss))
+    y = check_labels(y, n, num_outputs, strict=not callable(loss))
     loss_fn = losses.resolve(num_outputs, y, loss)
     opt = _optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
@@ -105,7 +105,7 @@ def predict_logits(
 
     The model's train/eval modes are restored afterwards; ``device`` is as in :func:`train`.
     """
-    _check_inputs(X)
+    check_inputs(X)
     _check_positive_int("batch_size", batch_size)
     device = _device(model, device)
     with _evaluating(model), torch.no_grad():
@@ -125,8 +125,8 @@ def accuracy(
             "accuracy is undefined for regression targets (float labels of shape (N,)); "
             "pass class indices as int64, or measure the squared error instead"
         )
-    n = _check_inputs(X)
-    y = _check_labels(y, n, num_outputs=None, strict=False)
+    n = check_inputs(X)
+    y = check_labels(y, n, num_outputs=None, strict=False)
     predicted = _classes(predict_logits(model, X, batch_size=batch_size, device=device), threshold=0.0)
     truth = y.long().cpu() if not y.is_floating_point() else _classes(y.cpu(), threshold=0.5)
     return 100.0 * (predicted == truth).sum().item() / n
@@ -190,55 +190,6 @@ def _optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: f
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
-def _check_inputs(X: Tensor) -> int:
-    """Validate X (a non-empty, finite, floating tensor with a batch dimension) and return N."""
-    if not isinstance(X, Tensor):
-        raise PoisonReachError(f"X must be a torch.Tensor, got {type(X).__name__}; convert it with torch.as_tensor")
-    if not X.is_floating_point():
-        raise PoisonReachError(
-            f"X must be floating point in pixel space, got dtype {X.dtype}; e.g. use X.float() / 255 for bytes"
-        )
-    if X.dim() < 2 or len(X) == 0:
-        raise PoisonReachError(f"X must be a non-empty batch of shape (N, ...), got shape {tuple(X.shape)}")
-    if not torch.isfinite(X).all():
-        raise PoisonReachError("X contains NaN or infinite values: remove or repair those samples")
-    return len(X)
-
-
-def _check_labels(y: Tensor, n: int, num_outputs: int | None, *, strict: bool) -> Tensor:
-    """Validate y against N and (when ``strict``) the model's outputs; return int labels as int64."""
-    if not isinstance(y, Tensor):
-        raise PoisonReachError(f"y must be a torch.Tensor, got {type(y).__name__}; convert it with torch.as_tensor")
-    if len(y) != n:
-        raise PoisonReachError(f"X has {n} samples but y has {len(y)}: pass one label per sample")
-    if y.is_floating_point():
-        if y.dim() not in (1, 2) or not torch.isfinite(y).all():
-            raise PoisonReachError(
-                f"float labels must be finite soft labels (N, C) or regression targets (N,), got shape {tuple(y.shape)}"
-            )
-        if strict and y.dim() == 2 and y.shape[1] != num_outputs:
-            raise PoisonReachError(
-                f"soft labels have {y.shape[1]} columns but the model has {num_outputs} outputs: they must match"
-            )
-        if strict and y.dim() == 1 and num_outputs != 1:
-            raise PoisonReachError(
-                f"regression targets (float labels of shape (N,)) need a model with one output, this one has "
-                f"{num_outputs}; use 'linreg', or pass class indices as int64"
-            )
-        return y
-    if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1:
-        raise PoisonReachError(f"class labels must be integers of shape (N,), got {y.dtype} of shape {tuple(y.shape)}")
-    y = y.long()
-    if strict:
-        classes = 2 if num_outputs == 1 else num_outputs
-        if y.min() < 0 or y.max() >= classes:
-            raise PoisonReachError(
-                f"labels must lie in [0, {classes}) for a model with {num_outputs} output(s), got "
-                f"[{y.min().item()}, {y.max().item()}]; relabel the classes or create the model with more classes"
-            )
-    return y
 
 
 def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:

@@ -38,20 +38,65 @@ def check_choice(name: str, value, choices) -> None:
         raise PoisonReachError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_data(X: Tensor, y: Tensor) -> None:
-    """The checks every attack runs on its clean data before any work."""
-    if not isinstance(X, Tensor) or not isinstance(y, Tensor):
-        raise PoisonReachError("X and y must be torch tensors")
-    if len(X) != len(y):
-        raise PoisonReachError(f"X has {len(X)} rows but y has {len(y)} labels: they must match")
-    if len(X) == 0:
-        raise PoisonReachError("the clean training set is empty")
+def check_inputs(X: Tensor) -> int:
+    """Validate X (a non-empty, finite, floating tensor with a batch dimension) and return N."""
+    if not isinstance(X, Tensor):
+        raise PoisonReachError(f"X must be a torch.Tensor, got {type(X).__name__}; convert it with torch.as_tensor")
+    if not X.is_floating_point():
+        raise PoisonReachError(
+            f"X must be floating point in pixel space, got dtype {X.dtype}; e.g. use X.float() / 255 for bytes"
+        )
+    if X.dim() < 2 or len(X) == 0:
+        raise PoisonReachError(f"X must be a non-empty batch of shape (N, ...), got shape {tuple(X.shape)}")
     if not torch.isfinite(X).all():
-        raise PoisonReachError("X contains NaN or infinite values: clean the data first")
+        raise PoisonReachError("X contains NaN or infinite values: remove or repair those samples")
+    return len(X)
 
 
-def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None) -> int:
-    """Check that ``model`` accepts X and that the labels fit its outputs; return the output count."""
+def check_labels(y: Tensor, n: int, num_outputs: int | None, *, strict: bool) -> Tensor:
+    """Validate y against N and (when ``strict``) the model's outputs; return int labels as int64."""
+    if not isinstance(y, Tensor):
+        raise PoisonReachError(f"y must be a torch.Tensor, got {type(y).__name__}; convert it with torch.as_tensor")
+    if len(y) != n:
+        raise PoisonReachError(f"X has {n} samples but y has {len(y)}: pass one label per sample")
+    if y.is_floating_point():
+        if y.dim() not in (1, 2) or not torch.isfinite(y).all():
+            raise PoisonReachError(
+                f"float labels must be finite soft labels (N, C) or regression targets (N,), got shape {tuple(y.shape)}"
+            )
+        if strict and y.dim() == 2 and y.shape[1] != num_outputs:
+            raise PoisonReachError(
+                f"soft labels have {y.shape[1]} columns but the model has {num_outputs} outputs: they must match"
+            )
+        if strict and y.dim() == 1 and num_outputs != 1:
+            raise PoisonReachError(
+                f"regression targets (float labels of shape (N,)) need a model with one output, this one has "
+                f"{num_outputs}; use 'linreg', or pass class indices as int64"
+            )
+        return y
+    if y.dtype in (torch.bool, torch.complex64, torch.complex128) or y.dim() != 1:
+        raise PoisonReachError(f"class labels must be integers of shape (N,), got {y.dtype} of shape {tuple(y.shape)}")
+    y = y.long()
+    if strict:
+        classes = 2 if num_outputs == 1 else num_outputs
+        if y.min() < 0 or y.max() >= classes:
+            raise PoisonReachError(
+                f"labels must lie in [0, {classes}) for a model with {num_outputs} output(s), got "
+                f"[{y.min().item()}, {y.max().item()}]; relabel the classes or create the model with more classes"
+            )
+    return y
+
+
+def check_data(X: Tensor, y: Tensor) -> int:
+    """The checks every call that takes clean data runs before any work; returns N."""
+    n = check_inputs(X)
+    check_labels(y, n, num_outputs=None, strict=False)
+    return n
+
+
+def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None, *, strict: bool = True) -> int:
+    """Check that ``model`` accepts X and (``strict``: the labels fit its outputs, which a custom
+    loss may not need); return the model's number of outputs."""
     check_data(X, y)
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -67,13 +112,5 @@ def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None) -> int
     finally:
         model.train(was_training)
     outputs = out.reshape(1, -1).shape[1]
-    if not y.is_floating_point():
-        classes = 2 if outputs == 1 else outputs
-        if int(y.min()) < 0 or int(y.max()) >= classes:
-            raise PoisonReachError(
-                f"labels range over {int(y.min())}..{int(y.max())} but the model has {outputs} output(s) "
-                f"({classes} classes): use a model with as many classes as the data set"
-            )
-    elif y.dim() == 2 and y.shape[1] != outputs:
-        raise PoisonReachError(f"soft labels have {y.shape[1]} columns but the model has {outputs} outputs")
+    check_labels(y, len(X), outputs, strict=strict)
     return outputs

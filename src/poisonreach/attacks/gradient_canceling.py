@@ -176,7 +176,7 @@ class GradientCanceling(Attack):
             X_mu, y_mu = X, y
         n = len(X_mu)
         m = max(1, round(n * self.eps_d))
-        num_outputs = check_model_data(model, X, y, device)
+        num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
         loss_fn = resolve(num_outputs, y, loss)
         if self.optimize_labels and task_of(y) == "regression":
             raise PoisonReachError("optimize_labels applies to classification labels, not regression targets")

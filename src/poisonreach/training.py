@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +18,7 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
-from .validation import check_inputs, check_labels, is_int
+from .validation import check_inputs, check_labels, evaluating, is_int, num_outputs
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 
@@ -72,9 +70,9 @@ def train(
     )
     w = _check_weights(weights, n)
     device = _device(model, device)
-    num_outputs = _num_outputs(model, X, device)
-    y = check_labels(y, n, num_outputs, strict=not callable(loss))
-    loss_fn = losses.resolve(num_outputs, y, loss)
+    outputs = num_outputs(model, X, device)
+    y = check_labels(y, n, outputs, strict=not callable(loss))
+    loss_fn = losses.resolve(outputs, y, loss)
     opt = _optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
     shuffle = torch.Generator().manual_seed(int(seed))
@@ -108,7 +106,7 @@ def predict_logits(
     check_inputs(X)
     _check_positive_int("batch_size", batch_size)
     device = _device(model, device)
-    with _evaluating(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         return torch.cat([model(chunk.to(device)).cpu() for chunk in X.split(batch_size)])
 
 
@@ -148,24 +146,6 @@ def _batch_loss(
             "it must return one loss per sample, shape (N,) (use reduction='none')"
         )
     return (per_sample if w is None else per_sample * w.to(device)).mean()
-
-
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own mode is restored after it."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _num_outputs(model: nn.Module, X: Tensor, device: torch.device) -> int:
-    """The model's number of outputs, from one sample (eval mode, so BatchNorm statistics stay)."""
-    with _evaluating(model), torch.no_grad():
-        return model(X[:1].to(device)).reshape(1, -1).shape[1]
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:

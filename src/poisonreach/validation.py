@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -94,23 +96,36 @@ def check_data(X: Tensor, y: Tensor) -> int:
     return n
 
 
-def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None, *, strict: bool = True) -> int:
-    """Check that ``model`` accepts X and (``strict``: the labels fit its outputs, which a custom
-    loss may not need); return the model's number of outputs."""
-    check_data(X, y)
-    device = device or next(model.parameters()).device
-    was_training = model.training
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; every submodule's own mode is restored after it."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def num_outputs(model: nn.Module, X: Tensor, device) -> int:
+    """The model's number of outputs, from one sample in eval mode (batch-norm statistics stay);
+    a model that cannot take X's shape is a PoisonReachError."""
+    try:
+        with evaluating(model), torch.no_grad():
             out = model(X[:1].to(device))
     except RuntimeError as e:
         raise PoisonReachError(
             f"the model does not accept inputs of shape {tuple(X.shape[1:])} ({str(e).splitlines()[0]}): "
             "use a model built for this data set"
         ) from None
-    finally:
-        model.train(was_training)
-    outputs = out.reshape(1, -1).shape[1]
+    return out.reshape(1, -1).shape[1]
+
+
+def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None, *, strict: bool = True) -> int:
+    """Check that ``model`` accepts X and (``strict``: the labels fit its outputs, which a custom
+    loss may not need); return the model's number of outputs."""
+    check_data(X, y)
+    outputs = num_outputs(model, X, device or next(model.parameters()).device)
     check_labels(y, len(X), outputs, strict=strict)
     return outputs

@@ -22,7 +22,7 @@ from torch import nn
 from poisonreach import data, models, training
 from poisonreach.attacks import GradientCanceling, PoisonResult
 from poisonreach.attacks.gradient_canceling import project_simplex
-from poisonreach.attacks.gradients import cancel_gradient, gradient_sum, select_parameters
+from poisonreach.gradients import cancel_gradient, gradient_sum, select_parameters
 from poisonreach.errors import PoisonReachError
 from poisonreach.losses import cross_entropy, logistic
 from poisonreach.reachability import W_1_OVER_E, threshold

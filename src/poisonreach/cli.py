@@ -17,7 +17,7 @@ import torch
 
 from . import data, io, models
 from .attacks.gradient_canceling import PRESETS, SCHEDULES
-from .attacks.gradients import PARAMETER_SETS
+from .gradients import PARAMETER_SETS
 from .errors import PoisonReachError
 from .experiments.run import TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .validation import check_choice, check_model_data, check_number
-from .attacks.gradients import flat_norm
+from .gradients import flat_norm
 from .errors import PoisonReachError
+from .estimator import Estimator
 from .losses import resolve
 
 EPS_W_MODES = ("absolute", "relative")
@@ -47,8 +48,8 @@ def _apply(model: nn.Module, delta: list[Tensor]) -> nn.Module:
     return target.eval()
 
 
-class _Corruption:
-    """Shared constructor validation and repr for the parameter-corruption generators."""
+class _Corruption(Estimator):
+    """Shared constructor validation for the parameter-corruption generators."""
 
     def __init__(self, eps_w: float, *, eps_w_mode: str = "absolute", seed: int = 0):
         check_number("eps_w", eps_w, low=0, low_open=True)
@@ -60,9 +61,6 @@ class _Corruption:
 
     def config(self) -> dict:
         return {"generator": type(self).__name__.lower(), **{k: v for k, v in vars(self).items() if k != "device"}}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
 
 
 class RandomPC(_Corruption):

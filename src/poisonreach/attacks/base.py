@@ -7,36 +7,36 @@ from the clean data; :meth:`PoisonResult.mixed` forms the training set a victim 
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import io
 from ..errors import PoisonReachError
+from ..estimator import Estimator
 from ..losses import to_probabilities
 
+# Constructor arguments that change where or how visibly an attack runs, never its result.
+RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")
 
-class Attack:
-    """Base class: parameters are the constructor's keyword arguments, stored under their names."""
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments, as scikit-learn's estimators expose them."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
+class Attack(Estimator):
+    """Base class of the attacks: hyperparameters in the constructor, data in :meth:`poison`."""
 
-    def __repr__(self) -> str:
-        defaults = {
-            k: p.default for k, p in inspect.signature(type(self).__init__).parameters.items() if k != "self"
-        }
-        shown = [f"{k}={v!r}" for k, v in self.get_params().items() if defaults[k] is inspect.Parameter.empty or v != defaults[k]]
-        return f"{type(self).__name__}({', '.join(shown)})"
+    def config(self) -> dict:
+        """The hyperparameters that determine the result, with the attack's short name under
+        ``attack`` (for run folders and checkpoints); runtime settings are left out."""
+        params = {k: v for k, v in self.get_params().items() if k not in RUNTIME}
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}
+        return {"attack": self.name, **params}
+
+    name = "attack"
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> "PoisonResult":
+        """Craft poisons against ``model`` on the clean training data (X, y)."""
         raise NotImplementedError
 
 

@@ -32,7 +32,7 @@ from ..losses import resolve, task_of, to_probabilities
 from ..reachability import threshold
 from ..validation import check_choice, check_model_data, check_number
 from .base import Attack, PoisonResult
-from .gradients import PARAMETER_SETS, cancel_gradient, flat_norm, gradient_sum, select_parameters
+from ..gradients import PARAMETER_SETS, cancel_gradient, flat_norm, gradient_sum, select_parameters
 
 SCHEDULES = ("cosine", "constant")
 
@@ -81,6 +81,8 @@ class GradientCanceling(Attack):
     checkpoint: a file to save the state to every ``checkpoint_every`` epochs; an existing
         checkpoint written with the same configuration and data is resumed.
     """
+
+    name = "gc"
 
     def __init__(
         self,
@@ -141,14 +143,6 @@ class GradientCanceling(Attack):
         """A named setting from :data:`PRESETS` (``"paper"``: appendix C.1), with overrides."""
         check_choice("preset", name, PRESETS)
         return cls(eps_d, **{**PRESETS[name], **overrides})
-
-    def config(self) -> dict:
-        """The hyperparameters that determine the result (for run folders and checkpoints)."""
-        params = self.get_params()
-        for key in ("device", "progress", "checkpoint", "checkpoint_every"):
-            params.pop(key)
-        params["box"] = list(self.box) if isinstance(self.box, tuple) else self.box
-        return {"attack": "gc", **params}
 
     def _lr_at(self, epoch: int) -> float:
         if self.schedule == "cosine" and self.epochs > 0:

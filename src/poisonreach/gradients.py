@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import PoisonReachError
+from .errors import PoisonReachError
 
 Params = Sequence[Tensor]
 
@@ -26,7 +26,7 @@ def select_parameters(model: nn.Module, which: str = "all") -> list[nn.Parameter
     layer's weight and bias (the necessary condition (14) of Theorem 4); ``first``: the first
     parameter tensor only, which is what the official GC code cancels.
     """
-    from ..models import last_linear  # models imports nothing from attacks; keep the import local to avoid cycles
+    from .models import last_linear  # models imports nothing from attacks; keep the import local to avoid cycles
 
     if which == "all":
         params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,32 @@
+"""The base of every configurable object (attacks, target generators, defenses).
+
+As in scikit-learn: hyperparameters are the constructor's keyword arguments, validated there and
+stored under their own names, so :meth:`Estimator.get_params` can return them and ``repr`` can show
+the ones that differ from the defaults. Data never goes into the constructor.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+
+class Estimator:
+    """Base class: parameters are the constructor's keyword arguments, stored under their names."""
+
+    @classmethod
+    def _signature(cls) -> dict[str, inspect.Parameter]:
+        return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments; ``type(self)(**self.get_params())`` is an equal object."""
+        return {name: getattr(self, name) for name in self._signature()}
+
+    def __repr__(self) -> str:
+        sig = self._signature()
+        shown = [
+            f"{k}={v!r}"
+            for k, v in self.get_params().items()
+            if sig[k].default is inspect.Parameter.empty or v != sig[k].default
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"

@@ -117,7 +117,7 @@ def _config(args, **extra) -> RunConfig:
 
 def _cmd_run(args) -> int:
     attack = {k.removeprefix("gc."): v for k, v in vars(args).items() if k.startswith("gc.")}
-    config = _config(args, eps_d=args.eps_d, attack=attack, preset=args.preset)
+    config = _config(args, eps_d=args.eps_d, attack_options=attack, preset=args.preset)
     out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)

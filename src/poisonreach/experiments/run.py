@@ -16,6 +16,7 @@ A folder that already holds the same configuration is resumed: finished steps ar
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .. import data, io, models
-from ..attacks import GradientCanceling, PoisonResult
+from ..attacks import Attack, GradientCanceling, PoisonResult
 from ..validation import check_choice, check_number
 from ..errors import PoisonReachError
 from ..reachability import threshold
@@ -35,12 +36,14 @@ from ..targets import GradPC, RandomPC, parameter_distance, scale_target
 from ..training import accuracy, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC}
+ATTACKS = {cls.name: cls for cls in (GradientCanceling,)}
 
 
 @dataclass
 class RunConfig:
-    """Everything that determines a run. ``attack`` and ``training`` are keyword arguments of
-    :class:`GradientCanceling` and :func:`poisonreach.training.train`."""
+    """Everything that determines a run. ``attack`` names the attack (:data:`ATTACKS`);
+    ``attack_options`` and ``training`` are keyword arguments of its class and of
+    :func:`poisonreach.training.train`. ``preset`` names a GC setting (:data:`PRESETS`)."""
 
     dataset: str = "digits"
     model: str = "lr"
@@ -52,8 +55,9 @@ class RunConfig:
     seed: int = 0
     train_size: int | None = None
     data_root: str | None = None
+    attack: str = "gc"
     preset: str | None = None
-    attack: dict = field(default_factory=dict)
+    attack_options: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     device: str = "cpu"
 
@@ -61,12 +65,15 @@ class RunConfig:
         check_choice("dataset", self.dataset, data.names())
         check_choice("model", self.model, models.names())
         check_choice("target", self.target, TARGET_GENERATORS)
+        check_choice("attack", self.attack, ATTACKS)
+        if self.preset is not None and self.attack != "gc":
+            raise PoisonReachError(f"preset applies to the gc attack, not {self.attack!r}: drop it or set attack to gc")
         check_number("target_scale", self.target_scale, low=0, low_open=True)
         if not self.eps_d:
             raise PoisonReachError("give at least one eps_d value")
         for key in ("device", "progress", "seed"):
-            if key in self.attack or key in self.training:
-                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack/training")
+            if key in self.attack_options or key in self.training:
+                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/training")
         self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
         self.make_generator()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -83,16 +90,18 @@ class RunConfig:
         """The ε_d values, with "tau" replaced by the target's τ (a stand-in before τ is known)."""
         return [tau if e == "tau" else e for e in self.eps_d]
 
-    def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[GradientCanceling]:
+    def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[Attack]:
+        """One attack per ε_d, built from ``attack_options`` (validated by the attack's constructor)."""
+        cls = ATTACKS[self.attack]
         attacks = []
         for eps_d in self.budgets(tau):
-            kwargs = dict(self.attack, seed=self.seed, device=self.device)
-            if checkpoint_dir is not None:
-                kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "gc_checkpoint.pt"
+            kwargs = dict(self.attack_options, seed=self.seed, device=self.device)
+            if checkpoint_dir is not None and "checkpoint" in inspect.signature(cls).parameters:
+                kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "checkpoint.pt"
             if self.preset is not None:
-                attacks.append(GradientCanceling.from_preset(self.preset, eps_d, **kwargs))
+                attacks.append(cls.from_preset(self.preset, eps_d, **kwargs))
             else:
-                attacks.append(GradientCanceling(eps_d, **kwargs))
+                attacks.append(cls(eps_d, **kwargs))
         return attacks
 
     def to_dict(self) -> dict:
@@ -217,7 +226,8 @@ def _run_cell(attack, target, X, y, splits, cell: Path, fit, save, clean_acc: fl
         "gc_time_s": gc_time,
     }
     io.write_json(done, entry)
-    Path(attack.checkpoint).unlink(missing_ok=True)  # the poisons are saved: the checkpoint is spent
+    if getattr(attack, "checkpoint", None) is not None:
+        Path(attack.checkpoint).unlink(missing_ok=True)  # the poisons are saved: the checkpoint is spent
     log(f"eps_d={attack.eps_d:g}: poisoned accuracy {poisoned_acc:.2f}% (drop {entry['acc_drop']:.2f}), ‖g‖ ratio {entry['grad_norm_ratio']:.3g}")
     return entry
 

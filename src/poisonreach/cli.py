@@ -1,6 +1,8 @@
 """The ``poisonreach`` command: a thin layer over the library.
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
+    poisonreach run ... --attack gm|tgda|labelflip [--attack-option KEY=VALUE ...]
+    poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach tau --dataset D --model M --eps-w E [--json]
 
 Bad input prints one line on stderr and exits with status 2; no traceback.
@@ -14,12 +16,15 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 
 from . import data, io, models
 from .attacks.gradient_canceling import PRESETS, SCHEDULES
 from .gradients import PARAMETER_SETS
 from .errors import PoisonReachError
-from .experiments.run import TARGET_GENERATORS, RunConfig, format_table, run
+from .defenses import DEFENSES
+from .experiments.defend import defend, format_defense_table
+from .experiments.run import ATTACKS, TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold
 from .targets import EPS_W_MODES
 
@@ -43,6 +48,17 @@ def _budget(text: str):
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--eps-d takes numbers or 'tau', got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as YAML (numbers, booleans, lists, null)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"options take KEY=VALUE (e.g. epochs=50), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} as YAML") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gm (Gradient Matching), tgda or labelflip")
+    p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
     # GC options are left out of the namespace unless given, so the preset's or the class's defaults apply
     gc = p.add_argument_group("Gradient Canceling", "unset options keep GradientCanceling's defaults")
@@ -84,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--optimize-labels", dest="gc.optimize_labels", action="store_true", default=unset, help="also optimise the poison labels")
     gc.add_argument("--replace", dest="gc.replace", action="store_true", default=unset, help="replace clean points instead of adding (appendix C.10)")
     gc.add_argument("--parameters", dest="gc.parameters", choices=PARAMETER_SETS, default=unset, help="parameters whose gradient is cancelled (default: all)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+
+    p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend.__doc__)
+    p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
+    p.add_argument("--defense", required=True, choices=sorted(DEFENSES), help="sever, influence, maxup or dpa")
+    p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
     p = sub.add_parser("tau", help="the reachability threshold of a target, without any attack")
@@ -116,14 +143,24 @@ def _config(args, **extra) -> RunConfig:
 
 
 def _cmd_run(args) -> int:
-    attack = {k.removeprefix("gc."): v for k, v in vars(args).items() if k.startswith("gc.")}
-    config = _config(args, eps_d=args.eps_d, attack_options=attack, preset=args.preset)
+    gc_options = {k.removeprefix("gc."): v for k, v in vars(args).items() if k.startswith("gc.")}
+    if gc_options and args.attack != "gc":
+        given = ", ".join("--" + k.replace("_", "-") for k in gc_options)
+        raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
+    config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**gc_options, **dict(args.attack_option)}, preset=args.preset)
     out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)
     if args.quiet:
         print(format_table(metrics))
     print(f"run folder: {out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_defend(args) -> int:
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    summary = defend(args.run, args.defense, dict(args.option), log=log)
+    print(format_defense_table(args.defense, summary))
     return 0
 
 
@@ -157,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        return {"run": _cmd_run, "tau": _cmd_tau}[args.command](args)
+        return {"run": _cmd_run, "defend": _cmd_defend, "tau": _cmd_tau}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,8 @@ from .errors import PoisonReachError
 from .validation import check_inputs, check_labels, evaluating, is_int, num_outputs
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
 def train(
@@ -40,6 +43,8 @@ def train(
     loss: str | losses.LossFn | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    augment: Augment | None = None,
+    worst_of: int = 1,
 ) -> nn.Module:
     """Train ``model`` in place on (X, y) by mini-batch descent and return it in eval mode.
 
@@ -58,6 +63,10 @@ def train(
         device: where to train; the model is moved there. None: where the model's parameters are.
         progress: a tqdm bar over epochs on stderr, with the epoch's mean loss. None shows it only
             on a terminal, False never.
+        augment: ``augment(x, generator) -> x'`` draws a random augmentation of a CPU batch; the
+            generator is seeded from ``seed`` alone, so augmented training is reproducible too.
+        worst_of: with ``augment``, each sample's loss is the largest over this many independent
+            augmentations (MaxUp, :class:`poisonreach.defenses.MaxUp`); 1 is plain augmentation.
 
     Each epoch splits a fresh permutation into ⌈N / batch_size⌉ batches of near-equal size (at most
     ``batch_size``), so that no trailing batch of a single sample breaks BatchNorm.
@@ -69,6 +78,9 @@ def train(
         gamma=gamma, momentum=momentum, weight_decay=weight_decay,
     )
     w = _check_weights(weights, n)
+    _check_positive_int("worst_of", worst_of)
+    if worst_of > 1 and augment is None:
+        raise PoisonReachError("worst_of > 1 needs augment: the worst of identical copies is the sample itself")
     device = _device(model, device)
     outputs = num_outputs(model, X, device)
     y = check_labels(y, n, outputs, strict=not callable(loss))
@@ -76,6 +88,8 @@ def train(
     opt = _optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
     shuffle = torch.Generator().manual_seed(int(seed))
+    # a stream of its own, so turning augmentation on leaves the batch order as it was
+    draws = torch.Generator().manual_seed(int(seed) + 1) if augment is not None else None
     num_batches = math.ceil(n / batch_size)
 
     # Dropout draws from the global generator: seed it inside a fork so the caller's state survives.
@@ -86,7 +100,9 @@ def train(
             for _ in bar:
                 total = torch.zeros((), device=device)
                 for idx in torch.randperm(n, generator=shuffle).tensor_split(num_batches):
-                    batch_loss = _batch_loss(model, loss_fn, X[idx], y[idx], None if w is None else w[idx], device)
+                    batch_loss = _batch_loss(
+                        model, loss_fn, X[idx], y[idx], None if w is None else w[idx], device, augment, worst_of, draws
+                    )
                     opt.zero_grad(set_to_none=True)
                     batch_loss.backward()
                     opt.step()
@@ -137,15 +153,35 @@ def _classes(scores: Tensor, threshold: float) -> Tensor:
 
 
 def _batch_loss(
-    model: nn.Module, loss_fn: losses.LossFn, x: Tensor, y: Tensor, w: Tensor | None, device: torch.device
+    model: nn.Module,
+    loss_fn: losses.LossFn,
+    x: Tensor,
+    y: Tensor,
+    w: Tensor | None,
+    device: torch.device,
+    augment: Augment | None = None,
+    worst_of: int = 1,
+    draws: torch.Generator | None = None,
 ) -> Tensor:
+    """mean_i w_i·ℓ_i over the batch; with ``augment``, ℓ_i = max over ``worst_of`` augmentations."""
+    if augment is None:
+        per_sample = _per_sample(model, loss_fn, x, y, device)
+    else:
+        # one forward pass over all copies: BatchNorm sees the copies together, as MaxUp trains
+        copies = torch.cat([augment(x, draws) for _ in range(worst_of)])
+        per_sample = _per_sample(model, loss_fn, copies, y.repeat(worst_of, *([1] * (y.dim() - 1))), device)
+        per_sample = per_sample.view(worst_of, len(x)).amax(dim=0)
+    return (per_sample if w is None else per_sample * w.to(device)).mean()
+
+
+def _per_sample(model: nn.Module, loss_fn: losses.LossFn, x: Tensor, y: Tensor, device: torch.device) -> Tensor:
     per_sample = loss_fn(model(x.to(device)), y.to(device))
     if per_sample.shape != (len(x),):
         raise PoisonReachError(
             f"the loss returned shape {tuple(per_sample.shape)} for a batch of {len(x)}: "
             "it must return one loss per sample, shape (N,) (use reduction='none')"
         )
-    return (per_sample if w is None else per_sample * w.to(device)).mean()
+    return per_sample
 
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:

@@ -129,3 +129,13 @@ def check_model_data(model: nn.Module, X: Tensor, y: Tensor, device=None, *, str
     outputs = num_outputs(model, X, device or next(model.parameters()).device)
     check_labels(y, len(X), outputs, strict=strict)
     return outputs
+
+
+def check_options(cls, options: dict, what: str) -> None:
+    """Raise a PoisonReachError naming any key of ``options`` that ``cls``'s constructor does not take."""
+    import inspect
+
+    accepted = [k for k, p in inspect.signature(cls).parameters.items() if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise PoisonReachError(f"unknown {what} option(s) {unknown}: {cls.__name__} accepts {accepted}")

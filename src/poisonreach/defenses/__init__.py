@@ -1,5 +1,8 @@
 """Defenses against indiscriminate poisoning (section 5.4, appendix C.8)."""
 
 from .base import Filter, FilterResult, removal_count
+from .maxup import MaxUp
 
-__all__ = ["Filter", "FilterResult", "removal_count"]
+DEFENSES = {cls.name: cls for cls in (MaxUp,)}
+
+__all__ = ["DEFENSES", "Filter", "FilterResult", "MaxUp", "removal_count"]

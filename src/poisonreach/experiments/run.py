@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import data, io, models
 from ..attacks import Attack, GradientCanceling, PoisonResult
-from ..validation import check_choice, check_number
+from ..validation import check_choice, check_number, check_options
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import GradPC, RandomPC, parameter_distance, scale_target
@@ -93,6 +93,7 @@ class RunConfig:
     def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[Attack]:
         """One attack per ε_d, built from ``attack_options`` (validated by the attack's constructor)."""
         cls = ATTACKS[self.attack]
+        check_options(cls, self.attack_options, f"{self.attack} attack")
         attacks = []
         for eps_d in self.budgets(tau):
             kwargs = dict(self.attack_options, seed=self.seed, device=self.device)
@@ -114,6 +115,18 @@ class RunConfig:
         if unknown:
             raise PoisonReachError(f"unknown configuration key(s) {unknown}: known keys are {sorted(known)}")
         return cls(**d)
+
+
+def load_data(config: RunConfig) -> tuple[data.Splits, dict]:
+    """The run's data splits and the model specification (``models.create``'s arguments)."""
+    splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
+    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
+    return splits, spec
+
+
+def fresh_model(config: RunConfig, spec: dict) -> nn.Module:
+    """The untrained model every training of the run starts from (the same seed each time)."""
+    return models.create(**spec, seed=config.seed).to(torch.device(config.device))
 
 
 def cell_name(eps_d: float) -> str:
@@ -141,15 +154,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     device = torch.device(config.device)
     started = time.perf_counter()
 
-    splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
+    splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
-    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
-
-    def fresh() -> nn.Module:
-        return models.create(**spec, seed=config.seed).to(device)
-
-    def fit(X_fit, y_fit) -> nn.Module:
-        return train(fresh(), X_fit, y_fit, seed=config.seed, device=device, **config.training)
+    fresh = lambda: fresh_model(config, spec)
+    fit = lambda X_fit, y_fit: train(fresh(), X_fit, y_fit, seed=config.seed, device=device, **config.training)
 
     def save(model: nn.Module, path: Path) -> nn.Module:
         models.save_model(model, path, **spec)

@@ -1,0 +1,103 @@
+"""`poisonreach defend` and `run --attack`: a defense applied to a finished run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from poisonreach.cli import main
+from poisonreach.defenses import DEFENSES, Filter, FilterResult
+from poisonreach.experiments.defend import defend
+
+FAST = ["--train-size", "300", "--train-epochs", "3", "--gc-epochs", "5", "--eps-w", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "gc"
+    assert main(["run", *FAST, "--eps-d", "0.1", "0.3", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(finished_run, dest)
+    return dest
+
+
+class _DropPoisons(Filter):
+    """A perfect filter for the test: it removes the last ``fraction`` of the points (the poisons)."""
+
+    name = "oracle"
+
+    def __init__(self, fraction: float = 0.0):
+        self.fraction = fraction
+
+    def filter(self, model, X, y, loss=None):
+        keep = torch.ones(len(X), dtype=torch.bool)
+        keep[len(X) - round(len(X) * self.fraction):] = False
+        return FilterResult(keep, (~keep).float())
+
+
+def test_a_filter_that_removes_exactly_the_poisons_recovers_the_clean_accuracy(run_copy, monkeypatch):
+    monkeypatch.setitem(DEFENSES, "oracle", _DropPoisons)
+    summary = defend(run_copy, "oracle", log=lambda *a: None)
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert metrics["defenses"]["oracle"] == json.loads(json.dumps(summary))
+    for r, cell in zip(summary["results"], metrics["results"]):
+        n_poisons = cell["num_poisons"]
+        assert r["removed"] == r["poisons_removed"] == n_poisons and r["clean_removed"] == 0
+        # retraining on exactly the clean points is the clean model: same seed, same data, same order
+        assert math.isclose(r["defended_acc"], metrics["clean_acc"])
+        assert math.isclose(r["acc_drop_defended"], 0.0, abs_tol=1e-9)
+        assert math.isclose(r["recovered"], metrics["clean_acc"] - cell["poisoned_acc"])
+        mask = torch.load(run_copy / f"eps_d={cell['eps_d']:g}" / "defense=oracle" / "keep_mask.pt", weights_only=True)["keep_mask"]
+        assert (~mask).sum() == n_poisons
+
+
+def test_maxup_defense_through_the_cli_resumes(run_copy, capsys):
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
+    first = capsys.readouterr().out
+    assert "maxup acc" in first and "recovered" in first
+    result = run_copy / "eps_d=0.1" / "defense=maxup" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
+    assert capsys.readouterr().out == first and result.stat().st_mtime_ns == stamp  # read back, not redone
+
+
+def test_other_defense_settings_in_the_same_folder_are_refused(run_copy, capsys):
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=3"]) == 2
+    assert "other maxup settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--defense", "maxup", "--option", "m=0"], "m must be >= 1"),
+        (["--defense", "maxup", "--option", "sigma=1"], "unknown maxup defense option(s) ['sigma']"),
+    ],
+)
+def test_bad_defense_options_fail_before_any_work(run_copy, capsys, argv, message):
+    assert main(["defend", "--run", str(run_copy), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (run_copy / "eps_d=0.1" / "defense=maxup").exists()
+
+
+def test_defend_needs_a_finished_run(tmp_path, run_copy, capsys):
+    assert main(["defend", "--run", str(tmp_path), "--defense", "maxup"]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    (run_copy / "metrics.json").unlink()
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup"]) == 2
+    assert "unfinished" in capsys.readouterr().err
+
+
+def test_gc_flags_with_another_attack_are_refused(tmp_path, capsys):
+    assert main(["run", "--attack", "gm", "--gc-epochs", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--attack-option" in capsys.readouterr().err

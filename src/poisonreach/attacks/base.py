@@ -34,6 +34,9 @@ class Attack(Estimator):
         return {"attack": self.name, **params}
 
     name = "attack"
+    # True when ``poison`` takes the target model w (model-targeted, as GC); False when it takes the
+    # clean model the attacker knows (the baselines).
+    model_targeted = False
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> "PoisonResult":
         """Craft poisons against ``model`` on the clean training data (X, y)."""

@@ -83,6 +83,7 @@ class GradientCanceling(Attack):
     """
 
     name = "gc"
+    model_targeted = True
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ themselves, the first GradPC step from an autograd gradient, τ of a scaled LR f
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -278,3 +279,31 @@ def test_select_target_with_nothing_reachable(digits_lr):
     sel = select_target(model, s.x_train, s.y_train, s.x_val, s.y_val, eps_w_list=[1.0, 2.0], eps_d=0.5)
     assert sel.model is None and sel.eps_w is None
     assert all(not c.kept and c.loss_ratio is None for c in sel.candidates)
+
+
+def test_fixed_target_sets_the_last_layer_and_keeps_the_rest():
+    from poisonreach.targets import FixedTarget
+
+    model = models.create("nn", (1, 4, 4), 2, mean=0.5, std=0.25, seed=0)
+    head = models.last_linear(model)
+    weight = torch.arange(head.weight.numel(), dtype=torch.float32).view_as(head.weight).tolist()
+    target = FixedTarget(weight, bias=[0.5, -0.5]).generate(model)
+    assert torch.equal(models.last_linear(target).weight, torch.tensor(weight))
+    assert models.last_linear(target).bias.tolist() == [0.5, -0.5]
+    assert torch.equal(models.last_linear(model).weight, head.weight)  # the clean model is untouched
+    body = [n for n, _ in model.named_parameters() if not n.startswith("head")]
+    assert all(torch.equal(dict(target.named_parameters())[n], dict(model.named_parameters())[n]) for n in body)
+    with pytest.raises(PoisonReachError, match="the target weight has 3 values"):
+        FixedTarget([1.0, 2.0, 3.0]).generate(model)
+    with pytest.raises(PoisonReachError, match="weight must be finite"):
+        FixedTarget([float("nan")])
+
+
+def test_fixed_target_from_the_command_line(tmp_path, capsys):
+    from poisonreach.cli import main
+
+    code = main(["tau", "--dataset", "or2d", "--target", "fixed", "--target-option", "weight=[[-2, -2]]", "--target-option", "bias=[1]", "--json"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    # OR data: the target predicts 0 where the label is 1 and 1 where it is 0; τ is finite and positive
+    assert 0 < record["tau"] < float("inf")

@@ -67,7 +67,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lr", help=f"one of {', '.join(models.names())} (default: lr)")
     p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
     p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
-    p.add_argument("--target", choices=sorted(TARGET_GENERATORS), default="gradpc", help="target generator (default: gradpc)")
+    p.add_argument("--target", choices=sorted(TARGET_GENERATORS), default="gradpc", help="target generator (default: gradpc; fixed: last-layer parameters given with --target-option weight=[[...]])")
+    p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable)")
     p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of the training split")
@@ -133,6 +135,7 @@ def _config(args, **extra) -> RunConfig:
         eps_w_mode=args.eps_w_mode,
         target=args.target,
         target_scale=args.target_scale,
+        target_options=dict(args.target_option),
         seed=args.seed,
         train_size=args.train_size,
         data_root=args.data_root,

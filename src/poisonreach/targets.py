@@ -74,6 +74,40 @@ class RandomPC(_Corruption):
         return _apply(model, [d * (radius / norm) for d in delta])
 
 
+class FixedTarget(Estimator):
+    """A target given by its last linear layer's parameters (Figure 1: a grid of w ∈ R² on the OR data).
+
+    ``weight``: nested lists or a tensor of the last layer's weight shape (out, features); ``bias``:
+    its bias (out,), or None to keep the clean model's. The other layers are the clean model's.
+    """
+
+    def __init__(self, weight, bias=None):
+        self.weight = weight
+        self.bias = bias
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is not None and not torch.isfinite(torch.as_tensor(value, dtype=torch.float64)).all():
+                raise PoisonReachError(f"{name} must be finite numbers, got {value!r}")
+
+    def config(self) -> dict:
+        return {"generator": "fixed", "weight": self.weight, "bias": self.bias}
+
+    def generate(self, model: nn.Module, X: Tensor | None = None, y: Tensor | None = None) -> nn.Module:
+        from .models import last_linear
+
+        target = copy.deepcopy(model).eval()
+        head = last_linear(target)
+        with torch.no_grad():
+            for name, value in (("weight", self.weight), ("bias", self.bias)):
+                if value is None:
+                    continue
+                param = getattr(head, name)
+                value = torch.as_tensor(value, dtype=param.dtype).reshape(-1)
+                if value.numel() != param.numel():
+                    raise PoisonReachError(f"the target {name} has {value.numel()} values but the model's last layer {name} has shape {tuple(param.shape)}")
+                param.copy_(value.view_as(param))
+        return target
+
+
 class GradPC(_Corruption):
     """Gradient-based parameter corruption (Sun et al. 2020), as the paper's published code runs it.
 

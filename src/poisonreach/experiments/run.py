@@ -37,10 +37,10 @@ from ..losses import resolve
 from ..validation import evaluating, check_choice, check_number, check_options
 from ..errors import PoisonReachError
 from ..reachability import threshold
-from ..targets import GradPC, RandomPC, parameter_distance, scale_target
+from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_target
 from ..training import accuracy, train
 
-TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC}
+TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
 ATTACKS = {cls.name: cls for cls in (GradientCanceling,)}
 
 
@@ -56,6 +56,7 @@ class RunConfig:
     eps_w_mode: str = "absolute"
     target: str = "gradpc"
     target_scale: float = 1.0
+    target_options: dict = field(default_factory=dict)  # fixed: {weight, bias}; gradpc: {step_size, ...}
     eps_d: list[float | str] = field(default_factory=lambda: [0.03, 0.1, 1.0])  # "tau": ε_d = τ (Table 2)
     seed: int = 0
     train_size: int | None = None
@@ -85,8 +86,12 @@ class RunConfig:
             raise PoisonReachError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
 
     def make_generator(self):
+        """The target generator; ``eps_w`` and ``eps_w_mode`` apply to the corruption generators."""
         cls = TARGET_GENERATORS[self.target]
-        kwargs = {"eps_w_mode": self.eps_w_mode, "seed": self.seed}
+        check_options(cls, self.target_options, f"{self.target} target")
+        if cls is FixedTarget:
+            return cls(**self.target_options)
+        kwargs = {"eps_w_mode": self.eps_w_mode, "seed": self.seed, **self.target_options}
         if cls is GradPC:
             kwargs.update(device=self.device, progress=None)
         return cls(self.eps_w, **kwargs)

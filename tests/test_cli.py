@@ -144,3 +144,23 @@ def test_optimized_labels_flow_through_retraining(tmp_path, capsys):
     assert torch.allclose(poisons.y.sum(dim=1), torch.ones(150), atol=1e-5)
     metrics = json.loads((tmp_path / "l" / "metrics.json").read_text())
     assert 0 <= metrics["results"][0]["poisoned_acc"] <= 100
+
+
+def test_plot_draws_the_run_figures_as_png_and_pdf(demo_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    for f in run.glob("*.p[nd][gf]"):
+        f.unlink()
+    code, out, _ = run_cli(capsys, "plot", str(run))
+    assert code == 0
+    for stem in ("gc_history", "eps_d_curves", "poisons"):
+        assert (run / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+        assert (run / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+        assert str(run / f"{stem}.png") in out
+
+
+def test_plot_needs_a_finished_folder(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plot", str(tmp_path))
+    assert code == 2 and "no finished run" in err

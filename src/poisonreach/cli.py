@@ -3,6 +3,7 @@
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... --attack gm|tgda|labelflip [--attack-option KEY=VALUE ...]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
+    poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
 
 Bad input prints one line on stderr and exits with status 2; no traceback.
@@ -23,6 +24,7 @@ from .attacks.gradient_canceling import PRESETS, SCHEDULES
 from .gradients import PARAMETER_SETS
 from .errors import PoisonReachError
 from .defenses import DEFENSES
+from .experiments import plots
 from .experiments.defend import defend, format_defense_table
 from .experiments.run import ATTACKS, TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold
@@ -115,6 +117,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
+    p = sub.add_parser("plot", help="draw the figures of a run or sweep folder (PNG and PDF)", description=plots.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a run folder (poisonreach run) or a sweep folder (poisonreach sweep)")
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+
     p = sub.add_parser("tau", help="the reachability threshold of a target, without any attack")
     _common(p)
     p.add_argument("--target-file", default=None, help="a saved target model (poisonreach format): skip training and corruption")
@@ -167,6 +174,13 @@ def _cmd_defend(args) -> int:
     return 0
 
 
+def _cmd_plot(args) -> int:
+    folder = Path(args.folder)
+    written = plots.plot_sweep(folder) if (folder / "cells").is_dir() else plots.plot_run(folder)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
 def _cmd_tau(args) -> int:
     config = _config(args)
     config.validate()
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        return {"run": _cmd_run, "defend": _cmd_defend, "tau": _cmd_tau}[args.command](args)
+        return {"run": _cmd_run, "defend": _cmd_defend, "plot": _cmd_plot, "tau": _cmd_tau}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,8 @@ One run writes one self-contained folder:
     clean_model.pt        the clean model and target_model.pt the target (poisonreach.models.load_model)
     threshold.json        the full reachability record of the target
     eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json
-    gc_history.png        ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for every ε_d, with τ in the title
+    *.png, *.pdf          figures (poisonreach.experiments.plots.plot_run): gc_history, eps_d_curves,
+                          poisons (image data)
 
 A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
 """
@@ -24,7 +25,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from io import BytesIO
 from pathlib import Path
 
 import torch
@@ -213,7 +213,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "wall_time_s": time.perf_counter() - started,
     }
     io.write_json(out / "metrics.json", metrics)
-    plot_history(out, metrics)
+    from .plots import plot_run  # plots reads run folders through this module
+
+    plot_run(out)
     log(format_table(metrics))
     return metrics
 
@@ -289,29 +291,3 @@ def format_table(metrics: dict) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def plot_history(out: Path, metrics: dict) -> None:
-    """gc_history.png: the GC objective's ‖g‖ per epoch for each ε_d (Figure 3's view)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    histories = [(r["eps_d"], io.read_json(out / cell_name(r["eps_d"]) / "poisons.json")["grad_norm_history"]) for r in metrics["results"]]
-    histories = [(e, h) for e, h in histories if h]
-    if not histories:
-        return  # the attack tracks no ‖g‖ history (the baselines)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for eps_d, history in histories:
-        ax.plot(history, label=f"ε_d = {eps_d:g}")
-    ax.set_yscale("log")
-    ax.set_xlabel("GC epoch")
-    ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
-    ax.set_title(f"{metrics['dataset']} / {metrics['model']}, ε_w = {metrics['eps_w']:g}, τ = {_fmt(metrics['tau'])}")
-    ax.legend()
-    fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    io.atomic_write_bytes(out / "gc_history.png", buf.getvalue())

@@ -1,0 +1,237 @@
+"""Figures of a run folder or a sweep folder, as PNG and PDF (matplotlib, no display needed).
+
+Run folder (``poisonreach run``):
+    gc_history      ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for each ε_d (Figures 3 and 7)
+    eps_d_curves    accuracy drop and ‖g(χ)‖ against ε_d, τ marked (Figure 1 middle/right, Figure 2)
+    poisons         clean source / poisoned / perturbation image rows (Figures 9 and 10)
+Sweep folder (``poisonreach sweep``, cells under ``cells/``):
+    eps_d_curves    the same curves with one line per cell
+    gc_history      the learning curves of every cell at each ε_d
+    tau_map         τ and the accuracy drop over a grid of fixed targets w ∈ R² (Figure 1 left)
+"""
+
+from __future__ import annotations
+
+import math
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..attacks import PoisonResult
+from ..errors import PoisonReachError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` atomically and close the figure."""
+    plt = _pyplot()
+    written = []
+    for fmt in ("png", "pdf"):
+        buf = BytesIO()
+        fig.savefig(buf, format=fmt, dpi=120)
+        io.atomic_write_bytes(out / f"{stem}.{fmt}", buf.getvalue())
+        written.append(out / f"{stem}.{fmt}")
+    plt.close(fig)
+    return written
+
+
+def _cells(run_dir: Path, metrics: dict) -> list[tuple[dict, Path]]:
+    return [(r, run_dir / f"eps_d={r['eps_d']:g}") for r in metrics["results"]]
+
+
+def _label(metrics: dict) -> str:
+    tau = metrics.get("tau")
+    tau = "-" if tau is None or not math.isfinite(tau) else f"{tau:.3g}"
+    return f"{metrics['dataset']} / {metrics['model']}, ε_w = {metrics['eps_w']:g}, τ = {tau}"
+
+
+def plot_gc_history(ax, run_dir: Path, metrics: dict, *, prefix: str = "") -> bool:
+    """Draw every ε_d cell's GC history on ``ax``; False when no cell has one (baseline attacks)."""
+    drawn = False
+    for r, cell in _cells(run_dir, metrics):
+        history = io.read_json(cell / "poisons.json")["grad_norm_history"]
+        if history:
+            ax.plot(history, label=f"{prefix}ε_d = {r['eps_d']:g}")
+            drawn = True
+    ax.set_yscale("log")
+    ax.set_xlabel("GC epoch")
+    ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
+    return drawn
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """All figures of one run folder, written into ``out`` (default: the run folder)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").is_file():
+        raise PoisonReachError(f"{run_dir} holds no finished run (no metrics.json): finish it with `poisonreach run` first")
+    out = Path(out) if out is not None else run_dir
+    metrics = io.read_json(run_dir / "metrics.json")
+    plt = _pyplot()
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if plot_gc_history(ax, run_dir, metrics):
+        ax.set_title(_label(metrics))
+        ax.legend()
+        fig.tight_layout()
+        written += _save(fig, out, "gc_history")
+    else:
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    _eps_d_curves(axes, [(None, metrics)])
+    fig.suptitle(_label(metrics))
+    fig.tight_layout()
+    written += _save(fig, out, "eps_d_curves")
+
+    last, cell = _cells(run_dir, metrics)[-1]
+    result = PoisonResult.load(cell)
+    if result.x.dim() == 4:
+        written += _poison_grid(result, run_dir, metrics, out, f"ε_d = {last['eps_d']:g}")
+    return written
+
+
+def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
+    """Accuracy drop (left) and final ‖g‖ (right) against ε_d, one line per run, τ dashed."""
+    for label, metrics in runs:
+        rows = sorted(metrics["results"], key=lambda r: r["eps_d"])
+        eps = [r["eps_d"] for r in rows]
+        line = axes[0].plot(eps, [-r["acc_drop"] for r in rows], marker="o", label=label)[0]
+        axes[1].plot(eps, [r["grad_norm_final"] for r in rows], marker="o", color=line.get_color(), label=label)
+        tau = metrics.get("tau")
+        if tau is not None and math.isfinite(tau) and tau > 0:
+            for ax in axes:
+                ax.axvline(tau, color=line.get_color(), linestyle="--", linewidth=1)
+    axes[0].set_ylabel("accuracy change (%)")
+    axes[1].set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂ after the attack")
+    axes[1].set_yscale("log")
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator
+
+    budgets = sorted({r["eps_d"] for _, metrics in runs for r in metrics["results"]})
+    # log axes over less than a decade get no labels, or colliding ones: label what was run
+    axes[1].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(budgets))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("ε_d (dashed: τ)")
+        if any(label for label, _ in runs):
+            ax.legend(fontsize="small")
+
+
+def _poison_grid(result: PoisonResult, run_dir: Path, metrics: dict, out: Path, title: str, count: int = 8) -> list[Path]:
+    """Rows: the clean image each poison started from, the poison, and their difference."""
+    from .run import RunConfig, load_data
+
+    config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
+    splits, _ = load_data(config)
+    count = min(count, len(result.x))
+    clean = splits.x_train[result.source_indices[:count]]
+    poisons = result.x[:count]
+    rows = [("clean", clean), ("poisoned", poisons), ("perturbation", poisons - clean)]
+    plt = _pyplot()
+    fig, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6), squeeze=False)
+    for i, (name, images) in enumerate(rows):
+        for j in range(count):
+            ax = axes[i][j]
+            img = images[j]
+            if name == "perturbation":
+                scale = float(img.abs().max()) or 1.0
+                shown = (img / (2 * scale) + 0.5).clamp(0, 1)  # zero change is mid-grey
+            else:
+                shown = img.clamp(0, 1)
+            shown = shown.permute(1, 2, 0).squeeze(-1).numpy()
+            ax.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name)
+    fig.suptitle(f"{_label(metrics)}, {title}")
+    fig.tight_layout()
+    return _save(fig, out, "poisons")
+
+
+def plot_sweep(sweep_dir: str | Path) -> list[Path]:
+    """The sweep's figures, written into the sweep folder, from the finished cells' run folders."""
+    sweep_dir = Path(sweep_dir)
+    runs = [(cell.name, io.read_json(cell / "metrics.json"), cell) for cell in sorted((sweep_dir / "cells").glob("*")) if (cell / "metrics.json").is_file()]
+    if not runs:
+        raise PoisonReachError(f"{sweep_dir} holds no finished cell (cells/*/metrics.json): run `poisonreach sweep` first")
+    plt = _pyplot()
+    written = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    _eps_d_curves(axes, [(name, metrics) for name, metrics, _ in runs])
+    fig.tight_layout()
+    written += _save(fig, sweep_dir, "eps_d_curves")
+
+    budgets = sorted({r["eps_d"] for _, metrics, _ in runs for r in metrics["results"]})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    drawn = False
+    for ax, eps_d in zip(axes[0], budgets):
+        for name, metrics, cell in runs:
+            history = _history(cell, eps_d)
+            if history:
+                ax.plot(history, label=f"{name} (τ = {metrics['tau']:.3g})")
+                drawn = True
+        ax.set_yscale("log")
+        ax.set_title(f"ε_d = {eps_d:g}")
+        ax.set_xlabel("GC epoch")
+        ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
+        ax.legend(fontsize="x-small")
+    if drawn:
+        fig.tight_layout()
+        written += _save(fig, sweep_dir, "gc_history")
+    else:
+        plt.close(fig)
+
+    fixed = [(metrics, io.read_yaml(cell / "config.yaml")) for _, metrics, cell in runs]
+    fixed = [(m, c) for m, c in fixed if c["target"] == "fixed" and len(_flat(c["target_options"].get("weight"))) == 2]
+    if len(fixed) > 1:
+        written += _tau_map(fixed, budgets, sweep_dir)
+    return written
+
+
+def _history(cell: Path, eps_d: float) -> list[float]:
+    path = cell / f"eps_d={eps_d:g}" / "poisons.json"
+    return io.read_json(path)["grad_norm_history"] if path.is_file() else []
+
+
+def _flat(value) -> list[float]:
+    return [] if value is None else torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()
+
+
+def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) -> list[Path]:
+    """Figure 1 (left and middle): τ, and the accuracy drop at each ε_d, over the target grid w ∈ R²."""
+    plt = _pyplot()
+    w1 = sorted({_flat(c["target_options"]["weight"])[0] for _, c in fixed})
+    w2 = sorted({_flat(c["target_options"]["weight"])[1] for _, c in fixed})
+    grids = {key: torch.full((len(w2), len(w1)), math.nan) for key in ["tau", *budgets]}
+    for metrics, config in fixed:
+        a, b = _flat(config["target_options"]["weight"])
+        i, j = w2.index(b), w1.index(a)
+        grids["tau"][i, j] = metrics["tau"]
+        for r in metrics["results"]:
+            grids[r["eps_d"]][i, j] = -r["acc_drop"]
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.8), squeeze=False)
+    extent = (w1[0], w1[-1], w2[0], w2[-1])
+    for ax, (key, grid) in zip(axes[0], grids.items()):
+        image = ax.imshow(grid.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis" if key == "tau" else "magma")
+        fig.colorbar(image, ax=ax)
+        ax.set_title("τ" if key == "tau" else f"accuracy change, ε_d = {key:g}")
+        ax.set_xlabel("w₁")
+        ax.set_ylabel("w₂")
+    fig.tight_layout()
+    return _save(fig, out, "tau_map")

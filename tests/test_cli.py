@@ -164,3 +164,13 @@ def test_plot_draws_the_run_figures_as_png_and_pdf(demo_run, tmp_path, capsys):
 def test_plot_needs_a_finished_folder(tmp_path, capsys):
     code, _, err = run_cli(capsys, "plot", str(tmp_path))
     assert code == 2 and "no finished run" in err
+
+
+def test_a_run_without_budgets_stops_after_the_target(tmp_path):
+    from poisonreach.experiments.run import RunConfig, run
+
+    config = RunConfig(eps_d=[], train_size=200, eps_w=0.3, training={"epochs": 2})
+    metrics = run(config, tmp_path / "target-only", log=lambda *a: None)
+    assert metrics["results"] == [] and 0 < metrics["tau"] < math.inf
+    assert metrics["target_acc"] < metrics["clean_acc"]
+    assert not list((tmp_path / "target-only").glob("eps_d=*"))

@@ -64,16 +64,26 @@ def test_maxup_defense_through_the_cli_resumes(run_copy, capsys):
     assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
     first = capsys.readouterr().out
     assert "maxup acc" in first and "recovered" in first
-    result = run_copy / "eps_d=0.1" / "defense=maxup" / "result.json"
+    result = run_copy / "eps_d=0.1" / "defense=maxup,m=2" / "result.json"
     stamp = result.stat().st_mtime_ns
     assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
     assert capsys.readouterr().out == first and result.stat().st_mtime_ns == stamp  # read back, not redone
 
 
-def test_other_defense_settings_in_the_same_folder_are_refused(run_copy, capsys):
-    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
-    capsys.readouterr()
-    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=3"]) == 2
+def test_each_defense_setting_gets_its_own_folder_and_metrics_entry(run_copy):
+    quiet = lambda *a: None
+    defend(run_copy, "maxup", {"m": 2}, log=quiet)
+    defend(run_copy, "maxup", {"m": 3, "strength": 0.2}, log=quiet)
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    assert set(metrics["defenses"]) == {"maxup,m=2", "maxup,m=3,strength=0.2"}
+    assert (run_copy / "eps_d=0.3" / "defense=maxup,m=3,strength=0.2" / "result.json").is_file()
+
+
+def test_a_defense_folder_of_other_settings_is_refused(run_copy, capsys):
+    defend(run_copy, "maxup", {"m": 2}, log=lambda *a: None)
+    saved = run_copy / "eps_d=0.1" / "defense=maxup,m=2" / "defense.yaml"
+    saved.write_text(saved.read_text().replace("m: 2", "m: 5"))
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2"]) == 2
     assert "other maxup settings" in capsys.readouterr().err
 
 
@@ -87,7 +97,7 @@ def test_other_defense_settings_in_the_same_folder_are_refused(run_copy, capsys)
 def test_bad_defense_options_fail_before_any_work(run_copy, capsys, argv, message):
     assert main(["defend", "--run", str(run_copy), *argv]) == 2
     assert message in capsys.readouterr().err
-    assert not (run_copy / "eps_d=0.1" / "defense=maxup").exists()
+    assert not list((run_copy / "eps_d=0.1").glob("defense=*"))
 
 
 def test_defend_needs_a_finished_run(tmp_path, run_copy, capsys):

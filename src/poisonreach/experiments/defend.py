@@ -7,8 +7,9 @@ defense (MaxUp) trains on the poisoned set itself. DPA trains its partition ense
 set and also reports certified accuracy at radius ≥ the number of poisons, and its accuracy on the
 clean set alone (Table 4's "Clean (DPA)").
 
-Each cell gets ``defense=<name>/`` (defense.yaml, result.json, and keep_mask.pt for filters); the
-run's metrics.json gains ``defenses[<name>]`` with, per ε_d, the paper's columns: ``defended_acc``,
+Each cell gets ``defense=<id>/`` (defense.yaml, result.json, and keep_mask.pt for filters), where the
+id is the name and the options given (:func:`defense_id`, e.g. ``dpa,num_partitions=1200``); the
+run's metrics.json gains ``defenses[<id>]`` with, per ε_d, the paper's columns: ``defended_acc``,
 ``acc_drop_defended`` (GC-d, or GC-cd for a run with ``box: data-range``) and ``recovered``.
 Finished cells are read back, so an interrupted ``defend`` continues where it stopped.
 """
@@ -49,8 +50,20 @@ def make_defense(name: str, options: dict | None, config: RunConfig, *, poison_s
     return cls(**options)
 
 
+def defense_id(name: str, options: dict | None) -> str:
+    """The folder and metrics key of a defense with its options, e.g. ``dpa,num_partitions=1200``."""
+    parts = [name] + [f"{k}={_compact(v)}" for k, v in sorted((options or {}).items())]
+    return ",".join(parts)
+
+
+def _compact(value) -> str:
+    text = str(io.plain(value)).replace(" ", "")
+    return "".join(c if c.isalnum() or c in "-_.+[]" else "_" for c in text)
+
+
 def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=print) -> dict:
-    """Apply defense ``name`` to every ε_d cell of the finished run in ``run_dir``; returns its metrics."""
+    """Apply defense ``name`` to every ε_d cell of the finished run in ``run_dir``; returns its metrics
+    (also stored in metrics.json under ``defenses[defense_id(name, options)]``)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PoisonReachError(f"{run_dir} is not a run folder (no config.yaml): give the folder `poisonreach run` wrote")
@@ -59,6 +72,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
     metrics = io.read_json(run_dir / "metrics.json")
     record = {"defense": name, **io.plain(options or {})}
+    key = defense_id(name, options)
     defense = make_defense(name, options, config)  # validates the options before any work
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
@@ -68,7 +82,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
 
     summary = {"config": record, "results": []}
     if name == "dpa":
-        summary["clean"] = _cached(run_dir / f"defense={name}", record, lambda: _dpa(defense, config, spec, X, y, splits, 0))
+        summary["clean"] = _cached(run_dir / f"defense={key}", record, lambda: _dpa(defense, config, spec, X, y, splits, 0))
         log(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
     for entry in metrics["results"]:
         cell = run_dir / cell_name(entry["eps_d"])
@@ -80,14 +94,14 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
         def evaluate() -> dict:
             started = time.perf_counter()
             if isinstance(defense, Filter):
-                out = _filter(defense, cell, X_mix, y_mix, n_clean, fit, splits)
+                out = _filter(defense, cell / f"defense={key}", X_mix, y_mix, n_clean, fit, splits, models.load_model(cell / "retrained_model.pt"))
             elif name == "dpa":
                 out = _dpa(defense, config, spec, X_mix, y_mix, splits, len(result.x))
             else:
                 out = {"defended_acc": accuracy(defense.train(fresh_model(config, spec), X_mix, y_mix, seed=config.seed, device=device, **config.training), splits.x_test, splits.y_test)}
             return {**out, "defense_time_s": time.perf_counter() - started}
 
-        out = _cached(cell / f"defense={name}", record, evaluate)
+        out = _cached(cell / f"defense={key}", record, evaluate)
         out = {
             "eps_d": entry["eps_d"],
             **out,
@@ -97,7 +111,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
         }
         summary["results"].append(out)
         log(f"eps_d={entry['eps_d']:g}: {name} accuracy {out['defended_acc']:.2f}% (drop {out['acc_drop_defended']:.2f}, recovered {out['recovered']:+.2f})")
-    metrics.setdefault("defenses", {})[name] = summary
+    metrics.setdefault("defenses", {})[key] = summary
     io.write_json(run_dir / "metrics.json", metrics)
     return summary
 
@@ -106,7 +120,7 @@ def _cached(folder: Path, record: dict, make) -> dict:
     """Read ``folder/result.json`` when it was written by the same defense settings, else make it."""
     saved, done = folder / "defense.yaml", folder / "result.json"
     if saved.is_file() and io.read_yaml(saved) != io.plain(record):
-        raise PoisonReachError(f"{folder} holds results of other {record['defense']} settings: delete that folder to rerun with these")
+        raise PoisonReachError(f"{folder} holds results of other {record['defense']} settings: delete that folder to rerun")
     if done.is_file():
         return io.read_json(done)
     io.write_yaml(saved, record)
@@ -115,11 +129,10 @@ def _cached(folder: Path, record: dict, make) -> dict:
     return out
 
 
-def _filter(defense: Filter, cell: Path, X_mix, y_mix, n_clean: int, fit, splits) -> dict:
+def _filter(defense: Filter, folder: Path, X_mix, y_mix, n_clean: int, fit, splits, poisoned_model) -> dict:
     """Filter with the model trained on the poisoned set, then retrain on what is kept."""
-    poisoned_model = models.load_model(cell / "retrained_model.pt")
     kept = defense.filter(poisoned_model, X_mix, y_mix)
-    io.save_tensors(cell / f"defense={defense.name}" / "keep_mask.pt", {"keep_mask": kept.keep_mask, "scores": kept.scores})
+    io.save_tensors(folder / "keep_mask.pt", {"keep_mask": kept.keep_mask, "scores": kept.scores})
     mask = kept.keep_mask
     model = fit(X_mix[mask], y_mix[mask])
     return {

@@ -88,6 +88,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     else:
         plt.close(fig)
 
+    if not metrics["results"]:
+        return written  # a target-only run (no ε_d): nothing else to draw
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     _eps_d_curves(axes, [(None, metrics)])
     fig.suptitle(_label(metrics))

@@ -169,7 +169,7 @@ def format_defense_table(name: str, summary: dict) -> str:
         cols.append("poisons/removed")
     if summary["results"] and "certified_acc" in summary["results"][0]:
         cols += ["certified acc", "median radius"]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     head = [f"defense {name}" + (f" (clean data: {summary['clean']['defended_acc']:.2f}%)" if "clean" in summary else "")]
     return "\n".join(head + [line(cols), line(["-" * w for w in widths]), *map(line, rows)])

@@ -287,6 +287,6 @@ def format_table(metrics: dict) -> str:
         [f"{r['eps_d']:g}", str(r["num_poisons"]), f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}", f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
         for r in metrics["results"]
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
     return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])

@@ -171,6 +171,6 @@ def test_a_run_without_budgets_stops_after_the_target(tmp_path):
 
     config = RunConfig(eps_d=[], train_size=200, eps_w=0.3, training={"epochs": 2})
     metrics = run(config, tmp_path / "target-only", log=lambda *a: None)
-    assert metrics["results"] == [] and 0 < metrics["tau"] < math.inf
+    assert metrics["results"] == [] and math.isfinite(metrics["tau"])
     assert metrics["target_acc"] < metrics["clean_acc"]
     assert not list((tmp_path / "target-only").glob("eps_d=*"))

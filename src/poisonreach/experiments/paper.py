@@ -15,7 +15,8 @@ table
     ``ex2`` (Example 2), ``sec5.2``, ``sec5.3``, ``c6`` (appendix C.6), ``fig1``, ``fig8``.
 dataset
     mnist, cifar10, tinyimagenet, or2d (Figure 1's OR set), gaussian10, mnist17, regression2d,
-    toy (the three-point set (C.3) of appendix C.6). Names are those of ``poisonreach.data.load``.
+    toy (the three-point set (C.3) of appendix C.6). Names are those of ``poisonreach.data.load``,
+    except toy, which is written out in the appendix.
 model
     lr, linreg, nn, cnn, resnet18, resnet34 (names of ``poisonreach.models.create``).
 attack
@@ -198,7 +199,7 @@ def lookup(table: int | str, **keys) -> float | None:
         differ = [key for key in KEYS if len({r.get(key) for r in found}) > 1]
         listing = "\n  ".join(f"{_describe(r)}: {r['value']}" for r in found)
         raise PoisonReachError(
-            f"lookup({table!r}, {_describe(keys)}) matches {len(found)} records; give "
-            f"{' / '.join(differ)} to single one out:\n  {listing}"
+            f"lookup({table!r}, {_describe(keys)}) matches {len(found)} records; single one out by "
+            f"giving the keys in which they differ ({', '.join(differ)}):\n  {listing}"
         )
     return found[0]["value"]

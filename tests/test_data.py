@@ -520,7 +520,7 @@ def test_unknown_name_lists_the_known_ones():
         data.load("imagenet")
     assert all(name in str(caught.value) for name in data.names())
     assert {"digits", "mnist", "mnist17", "fashion-mnist", "cifar10", "tinyimagenet", "or2d",
-            "gaussian10", "regression2d"} == set(data.names())
+            "gaussian10", "regression2d", "toy"} == set(data.names())
 
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, math.nan, True, "0.3"])
@@ -549,3 +549,12 @@ def test_load_reads_the_env_root(tmp_path, monkeypatch):
     write_mnist(tmp_path / "mnist", gz=True)
     monkeypatch.setenv("POISONREACH_DATA", str(tmp_path))
     assert len(data.load("mnist").x_test) == 10
+
+
+def test_toy_is_the_exact_measure_of_appendix_c6():
+    s = data.load("toy", seed=3)
+    assert s.x_train.shape == (300, 1) and s.y_train.dtype == torch.int64
+    for value, label in ((1.0, 1), (-1.0, 1), (0.0, 0)):
+        rows = s.x_train[:, 0] == value
+        assert rows.sum() == 100 and torch.all(s.y_train[rows] == label)
+    assert torch.equal(s.x_val, s.x_test) and len(s.x_test) == 3

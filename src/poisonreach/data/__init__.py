@@ -39,6 +39,7 @@ class _Entry(NamedTuple):
     mean: tuple[float, ...]
     std: tuple[float, ...]
     task: str = "classification"
+    whole_train: bool = False  # no validation split: the set's proportions are the point (toy)
 
 
 _TABULAR = {"mean": (0.0,), "std": (1.0,)}  # tabular inputs are used as they are
@@ -58,6 +59,7 @@ _REGISTRY: dict[str, _Entry] = {
                            200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
     "or2d": _Entry(lambda root, seed, download: synthetic.or2d(seed), 2, **_TABULAR),
     "gaussian10": _Entry(lambda root, seed, download: synthetic.gaussian10(seed), 2, **_TABULAR),
+    "toy": _Entry(lambda root, seed, download: synthetic.toy(), 2, **_TABULAR, whole_train=True),
     "regression2d": _Entry(lambda root, seed, download: synthetic.regression2d(seed), 1,
                            **_TABULAR, task="regression"),
 }
@@ -83,4 +85,4 @@ def load(name: str, *, root: str | os.PathLike | None = None, seed: int = 0,
     check_seed(seed)
     pool = entry.read(data_root(root), seed, download)
     return make_splits(name, pool, num_classes=entry.num_classes, mean=entry.mean, std=entry.std,
-                       task=entry.task, seed=seed, val_fraction=val_fraction)
+                       task=entry.task, seed=seed, val_fraction=None if entry.whole_train else val_fraction)

@@ -96,8 +96,15 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, ...],
-                std: tuple[float, ...], task: str, seed: int, val_fraction: float) -> Splits:
-    """Split the pool's training set into train and validation; its test set is the test split."""
+                std: tuple[float, ...], task: str, seed: int, val_fraction: float | None) -> Splits:
+    """Split the pool's training set into train and validation; its test set is the test split.
+
+    ``val_fraction=None`` keeps the whole training set (for sets whose proportions are the point,
+    such as the toy example) and validates on the test points.
+    """
+    if val_fraction is None:
+        return Splits(name=name, x_train=pool.x_train, y_train=pool.y_train, x_val=pool.x_test, y_val=pool.y_test,
+                      x_test=pool.x_test, y_test=pool.y_test, num_classes=num_classes, mean=mean, std=std, task=task)
     train, val = split_indices(len(pool.x_train), val_fraction, seed)
     return Splits(name=name, x_train=pool.x_train[train], y_train=pool.y_train[train],
                   x_val=pool.x_train[val], y_val=pool.y_train[val],

@@ -31,6 +31,18 @@ def or2d(seed: int) -> Pool:
     return Pool(*draw(), *draw())
 
 
+TOY_REPEATS = 100
+
+
+def toy() -> Pool:
+    """Appendix C.6's three points on the real line: x = 1 and x = −1 labelled 1, x = 0 labelled 0,
+    each repeated 100 times (exact copies, so the empirical measure is the paper's), shape (300, 1).
+    The test set is the three points once. Logistic regression's stationary point is w⋆ = (0, ln 2)."""
+    x = torch.tensor([[1.0], [-1.0], [0.0]])
+    y = torch.tensor([1, 1, 0])
+    return Pool(x.repeat(TOY_REPEATS, 1), y.repeat(TOY_REPEATS), x, y)
+
+
 def gaussian10(seed: int) -> Pool:
     """scikit-learn's make_classification with 10 features, two classes: 1000 train and 500 test
     points from one call, so both share the same class structure."""

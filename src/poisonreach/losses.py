@@ -9,10 +9,14 @@ Labels decide the task:
 - float labels of shape (N, C) are class probabilities (soft labels, e.g. optimised poison labels):
   cross-entropy, or the logistic loss with C == 1;
 - float labels of shape (N,) are regression targets: squared error ½(h − y)² (Example 1).
+
+The *reversed* losses (equation (20)) are what Gradient Matching's attacker wants the clean data to
+minimise: ℓ̄ = −log(1 − p_y), large where the model is right.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -73,3 +77,30 @@ def to_probabilities(y: Tensor, num_outputs: int) -> Tensor:
     if num_outputs == 1:
         return y.reshape(-1, 1).float()
     return F.one_hot(y, num_outputs).float()
+
+
+def reversed_cross_entropy(outputs: Tensor, y: Tensor) -> Tensor:
+    """ℓ̄ = −log(1 − p_y) (equation (20)) per sample, for class indices or probabilities y (then
+    −Σ_c y_c log(1 − p_c)).
+
+    log(1 − p_c) = logsumexp_{k≠c} h_k − logsumexp_k h_k holds exactly and stays finite however
+    confident the model is, where 1 − softmax(h)_c rounds to 0 (in float32 once the margin exceeds
+    about 17).
+    """
+    num_classes = outputs.shape[1]
+    if num_classes < 2:
+        raise PoisonReachError("the reversed cross-entropy needs at least two classes; use the logistic loss for one output")
+    others = torch.eye(num_classes, dtype=torch.bool, device=outputs.device)  # row c masks out class c
+    log_rest = torch.logsumexp(outputs.unsqueeze(1).masked_fill(others, -math.inf), dim=2)
+    log_not = log_rest - torch.logsumexp(outputs, dim=1, keepdim=True)  # log(1 − p_c), shape (N, C)
+    probs = y.to(outputs.dtype) if y.is_floating_point() else F.one_hot(y, num_classes).to(outputs.dtype)
+    return -(probs * log_not).sum(dim=1)
+
+
+def reversed_logistic(outputs: Tensor, y: Tensor) -> Tensor:
+    """ℓ̄ = −log(1 − p_y) for one logit h, p_1 = σ(h): 1 − p_y is the probability of the other class,
+    so ℓ̄ is the logistic loss with the label flipped (y ∈ {0, 1} or a probability of class 1)."""
+    return logistic(outputs, 1 - y.reshape(-1).to(outputs.dtype))
+
+
+REVERSED: dict[LossFn, LossFn] = {cross_entropy: reversed_cross_entropy, logistic: reversed_logistic}

@@ -1,6 +1,11 @@
-"""Poisoning attacks: constructor hyperparameters, ``poison(model, X, y, loss=None)``, a PoisonResult."""
+"""Poisoning attacks: constructor hyperparameters, ``poison(model, X, y, loss=None)``, a PoisonResult.
+
+GradientCanceling attacks a target model (``model_targeted``); the baselines attack the clean model.
+"""
 
 from .base import Attack, PoisonResult
 from .gradient_canceling import PRESETS, GradientCanceling
+from .gradient_matching import GradientMatching
+from .label_flip import LabelFlip
 
-__all__ = ["Attack", "PoisonResult", "GradientCanceling", "PRESETS"]
+__all__ = ["Attack", "PoisonResult", "GradientCanceling", "GradientMatching", "LabelFlip", "PRESETS"]

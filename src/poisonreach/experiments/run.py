@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import data, io, models
-from ..attacks import Attack, GradientCanceling, PoisonResult
+from ..attacks import Attack, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve
 from ..validation import evaluating, check_choice, check_number, check_options
@@ -41,7 +41,7 @@ from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_t
 from ..training import accuracy, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
-ATTACKS = {cls.name: cls for cls in (GradientCanceling,)}
+ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip)}
 
 
 @dataclass

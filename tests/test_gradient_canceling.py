@@ -635,10 +635,11 @@ def test_get_params_round_trips_into_the_constructor(tmp_path):
     a = GradientCanceling(
         0.2, epochs=7, lr=0.3, momentum=0.5, schedule="constant", backtrack=False, batch_size=4, chunk_size=9, box="data-range",
         optimize_labels=True, replace=True, parameters="last", seed=3, device="cpu", progress=False,
-        checkpoint=tmp_path / "x.ckpt", checkpoint_every=5,
+        checkpoint=tmp_path / "x.ckpt", checkpoint_every=5, solver="pgd", fw_step="open-loop", fw_starts=3, fw_steps=7,
     )
     params = a.get_params()
     assert params["eps_d"] == 0.2 and params["parameters"] == "last" and params["checkpoint_every"] == 5
+    assert (params["solver"], params["fw_step"], params["fw_starts"], params["fw_steps"]) == ("pgd", "open-loop", 3, 7)
     b = GradientCanceling(**params)
     assert b.get_params() == params
     assert repr(b) == repr(a)
@@ -706,3 +707,21 @@ def test_mixed_with_soft_labels():
     r3 = PoisonResult(x=torch.zeros(1, 2), y=torch.tensor([1]), source_indices=torch.tensor([0]), grad_norm_history=[], tau=0.0, eps_d=0.5, config={}, seed=0, kept_indices=torch.tensor([1, 3]))
     Xm, ym = r3.mixed(X, y)
     assert torch.equal(Xm, torch.stack([X[1], X[3], torch.zeros(2)])) and torch.equal(ym, torch.tensor([2, 2, 1]))
+
+
+@pytest.mark.parametrize("scale, reachable", [(1.0, False), (1 / 1.1, True)])
+def test_gc_reaches_the_toy_target_exactly_when_eps_d_exceeds_tau(scale, reachable):
+    """Appendix C.6 / Figure 8: at ε_d = 0.52, 2w⋆ (τ ≈ 0.664) is out of reach and 2w⋆/1.1
+    (τ ≈ 0.509) is reached: ‖g(χ)‖ plateaus for the first and vanishes for the second."""
+    from poisonreach.targets import FixedTarget, scale_target
+
+    s = data.load("toy")
+    clean = models.create("lr", s.input_shape, 2, mean=s.mean, std=s.std, seed=0)
+    target = scale_target(FixedTarget([[0.0]], [2 * math.log(2)]).generate(clean), scale)
+    tau = threshold(target, s.x_train, s.y_train).tau
+    assert (tau < 0.52) == reachable
+    result = GradientCanceling(0.52, epochs=500, box=None, optimize_labels=True, progress=False).poison(target, s.x_train, s.y_train)
+    if reachable:
+        assert result.grad_norm_ratio < 1e-4
+    else:
+        assert result.grad_norm_ratio > 0.05

@@ -113,7 +113,14 @@ def test_gc_flags_with_another_attack_are_refused(tmp_path, capsys):
     assert "--attack-option" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("attack, options", [("labelflip", ["--attack-option", "strategy=loss"]), ("gm", ["--attack-option", "steps=5"])])
+@pytest.mark.parametrize(
+    "attack, options",
+    [
+        ("labelflip", ["--attack-option", "strategy=loss"]),
+        ("gm", ["--attack-option", "steps=5"]),
+        ("tgda", ["--attack-option", "epochs=2", "--attack-option", "follower_steps=2", "--attack-option", "generator=points"]),
+    ],
+)
 def test_run_with_a_baseline_attack(tmp_path, attack, options):
     out = tmp_path / attack
     argv = ["run", "--train-size", "300", "--train-epochs", "3", "--eps-w", "0.3", "--eps-d", "0.3", "--attack", attack, *options]

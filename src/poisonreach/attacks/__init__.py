@@ -7,5 +7,6 @@ from .base import Attack, PoisonResult
 from .gradient_canceling import PRESETS, GradientCanceling
 from .gradient_matching import GradientMatching
 from .label_flip import LabelFlip
+from .tgda import TGDA
 
-__all__ = ["Attack", "PoisonResult", "GradientCanceling", "GradientMatching", "LabelFlip", "PRESETS"]
+__all__ = ["Attack", "PoisonResult", "GradientCanceling", "GradientMatching", "LabelFlip", "TGDA", "PRESETS"]

@@ -18,9 +18,34 @@ from .. import io
 from ..errors import PoisonReachError
 from ..estimator import Estimator
 from ..losses import to_probabilities
+from ..validation import check_number
 
 # Constructor arguments that change where or how visibly an attack runs, never its result.
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")
+
+
+def check_box(box) -> tuple[float, float] | str | None:
+    """The admissible set Γ of the features: ``(low, high)`` with low < high (a list is accepted),
+    ``"data-range"`` (the per-feature range of the clean data, the paper's clipped GC-c) or None."""
+    if isinstance(box, list):
+        box = tuple(box)
+    if box is None or box == "data-range":
+        return box
+    if isinstance(box, tuple) and len(box) == 2:
+        for name, value in zip(("box[0]", "box[1]"), box):
+            check_number(name, value)
+        if box[0] < box[1]:
+            return box
+    raise PoisonReachError(f"box must be (low, high) with low < high, 'data-range' or None, got {box!r}")
+
+
+def box_bounds(box, X: Tensor, *, device, dtype=torch.float32) -> tuple[Tensor | None, Tensor | None]:
+    """Lower and upper bounds of Γ, broadcastable against poisons shaped like X; (None, None) for no box."""
+    if box is None:
+        return None, None
+    if box == "data-range":
+        return X.amin(dim=0).to(device, dtype), X.amax(dim=0).to(device, dtype)
+    return torch.tensor(float(box[0]), device=device, dtype=dtype), torch.tensor(float(box[1]), device=device, dtype=dtype)
 
 
 class Attack(Estimator):

@@ -35,7 +35,7 @@ from ..errors import PoisonReachError
 from ..losses import resolve, task_of, to_probabilities
 from ..reachability import threshold
 from ..validation import check_choice, check_model_data, check_number
-from .base import Attack, PoisonResult
+from .base import Attack, PoisonResult, box_bounds, check_box
 from ..gradients import PARAMETER_SETS, cancel_gradient, chunks, flat_norm, gradient_sum, select_parameters
 
 SCHEDULES = ("cosine", "constant")
@@ -245,10 +245,7 @@ class GradientCanceling(Attack):
         if batch_size is not None:
             check_number("batch_size", batch_size, low=1, integer=True)
         check_number("chunk_size", chunk_size, low=1, integer=True)
-        if isinstance(box, list):
-            box = tuple(box)
-        if not (box is None or box == "data-range" or (isinstance(box, tuple) and len(box) == 2 and box[0] < box[1])):
-            raise PoisonReachError(f"box must be (low, high) with low < high, 'data-range' or None, got {box!r}")
+        box = check_box(box)
         check_choice("parameters", parameters, PARAMETER_SETS)
         check_number("seed", seed, integer=True)
         check_number("checkpoint_every", checkpoint_every, low=1, integer=True)
@@ -327,7 +324,7 @@ class GradientCanceling(Attack):
         params = select_parameters(model, self.parameters)
 
         source = torch.randperm(n_total, generator=gen)[:m] if m <= n_total else torch.randint(n_total, (m,), generator=gen)
-        low, high = self._bounds(X, device)
+        low, high = box_bounds(self.box, X, device=device)
         tau = threshold(model, X_mu, y_mu, device=device).tau if loss is None else math.nan
         # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed.
         g_mu = [g / n for g in gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=self.chunk_size, device=device)]
@@ -498,13 +495,6 @@ class GradientCanceling(Attack):
         """Heavy-ball SGD on the rows ``idx``; momentum is kept per point so blocks don't drag others."""
         buf[idx] = self.momentum * buf[idx] + grad
         return z - lr * buf[idx]
-
-    def _bounds(self, X: Tensor, device) -> tuple[Tensor | None, Tensor | None]:
-        if self.box is None:
-            return None, None
-        if self.box == "data-range":
-            return X.amin(dim=0).to(device), X.amax(dim=0).to(device)
-        return torch.tensor(float(self.box[0]), device=device), torch.tensor(float(self.box[1]), device=device)
 
     def _blocks(self, m: int, epoch: int) -> list:
         if self.batch_size is None or self.batch_size >= m:

@@ -51,7 +51,7 @@ from ..errors import PoisonReachError
 from ..gradients import PARAMETER_SETS, Params, cancel_gradient, flat_norm, gradient_sum, select_parameters
 from ..losses import REVERSED, LossFn, resolve
 from ..validation import check_choice, check_model_data, check_number, evaluating
-from .base import Attack, PoisonResult
+from .base import Attack, PoisonResult, box_bounds, check_box
 
 OPTIMIZERS = ("signadam", "adam", "sgd")
 SCHEDULES = ("multistep", "constant")
@@ -150,10 +150,7 @@ class GradientMatching(Attack):
                 "restarts > 1 needs eps_perturbation: restarts differ only by their random start in the ℓ∞ ball, "
                 "so without one every restart is the same run"
             )
-        if isinstance(box, list):
-            box = tuple(box)
-        if not (box is None or box == "data-range" or (isinstance(box, tuple) and len(box) == 2 and box[0] < box[1])):
-            raise PoisonReachError(f"box must be (low, high) with low < high, 'data-range' or None, got {box!r}")
+        box = check_box(box)
         check_choice("parameters", parameters, PARAMETER_SETS)
         check_number("chunk_size", chunk_size, low=1, integer=True)
         check_number("seed", seed, integer=True)
@@ -267,14 +264,7 @@ class GradientMatching(Attack):
 
     def _bounds(self, X: Tensor, start: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Per-coordinate bounds of the admissible set: the box Γ intersected with the ℓ∞ ball."""
-        device = start.device
-        if self.box is None:
-            low = high = None
-        elif self.box == "data-range":
-            low, high = X.amin(dim=0).to(device), X.amax(dim=0).to(device)
-        else:
-            low = torch.full_like(start[:1], float(self.box[0]))
-            high = torch.full_like(start[:1], float(self.box[1]))
+        low, high = box_bounds(self.box, X, device=start.device, dtype=start.dtype)
         if self.eps_perturbation is not None:
             ball_low, ball_high = start - self.eps_perturbation, start + self.eps_perturbation
             low = ball_low if low is None else torch.maximum(low, ball_low)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import data, io, models
-from ..attacks import Attack, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
+from ..attacks import TGDA, Attack, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve
 from ..validation import evaluating, check_choice, check_number, check_options
@@ -41,7 +41,7 @@ from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_t
 from ..training import accuracy, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
-ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip)}
+ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip, TGDA)}
 
 
 @dataclass
@@ -229,7 +229,9 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     if (cell / "poisons.pt").is_file():
         result = PoisonResult.load(cell)
     else:
-        result = attack.poison(model, X, y)
+        # an attack that validates its poisons (TGDA's leader) gets the validation split, never the test set
+        takes_validation = "validation" in inspect.signature(attack.poison).parameters
+        result = attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
         result.save(cell)
     attack_time = time.perf_counter() - started
     X_mix, y_mix = result.mixed(X, y, num_outputs=models.last_linear(target).out_features)

@@ -3,7 +3,9 @@
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... --attack gm|tgda|labelflip [--attack-option KEY=VALUE ...]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
+    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
+    poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
 
 Bad input prints one line on stderr and exits with status 2; no traceback.
@@ -25,6 +27,8 @@ from .gradients import PARAMETER_SETS
 from .errors import PoisonReachError
 from .defenses import DEFENSES
 from .experiments import plots
+from .experiments import sweep as sweep_module
+from .experiments.report import write_report
 from .experiments.defend import defend, format_defense_table
 from .experiments.run import ATTACKS, TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold
@@ -117,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
+    p = sub.add_parser("sweep", help="run a sweep file: a grid of runs, resumable, in parallel, with a results table",
+                       description=sweep_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep_module.add_arguments(p)
+
+    p = sub.add_parser("report", help="write report.md for a sweep folder: its table beside the paper's numbers, and its figures")
+    p.add_argument("folder", help="a sweep folder (poisonreach sweep)")
+    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+
     p = sub.add_parser("plot", help="draw the figures of a run or sweep folder (PNG and PDF)", description=plots.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a run folder (poisonreach run) or a sweep folder (poisonreach sweep)")
@@ -181,6 +193,11 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    print(write_report(args.folder))
+    return 0
+
+
 def _cmd_tau(args) -> int:
     config = _config(args)
     config.validate()
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        return {"run": _cmd_run, "defend": _cmd_defend, "plot": _cmd_plot, "tau": _cmd_tau}[args.command](args)
+        return {"run": _cmd_run, "defend": _cmd_defend, "sweep": sweep_module.command, "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,407 @@
+"""The sweep engine: every cell of a sweep file, resumable, optionally in parallel, and its table.
+
+    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run]
+
+The file format and its layers (defaults, file, profile, overrides) are those of
+:mod:`poisonreach.experiments.config`. A sweep folder (default ``sweeps/<name>``, or
+``sweeps/<name>-<profile>``) holds:
+
+    sweep.yaml              the resolved sweep; a folder holding other settings (run, grid,
+                            defenses) is refused, as ``run`` refuses a folder of another run
+    cells/<cell_id>/        one run folder per cell (:func:`poisonreach.experiments.run.run`), named
+                            by its grid values, e.g. ``cells/model=lr,attack=gc``
+    results.csv             one row per cell, ε_d and defense (:data:`COLUMNS`), rewritten atomically
+                            whenever a cell finishes
+    errors/<cell_id>.txt    the traceback of a cell that failed (removed once it succeeds)
+
+Resuming: a cell whose folder holds metrics.json and the cell's own config.yaml (and the results of
+every defense of the sweep) is read back, not rerun; any other cell is handed to the runner, which
+resumes a half-written run folder itself. Running the same command again therefore continues a
+killed sweep and retries its failed cells.
+
+Parallel cells (``jobs`` > 1) run in worker processes started with "spawn" (torch does not survive
+fork), each pinned to its own share of the cores: a disjoint CPU set (``os.sched_setaffinity`` where
+the platform has it) and ``len(cores) // jobs`` torch and OpenMP threads. Worker logs reach ``log``
+prefixed with the cell id. A failing cell is reported and the others go on; the sweep then raises
+:class:`SweepFailed` (the CLI exits with status 1) after writing the table of the finished cells.
+
+Rows: the cell id, the grid axes not among the fixed columns, dataset, model, eps_w, attack, defense,
+eps_d (as configured: a number or "tau"), clean_acc, target_acc, tau, poisoned_acc, acc_drop
+(clean − poisoned, percentage points), defended_acc, recovered, grad_norm_ratio
+(‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), wall_time_s and paper_acc_drop (the paper's number,
+negative as printed, or empty). In a defense row acc_drop is the drop after the defense and
+paper_acc_drop the paper's drop after it (Tables 3, 4 and 8); poisoned_acc stays undefended. A run
+without ε_d has one row about its target: attack is the target's name and acc_drop its drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io as _io
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from .. import io
+from ..errors import CorruptFileError, PoisonReachError
+from ..validation import check_number
+from .config import SETTINGS, Sweep, load_sweep, target_label
+from .run import RunConfig, run
+
+__all__ = ["COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
+           "format_results", "load_sweep", "run_sweep", "write_results"]
+
+COLUMNS = ["dataset", "model", "eps_w", "attack", "defense", "eps_d", "clean_acc", "target_acc", "tau",
+           "poisoned_acc", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio", "wall_time_s", "paper_acc_drop"]
+
+
+class SweepFailed(PoisonReachError):
+    """Some cells failed; ``failures`` maps their ids to the errors, ``rows`` are the finished cells'."""
+
+    def __init__(self, message: str, failures: dict[str, str], rows: list[dict]):
+        super().__init__(message)
+        self.failures = failures
+        self.rows = rows
+
+
+def default_out(sweep: Sweep) -> Path:
+    return Path("sweeps") / (sweep.name if sweep.profile is None else f"{sweep.name}-{sweep.profile}")
+
+
+# --------------------------------------------------------------------------------------------------
+# one cell (in this process or in a worker)
+# --------------------------------------------------------------------------------------------------
+
+
+def _complete_metrics(cell_dir: Path, config: RunConfig) -> dict | None:
+    """The metrics of a finished run of exactly ``config`` in ``cell_dir``, else None."""
+    try:
+        if (cell_dir / "metrics.json").is_file() and io.read_yaml(cell_dir / "config.yaml") == io.plain(config.to_dict()):
+            return io.read_json(cell_dir / "metrics.json")
+    except (CorruptFileError, PoisonReachError):  # damaged or missing: the runner redoes or reports it
+        pass
+    return None
+
+
+def _finished(cell_dir: Path, config: RunConfig, defense_ids: list[str]) -> dict | None:
+    """The output of a cell whose run and defenses are all done, else None."""
+    metrics = _complete_metrics(cell_dir, config)
+    defended = (metrics or {}).get("defenses", {})
+    if metrics is None or any(d not in defended for d in defense_ids):
+        return None
+    return {"metrics": metrics, "defenses": {d: defended[d] for d in defense_ids}}
+
+
+_WORKER_LOG = None  # the queue a worker's log lines go to (set by _init_worker)
+
+
+def _worker_log(message: str) -> None:
+    _WORKER_LOG.put(message)
+
+
+def _cell_job(cid: str, config: RunConfig, cell_dir: Path, runner, defenses: list[dict], defender, log=None) -> dict:
+    """Run (or read back) one cell and its defenses: {"metrics": ..., "defenses": {id: summary}}."""
+    log = log or _worker_log
+    say = lambda message: log("\n".join(f"[{cid}] {line}" for line in str(message).splitlines()))
+    metrics = _complete_metrics(cell_dir, config)
+    if metrics is None:
+        metrics = runner(config, cell_dir, log=say)
+    else:
+        say("the run finished earlier: reading it back")
+    defended = metrics.get("defenses", {})
+    summaries = {d["id"]: defended[d["id"]] if d["id"] in defended else defender(cell_dir, d["name"], d["options"], log=say) for d in defenses}
+    return {"metrics": metrics, "defenses": summaries}
+
+
+def _core_plan(workers: int) -> tuple[list[list[int]], int]:
+    """Disjoint CPU sets (near-equal shares of the available cores) and the threads per worker."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if workers > len(cores):  # more workers than cores: they share, one core each
+        return [[cores[i % len(cores)]] for i in range(workers)], 1
+    return [cores[i * len(cores) // workers : (i + 1) * len(cores) // workers] for i in range(workers)], len(cores) // workers
+
+
+def _init_worker(core_sets, threads: int, log_queue) -> None:
+    global _WORKER_LOG
+    _WORKER_LOG = log_queue
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that start their thread pools later
+    torch.set_num_threads(threads)
+    cores = core_sets.get()
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cores)
+
+
+def _pump(queue, log) -> None:
+    """Forward worker log lines to ``log`` until the None that ends them."""
+    while (message := queue.get()) is not None:
+        log(message)
+
+
+# --------------------------------------------------------------------------------------------------
+# the sweep
+# --------------------------------------------------------------------------------------------------
+
+
+def _claim(out: Path, sweep: Sweep) -> None:
+    """Write sweep.yaml, refusing a folder that holds a sweep with other settings."""
+    saved = out / "sweep.yaml"
+    if saved.is_file():
+        previous = io.read_yaml(saved)
+        differ = [key for key in SETTINGS if previous.get(key) != sweep.settings[key]]
+        if differ:
+            raise PoisonReachError(f"{out} holds a sweep with other settings ({', '.join(differ)} differ): choose another --out folder or delete {out}")
+    io.write_yaml(saved, sweep.resolved)
+
+
+def _resolve_defender(sweep: Sweep, defender, log):
+    if not sweep.defenses or defender is not None:
+        return sweep.defenses, defender
+    try:
+        from .defend import defend
+    except ImportError:
+        log("defenses skipped: poisonreach.experiments.defend is not available")
+        return [], None
+    return sweep.defenses, defend
+
+
+def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print, runner=run, defender=None) -> list[dict]:
+    """Run every unfinished cell of ``sweep`` into ``out/cells/<cell_id>`` and return the rows of the
+    results table (also written to ``out/results.csv``), in grid order.
+
+    ``runner(config, folder, log=)`` runs one cell (default :func:`poisonreach.experiments.run.run`);
+    ``defender(run_dir, name, options, log=)`` applies a defense to a finished cell (default
+    :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 both must be importable
+    module-level functions. Raises :class:`SweepFailed` after all cells if any failed.
+    """
+    check_number("jobs", jobs, low=1, integer=True)
+    out = Path(out)
+    _claim(out, sweep)
+    defenses, defender = _resolve_defender(sweep, defender, log)
+    defense_ids = [d["id"] for d in defenses]
+    outputs, failures = {}, {}
+
+    def finish(cid: str, output: dict | None = None, error: BaseException | None = None) -> None:
+        report = out / "errors" / f"{cid}.txt"
+        if error is None:
+            outputs[cid] = output
+            report.unlink(missing_ok=True)
+        else:
+            failures[cid] = f"{type(error).__name__}: {error}"
+            log(f"[{cid}] failed: {failures[cid]}")
+            io.atomic_write_bytes(report, "".join(traceback.format_exception(error)).encode())
+        write_results(out / "results.csv", sweep, _rows(sweep, outputs, defenses))
+
+    pending = []
+    for cid, config in sweep.cells:
+        done = _finished(out / "cells" / cid, config, defense_ids)
+        if done is None:
+            pending.append((cid, config))
+        else:
+            log(f"[{cid}] finished earlier: skipped")
+            outputs[cid] = done
+    log(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(pending)} to run, into {out}")
+
+    workers = min(jobs, len(pending))
+    if workers <= 1:
+        for cid, config in pending:
+            try:
+                finish(cid, _cell_job(cid, config, out / "cells" / cid, runner, defenses, defender, log))
+            except Exception as e:  # one broken cell must not stop the others
+                finish(cid, error=e)
+    elif pending:
+        _run_parallel(pending, out, workers, runner, defenses, defender, log, finish)
+
+    rows = _rows(sweep, outputs, defenses)
+    write_results(out / "results.csv", sweep, rows)
+    if failures:
+        listing = "; ".join(f"{cid}: {message}" for cid, message in failures.items())
+        raise SweepFailed(
+            f"{len(failures)} of {len(sweep.cells)} cells failed ({listing}); tracebacks are in {out / 'errors'}; "
+            "run the same command again to retry them (finished cells are kept)", failures, rows)
+    return rows
+
+
+def _run_parallel(pending, out: Path, workers: int, runner, defenses, defender, log, finish) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    core_sets, threads = _core_plan(workers)
+    core_queue, log_queue = ctx.Queue(), ctx.Queue()
+    for cores in core_sets:
+        core_queue.put(cores)
+    pump = threading.Thread(target=_pump, args=(log_queue, log), daemon=True)
+    pump.start()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(core_queue, threads, log_queue))
+    try:
+        futures = {pool.submit(_cell_job, cid, config, out / "cells" / cid, runner, defenses, defender): cid for cid, config in pending}
+        for future in as_completed(futures):
+            try:
+                output = future.result()
+            except Exception as e:  # includes a worker that died (BrokenProcessPool)
+                finish(futures[future], error=e)
+            else:
+                finish(futures[future], output)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown()  # workers exit after flushing their log lines, so the None below comes last
+    finally:
+        log_queue.put(None)
+        pump.join()
+
+
+# --------------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------------
+
+
+def columns(sweep: Sweep) -> list[str]:
+    axes = [axis for axis in sweep.resolved["grid"] if axis not in COLUMNS]
+    return ["cell", *axes, *COLUMNS]
+
+
+def _scalar(value):
+    return value if value is None or isinstance(value, (str, int, float)) else json.dumps(value, separators=(",", ":"))
+
+
+def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses: list[dict]) -> list[dict]:
+    m = io.plain(output["metrics"])
+    base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
+            "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
+            "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "tau": m["tau"]}
+    paper = lambda eps_d, did: sweep.paper_values.get((cid, eps_d, did))
+    if not config.eps_d:
+        return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
+                 "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(None, None)}]
+    rows = [
+        {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": r["acc_drop"], "grad_norm_ratio": r["grad_norm_ratio"],
+         "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(eps_d, None)}
+        for eps_d, r in zip(config.eps_d, m["results"])
+    ]
+    for d in defenses:
+        summary = io.plain(output["defenses"][d["id"]])
+        rows += [
+            {**base, "defense": d["id"], "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": s["acc_drop_defended"],
+             "defended_acc": s["defended_acc"], "recovered": s["recovered"], "grad_norm_ratio": r["grad_norm_ratio"],
+             "wall_time_s": s.get("defense_time_s"), "paper_acc_drop": paper(eps_d, d["id"])}
+            for eps_d, r, s in zip(config.eps_d, m["results"], summary["results"])
+        ]
+    return rows
+
+
+def _rows(sweep: Sweep, outputs: dict, defenses: list[dict]) -> list[dict]:
+    keys = columns(sweep)
+    rows = [row for cid, config in sweep.cells if cid in outputs for row in _cell_rows(sweep, cid, config, outputs[cid], defenses)]
+    return [{key: row.get(key) for key in keys} for row in rows]
+
+
+def write_results(path: str | os.PathLike, sweep: Sweep, rows: list[dict]) -> Path:
+    """``rows`` as CSV (empty cells for missing values), written atomically."""
+    text = _io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns(sweep), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    return io.atomic_write_bytes(path, text.getvalue().encode())
+
+
+def _number(value) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _show(key: str, value) -> str:
+    x = _number(value)
+    if x is None:
+        return "-" if value in (None, "") else str(value)
+    if key == "acc_drop":
+        return f"{-x:+.2f}"  # printed as the paper prints drops: negative
+    if key == "paper_acc_drop":
+        return f"{x:+.2f}"  # the paper's number, already negative
+    if key.endswith("acc") or key == "recovered":
+        return f"{x:.2f}"
+    if key == "wall_time_s":
+        return f"{x:.0f}"
+    return f"{x:.4g}"
+
+
+_SHOWN = [("cell", "cell"), ("defense", "defense"), ("eps_d", "eps_d"), ("clean_acc", "clean"), ("target_acc", "target"),
+          ("tau", "tau"), ("poisoned_acc", "poisoned"), ("acc_drop", "drop"), ("paper_acc_drop", "paper"),
+          ("defended_acc", "defended"), ("recovered", "recovered"), ("grad_norm_ratio", "‖g‖ ratio"), ("wall_time_s", "time (s)")]
+
+
+def format_results(rows: list[dict]) -> str:
+    """The rows as a fixed-width table (accuracies in %, drops negative as in the paper)."""
+    optional = {"defense", "defended_acc", "recovered"}
+    shown = [(k, name) for k, name in _SHOWN if k not in optional or any(r.get(k) not in (None, "") for r in rows)]
+    table = [[name for _, name in shown]] + [[_show(k, r.get(k)) for k, _ in shown] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(table[0]), line(["-" * w for w in widths]), *map(line, table[1:])])
+
+
+# --------------------------------------------------------------------------------------------------
+# command line (wired by poisonreach.cli)
+# --------------------------------------------------------------------------------------------------
+
+
+def _status(cell_dir: Path, config: RunConfig) -> str:
+    if _complete_metrics(cell_dir, config) is not None:
+        return "done"
+    return "partial" if (cell_dir / "config.yaml").is_file() else "new"
+
+
+def describe(sweep: Sweep, out: str | os.PathLike) -> str:
+    """What a sweep would do: its cells, their state in ``out`` and the paper numbers found."""
+    out = Path(out)
+    found = sum(v is not None for v in sweep.paper_values.values())
+    lines = [f"sweep {sweep.name} ({sweep.source}" + (f", profile {sweep.profile}" if sweep.profile else "") + f") into {out}"]
+    if sweep.description:
+        lines.append(sweep.description.strip())
+    lines.append(f"{len(sweep.cells)} cells; defenses: {', '.join(d['id'] for d in sweep.defenses) or 'none'}"
+                 + (f"; paper numbers found for {found} of {len(sweep.paper_values)} rows" if sweep.paper else ""))
+    width = max(len(cid) for cid, _ in sweep.cells)
+    for cid, config in sweep.cells:
+        eps = ", ".join(e if isinstance(e, str) else f"{e:g}" for e in config.eps_d) or "none (target only)"
+        lines.append(f"  {_status(out / 'cells' / cid, config):7s} {cid.ljust(width)}  eps_d: {eps}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``poisonreach sweep``."""
+    p.add_argument("file", help="a sweep file (YAML), e.g. experiments/smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override a setting by its dotted path, e.g. run.attack_options.epochs=50 or grid.model=[lr] (value read as YAML)")
+    p.add_argument("--profile", default=None, help="apply a profile of the file (e.g. cpu)")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process with its share of the cores (default: 1)")
+    p.add_argument("--out", default=None, help="sweep folder (default: sweeps/NAME or sweeps/NAME-PROFILE); an existing one is resumed")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads with --jobs 1 (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+
+
+def command(args: argparse.Namespace) -> int:
+    """``poisonreach sweep``: 0 when every cell finished, 1 when some failed (the table shows the rest)."""
+    sweep = load_sweep(args.file, args.overrides, args.profile)
+    out = Path(args.out) if args.out else default_out(sweep)
+    if args.dry_run:
+        print(describe(sweep, out))
+        return 0
+    log = (lambda *a: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    try:
+        rows = run_sweep(sweep, out, jobs=args.jobs, log=log)
+    except SweepFailed as e:
+        print(format_results(e.rows))
+        print(f"poisonreach: error: {e}", file=sys.stderr)
+        return 1
+    print(format_results(rows))
+    print(f"sweep folder: {out}", file=sys.stderr)
+    return 0

@@ -136,3 +136,15 @@ def test_run_with_a_baseline_attack(tmp_path, attack, options):
 def test_unknown_attack_options_are_named(tmp_path, capsys):
     assert main(["run", "--attack", "labelflip", "--attack-option", "steps=3", "--out", str(tmp_path / "x")]) == 2
     assert "unknown labelflip attack option(s) ['steps']" in capsys.readouterr().err
+
+
+def test_a_target_made_by_a_baseline_attack(tmp_path):
+    """Table 7: the model retrained on label-flip poisons becomes GC's target."""
+    out = tmp_path / "lf-target"
+    argv = ["run", "--train-size", "300", "--train-epochs", "5", "--train-batch-size", "16", "--gc-epochs", "5", "--eps-d", "0.1",
+            "--target", "labelflip", "--target-option", "eps_d=0.5", "--target-option", "strategy=loss"]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    poisons = json.loads((out / "target_poisons" / "poisons.json").read_text())
+    assert poisons["num_poisons"] == 150 and poisons["config"]["attack"] == "labelflip"
+    assert metrics["target_acc"] < metrics["clean_acc"]

@@ -30,7 +30,7 @@ from .experiments import plots
 from .experiments import sweep as sweep_module
 from .experiments.report import write_report
 from .experiments.defend import defend, format_defense_table
-from .experiments.run import ATTACKS, TARGET_GENERATORS, RunConfig, format_table, run
+from .experiments.run import ATTACKS, POISONED_TARGETS, TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold
 from .targets import EPS_W_MODES
 
@@ -73,7 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lr", help=f"one of {', '.join(models.names())} (default: lr)")
     p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
     p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
-    p.add_argument("--target", choices=sorted(TARGET_GENERATORS), default="gradpc", help="target generator (default: gradpc; fixed: last-layer parameters given with --target-option weight=[[...]])")
+    p.add_argument("--target", choices=sorted([*TARGET_GENERATORS, *POISONED_TARGETS]), default="gradpc",
+                   help="target generator (default: gradpc); fixed: last-layer parameters given with --target-option weight=[[...]]; "
+                        "tgda, labelflip, gm: the model retrained on that attack's poisons (ε_d = 1 unless --target-option eps_d=...)")
     p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable)")
     p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")

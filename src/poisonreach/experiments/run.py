@@ -42,6 +42,9 @@ from ..training import accuracy, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
 ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip, TGDA)}
+# Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
+# targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
+POISONED_TARGETS = ("tgda", "labelflip", "gm")
 
 
 @dataclass
@@ -71,7 +74,7 @@ class RunConfig:
     def validate(self) -> None:
         check_choice("dataset", self.dataset, data.names())
         check_choice("model", self.model, models.names())
-        check_choice("target", self.target, TARGET_GENERATORS)
+        check_choice("target", self.target, [*TARGET_GENERATORS, *POISONED_TARGETS])
         check_choice("attack", self.attack, ATTACKS)
         if self.preset is not None and self.attack != "gc":
             raise PoisonReachError(f"preset applies to the gc attack, not {self.attack!r}: drop it or set attack to gc")
@@ -85,7 +88,12 @@ class RunConfig:
             raise PoisonReachError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
 
     def make_generator(self):
-        """The target generator; ``eps_w`` and ``eps_w_mode`` apply to the corruption generators."""
+        """The target generator (an attack for the poisoned targets); ``eps_w`` and ``eps_w_mode``
+        apply to the corruption generators."""
+        if self.target in POISONED_TARGETS:
+            cls = ATTACKS[self.target]
+            check_options(cls, self.target_options, f"{self.target} target")
+            return cls(**{"eps_d": 1.0, **self.target_options, "seed": self.seed, "device": self.device})
         cls = TARGET_GENERATORS[self.target]
         check_options(cls, self.target_options, f"{self.target} target")
         if cls is FixedTarget:
@@ -178,7 +186,13 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     clean_acc = accuracy(clean, splits.x_test, splits.y_test)
 
     def make_target() -> nn.Module:
-        target = config.make_generator().generate(clean, X, y)
+        generator = config.make_generator()
+        if isinstance(generator, Attack):  # the victim's model after this attack (Table 7)
+            result = _poison(generator, clean, X, y, splits)
+            result.save(out / "target_poisons")
+            target = fit(*result.mixed(X, y, num_outputs=models.last_linear(clean).out_features))
+        else:
+            target = generator.generate(clean, X, y)
         if config.target_scale != 1.0:
             target = scale_target(target, config.target_scale)
         return save(target, out / "target_model.pt")
@@ -219,6 +233,12 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     return metrics
 
 
+def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
+    # an attack that validates its poisons (TGDA's leader) gets the validation split, never the test set
+    takes_validation = "validation" in inspect.signature(attack.poison).parameters
+    return attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
+
+
 def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, log) -> dict:
     """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate."""
     done = cell / "result.json"
@@ -229,9 +249,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     if (cell / "poisons.pt").is_file():
         result = PoisonResult.load(cell)
     else:
-        # an attack that validates its poisons (TGDA's leader) gets the validation split, never the test set
-        takes_validation = "validation" in inspect.signature(attack.poison).parameters
-        result = attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
+        result = _poison(attack, model, X, y, splits)
         result.save(cell)
     attack_time = time.perf_counter() - started
     X_mix, y_mix = result.mixed(X, y, num_outputs=models.last_linear(target).out_features)

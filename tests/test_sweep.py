@@ -582,3 +582,19 @@ def test_shipped_config_loads_and_validates(path, profile):
     sweep = load_sweep(path, profile=profile)  # validates every cell, its defenses and paper lookups
     assert sweep.cells
     assert len({cid for cid, _ in sweep.cells}) == len(sweep.cells)
+
+
+def test_a_joint_grid_axis_sets_its_fields_together(tmp_path):
+    from poisonreach.experiments.config import parse_sweep
+
+    doc = {"name": "joint", "run": {"dataset": "digits", "eps_d": [0.1]},
+           "grid": {"model+eps_w": [["lr", 1.0], ["nn", 0.5]], "seed": [0, 1]}}
+    sweep = parse_sweep(doc, "test", lookup=lambda *a, **k: None)
+    got = [(cid, c.model, c.eps_w, c.seed) for cid, c in sweep.cells]
+    assert got == [("model=lr,eps_w=1,seed=0", "lr", 1.0, 0), ("model=lr,eps_w=1,seed=1", "lr", 1.0, 1),
+                   ("model=nn,eps_w=0.5,seed=0", "nn", 0.5, 0), ("model=nn,eps_w=0.5,seed=1", "nn", 0.5, 1)]
+    bad = {**doc, "grid": {"model+eps_w": [["lr"]]}}
+    with pytest.raises(PoisonReachError, match="must be a list of 2 values"):
+        parse_sweep(bad, "test", lookup=lambda *a, **k: None)
+    with pytest.raises(PoisonReachError, match="modle"):
+        parse_sweep({**doc, "grid": {"modle+eps_w": [["lr", 1.0]]}}, "test", lookup=lambda *a, **k: None)

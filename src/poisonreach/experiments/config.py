@@ -12,6 +12,7 @@ A sweep file (read with ``yaml.safe_load``)::
     grid:                       # cartesian product, first axis slowest; a key is a RunConfig field,
       model: [lr, nn, cnn]      # a dotted key reaches into a dict field (attack_options.epochs)
       attack: [gc, gm, tgda]
+      model+eps_w: [[lr, 1.0], [nn, 0.5]]   # a joint axis: each value sets both fields together
     defenses:                   # applied to every finished cell (experiments.defend)
       - {name: sever, options: {rounds: 2}}
     profiles:                   # overlays of run, grid and defenses, selected with --profile
@@ -127,13 +128,30 @@ def _check_run(run, where: str) -> dict:
 def _check_grid(grid, where: str) -> dict:
     grid = _mapping(grid, where)
     for axis, values in grid.items():
-        _check_run_path(str(axis).split("."), f"{where} (grid axis {axis!r})")
+        parts = str(axis).split("+")
+        for part in parts:
+            _check_run_path(part.split("."), f"{where} (grid axis {axis!r})")
         if not isinstance(values, list) or not values:
             raise PoisonReachError(f"grid axis {axis!r} in {where} must be a non-empty list of values, got {values!r}: write e.g. {axis}: [{values!r}]")
-        if axis in _DICT_FIELDS:
+        if len(parts) > 1:  # a joint axis: each value sets every part at once
             for value in values:
-                _mapping(value, f"a value of grid axis {axis!r} in {where}")
+                if not isinstance(value, list) or len(value) != len(parts):
+                    raise PoisonReachError(f"each value of the joint grid axis {axis!r} in {where} must be a list of {len(parts)} values "
+                                           f"({', '.join(parts)}), got {value!r}")
+        for part_index, part in enumerate(parts):
+            if part in _DICT_FIELDS:
+                for value in values:
+                    _mapping(value if len(parts) == 1 else value[part_index], f"a value of grid axis {axis!r} in {where}")
     return grid
+
+
+def _split_axes(values: dict) -> dict:
+    """Grid values with joint axes (``model+eps_w: [lr, 1.0]``) split into one entry per part."""
+    flat = {}
+    for axis, value in values.items():
+        parts = axis.split("+")
+        flat.update({axis: value} if len(parts) == 1 else dict(zip(parts, value)))
+    return flat
 
 
 def _check_defenses(defenses, where: str) -> list:
@@ -250,7 +268,7 @@ def resolve(doc: dict, source: str, *, overrides=(), profile: str | None = None)
         resolved = deep_merge(resolved, layer)
         run_paths.append((text, run_path))
     for text, run_path in run_paths:
-        for axis in resolved["grid"]:
+        for axis in (part for joint in resolved["grid"] for part in joint.split("+")):
             if run_path is not None and (run_path == axis or run_path.startswith(axis + ".")):
                 raise PoisonReachError(f"the override {text!r} is hidden by the grid axis {axis!r}: override grid.{axis}=[...] instead")
     if not isinstance(resolved["name"], str) or not _NAME.fullmatch(resolved["name"]):
@@ -302,7 +320,7 @@ def expand(resolved: dict) -> list[tuple[str, dict, dict]]:
     grid = resolved["grid"]
     cells, seen = [], {}
     for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo))
+        values = _split_axes(dict(zip(grid, combo)))
         config = copy.deepcopy(resolved["run"])
         for axis, value in values.items():
             _assign(config, axis, value)

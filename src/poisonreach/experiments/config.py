@@ -363,6 +363,8 @@ def paper_keys(config: RunConfig, paper: dict, eps_d, defense: dict | None) -> d
         keys.update(attack="gc-c" if gc_c else config.attack, eps_d=eps_d)
         targeted = getattr(ATTACKS.get(config.attack), "model_targeted", False)
         keys["target"] = target_label(config) if targeted else None
+        if paper.get("table") == 9:  # adding versus replacing (appendix C.10)
+            keys["threat"] = "replace" if config.attack_options.get("replace") else "add"
     keys.update({k: v for k, v in paper.items() if k != "table"})
     keys["defense"] = None if defense is None else defense["name"]
     if defense is not None and defense["name"] == "dpa" and "num_partitions" in defense["options"]:

@@ -148,3 +148,14 @@ def test_a_target_made_by_a_baseline_attack(tmp_path):
     poisons = json.loads((out / "target_poisons" / "poisons.json").read_text())
     assert poisons["num_poisons"] == 150 and poisons["config"]["attack"] == "labelflip"
     assert metrics["target_acc"] < metrics["clean_acc"]
+
+
+@pytest.mark.parametrize("defense", ["sever", "influence"])
+def test_filtering_defenses_through_the_cli(run_copy, capsys, defense):
+    assert main(["defend", "--run", str(run_copy), "--defense", defense, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "poisons/removed" in out
+    summary = json.loads((run_copy / "metrics.json").read_text())["defenses"][defense]
+    for r, cell in zip(summary["results"], json.loads((run_copy / "metrics.json").read_text())["results"]):
+        assert r["removed"] == cell["num_poisons"]  # as many points as there are poisons (the paper's rule)
+        assert 0 <= r["poisons_removed"] <= r["removed"]

@@ -105,3 +105,46 @@ def cancel_gradient(
 def flat_norm(tensors: Params) -> float:
     """The L2 norm of a list of tensors taken as one vector."""
     return float(torch.sqrt(sum((t.detach().double() ** 2).sum() for t in tensors)))
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    chunk_size: int,
+    device: torch.device,
+):
+    """Yield ∇_w ℓ(z_i; w) for the rows of (X, y), one (chunk, P) block per chunk of ``chunk_size`` rows.
+
+    Each row is the per-sample gradient with respect to ``params`` (parameters of ``model``),
+    flattened and concatenated in their order; P is their total size. The blocks come from
+    ``torch.func.vmap(torch.func.grad(·))`` over a functional call of the model, each sample seen as a
+    batch of one, with the model in eval mode: batch-norm uses its running statistics, so no sample's
+    gradient depends on the others (and dropout is off). Only one chunk's gradients exist at a time;
+    the model's modes are restored between blocks. The blocks carry no autograd graph. A custom
+    ``loss_fn`` must work under ``torch.func.vmap`` (no data-dependent Python control flow).
+    """
+    # imported here so that appending this function left the module's header untouched
+    from torch.func import functional_call, grad, vmap
+
+    from .validation import evaluating
+
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    if any(id(p) not in by_id for p in params):
+        raise PoisonReachError("params must be parameters of model: select them with select_parameters(model, ...)")
+    names = [by_id[id(p)] for p in params]
+
+    def sample_loss(values, x, target):
+        out = functional_call(model, dict(zip(names, values)), (x.unsqueeze(0),))
+        return loss_fn(out, target.unsqueeze(0)).sum()
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    values = tuple(p.detach() for p in params)
+    for sl in chunks(len(X), chunk_size):
+        # no_grad: the parameters left out of ``params`` would otherwise tie a graph to the result
+        with evaluating(model), torch.no_grad():
+            grads = per_sample(values, X[sl].to(device), y[sl].to(device))
+        yield torch.cat([g.reshape(len(g), -1) for g in grads], dim=1)

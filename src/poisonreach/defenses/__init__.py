@@ -1,8 +1,14 @@
-"""Defenses against indiscriminate poisoning (section 5.4, appendix C.8)."""
+"""Defenses against indiscriminate poisoning (section 5.4, appendix C.8).
+
+Filtering defenses (``filter(model, X, y) -> FilterResult``): Sever, Influence. Training defenses
+(``train(model, X, y, ...)``): MaxUp, DeepPartitionAggregation (with certificates).
+"""
 
 from .base import Filter, FilterResult, removal_count
+from .influence import Influence
 from .maxup import MaxUp
+from .sever import Sever
 
-DEFENSES = {cls.name: cls for cls in (MaxUp,)}
+DEFENSES = {cls.name: cls for cls in (Sever, Influence, MaxUp)}
 
-__all__ = ["DEFENSES", "Filter", "FilterResult", "MaxUp", "removal_count"]
+__all__ = ["DEFENSES", "Filter", "FilterResult", "Influence", "MaxUp", "Sever", "removal_count"]

@@ -288,6 +288,10 @@ def resolve(doc: dict, source: str, *, overrides=(), profile: str | None = None)
 def _text(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
+    if isinstance(value, list) and all(isinstance(v, (int, float, str, list)) for v in value):
+        return ",".join(_text(v) for v in value)  # [[-1.0, -2.0]] reads -1,-2; a clash is caught by expand
+    if isinstance(value, dict) and all(isinstance(v, (int, float, str, list)) for v in value.values()):
+        return ",".join(f"{k}={_text(v)}" for k, v in value.items())
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return str(value)

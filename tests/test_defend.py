@@ -159,3 +159,17 @@ def test_filtering_defenses_through_the_cli(run_copy, capsys, defense):
     for r, cell in zip(summary["results"], json.loads((run_copy / "metrics.json").read_text())["results"]):
         assert r["removed"] == cell["num_poisons"]  # as many points as there are poisons (the paper's rule)
         assert 0 <= r["poisons_removed"] <= r["removed"]
+
+
+def test_dpa_through_the_cli_reports_certified_accuracy(run_copy, capsys):
+    assert main(["defend", "--run", str(run_copy), "--defense", "dpa"]) == 2
+    assert "needs the option(s) ['num_partitions']" in capsys.readouterr().err
+    argv = ["defend", "--run", str(run_copy), "--defense", "dpa", "--option", "num_partitions=5", "--option", "epochs=3", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "certified acc" in out and "clean data" in out
+    summary = json.loads((run_copy / "metrics.json").read_text())["defenses"]["dpa,epochs=3,num_partitions=5"]
+    assert 0 < summary["clean"]["defended_acc"] <= 100
+    for r in summary["results"]:
+        # 5 base models: a radius of at most 2, so nothing is certified against 30 or more poisons
+        assert r["certified_acc"] == 0 and r["median_radius"] <= 2

@@ -85,7 +85,7 @@ def train(
     outputs = num_outputs(model, X, device)
     y = check_labels(y, n, outputs, strict=not callable(loss))
     loss_fn = losses.resolve(outputs, y, loss)
-    opt = _optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=gamma)
     shuffle = torch.Generator().manual_seed(int(seed))
     # a stream of its own, so turning augmentation on leaves the batch order as it was
@@ -146,6 +146,19 @@ def accuracy(
     return 100.0 * (predicted == truth).sum().item() / n
 
 
+def mean_squared_error(
+    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
+) -> float:
+    """Mean of (h(x) − y)² over X for a regression model with one output (the test metric of C.3)."""
+    n = check_inputs(X)
+    if not isinstance(y, Tensor) or losses.task_of(y) != "regression" or len(y) != n:
+        raise PoisonReachError(f"mean_squared_error needs float regression targets of shape ({n},)")
+    outputs = predict_logits(model, X, batch_size=batch_size, device=device).reshape(n, -1)
+    if outputs.shape[1] != 1:
+        raise PoisonReachError(f"mean_squared_error needs a model with one output, got {outputs.shape[1]}")
+    return float(((outputs[:, 0] - y.cpu().to(outputs.dtype)) ** 2).mean())
+
+
 def _classes(scores: Tensor, threshold: float) -> Tensor:
     """Class indices from scores (N, C): argmax, or ``score > threshold`` for a single column."""
     scores = scores.reshape(len(scores), -1)
@@ -200,7 +213,8 @@ def _disable(progress: bool | None) -> bool | None:
     return None if progress is None else not progress
 
 
-def _optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer :func:`train` uses, by name (also for batched training of many models)."""
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":

@@ -190,7 +190,8 @@ class GradientCanceling(Attack):
     chunk_size: rows per forward/backward chunk; bounds memory, not the result.
     box: the admissible set Γ for the features: ``(low, high)`` pixel bounds, ``"data-range"`` (the
         per-feature range of the clean data, the paper's GC-c), or None (unconstrained).
-    optimize_labels: also optimise the labels, as class probabilities projected onto the simplex.
+    optimize_labels: also optimise the labels: class probabilities projected onto the simplex, or
+        regression targets (free without a box, within the clean targets' range with one).
     replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
     parameters: which parameters' gradient to cancel: ``all`` (default), ``last`` (Theorem 4) or
         ``first`` (the official code's behaviour).
@@ -319,8 +320,6 @@ class GradientCanceling(Attack):
         m = max(1, round(n * self.eps_d))
         num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
         loss_fn = resolve(num_outputs, y, loss)
-        if self.optimize_labels and task_of(y) == "regression":
-            raise PoisonReachError("optimize_labels applies to classification labels, not regression targets")
         params = select_parameters(model, self.parameters)
 
         source = torch.randperm(n_total, generator=gen)[:m] if m <= n_total else torch.randint(n_total, (m,), generator=gen)
@@ -350,8 +349,11 @@ class GradientCanceling(Attack):
         m = len(source)
         x = X[source].to(device=device, dtype=torch.float32).clone()
         py = y[source].to(device).clone()
-        if self.optimize_labels:
+        regression = task_of(y) == "regression"
+        if self.optimize_labels and not regression:
             py = to_probabilities(py, num_outputs)
+        # regression targets move freely without a box, within the clean targets' range with one
+        y_low, y_high = (None, None) if self.box is None else (y.min().to(device), y.max().to(device))
         fingerprint = self._fingerprint(X, y, m)
         state = self._load_checkpoint(fingerprint, device)
         resumed_at = None if state is None else state["epoch"]
@@ -397,7 +399,10 @@ class GradientCanceling(Attack):
                     x[idx] = torch.maximum(torch.minimum(x[idx], high), low) if low is not None else x[idx]
                     if self.optimize_labels:
                         py[idx] = self._step(py[idx], gy * factor, state["buf_y"], idx, lr)
-                        py[idx] = py[idx].clamp(0, 1) if num_outputs == 1 else project_simplex(py[idx])
+                        if regression:
+                            py[idx] = py[idx] if y_low is None else torch.clamp(py[idx], y_low, y_high)
+                        else:
+                            py[idx] = py[idx].clamp(0, 1) if num_outputs == 1 else project_simplex(py[idx])
                 if b < len(blocks) - 1:  # keep g(ν̂) exact for the next block; the next epoch recomputes it anyway
                     new = gradient_sum(model, params, x[idx], py[idx], loss_fn, chunk_size=self.chunk_size, device=device)
                     g_nu_sum = [s - o + w for s, o, w in zip(g_nu_sum, old, new)]

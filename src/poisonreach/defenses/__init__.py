@@ -5,10 +5,11 @@ Filtering defenses (``filter(model, X, y) -> FilterResult``): Sever, Influence. 
 """
 
 from .base import Filter, FilterResult, removal_count
+from .dpa import Certificate, DeepPartitionAggregation, Ensemble, certify
 from .influence import Influence
 from .maxup import MaxUp
 from .sever import Sever
 
-DEFENSES = {cls.name: cls for cls in (Sever, Influence, MaxUp)}
+DEFENSES = {cls.name: cls for cls in (Sever, Influence, MaxUp, DeepPartitionAggregation)}
 
-__all__ = ["DEFENSES", "Filter", "FilterResult", "Influence", "MaxUp", "Sever", "removal_count"]
+__all__ = ["DEFENSES", "Certificate", "DeepPartitionAggregation", "Ensemble", "certify", "Filter", "FilterResult", "Influence", "MaxUp", "Sever", "removal_count"]

@@ -47,6 +47,9 @@ def make_defense(name: str, options: dict | None, config: RunConfig, *, poison_s
             options.setdefault(key, value)
     if issubclass(cls, Filter):
         options.setdefault("fraction", poison_share)
+    missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in options]
+    if missing:
+        raise PoisonReachError(f"the {name} defense needs the option(s) {missing}: add e.g. --option {missing[0]}=...")
     return cls(**options)
 
 

@@ -4,6 +4,7 @@ Run folder (``poisonreach run``):
     gc_history      ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for each ε_d (Figures 3 and 7)
     eps_d_curves    accuracy drop and ‖g(χ)‖ against ε_d, τ marked (Figure 1 middle/right, Figure 2)
     poisons         clean source / poisoned / perturbation image rows (Figures 9 and 10)
+    regression      1-D regression: data, poisons, clean / target / retrained lines (Figure 5)
 Sweep folder (``poisonreach sweep``, cells under ``cells/``):
     eps_d_curves    the same curves with one line per cell
     gc_history      the learning curves of every cell at each ε_d
@@ -100,21 +101,54 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     result = PoisonResult.load(cell)
     if result.x.dim() == 4:
         written += _poison_grid(result, run_dir, metrics, out, f"ε_d = {last['eps_d']:g}")
+    elif result.x.shape[1:] == (1,) and "clean_mse" in metrics:
+        written += _regression_lines(run_dir, metrics, out)
     return written
+
+
+def _regression_lines(run_dir: Path, metrics: dict, out: Path) -> list[Path]:
+    """Figure 5: one panel per ε_d with the clean data, the poisons, and the clean, target and
+    retrained lines (GC reaches the target line at every ε_d for least squares, Example 1)."""
+    from .. import models
+    from .run import RunConfig, load_data
+
+    config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
+    splits, _ = load_data(config)
+    cells = _cells(run_dir, metrics)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.4), squeeze=False, sharey=True)
+    grid = torch.linspace(float(splits.x_train.min()) - 1, float(splits.x_train.max()) + 1, 50).view(-1, 1)
+    lines = {name: models.load_model(run_dir / f"{name}_model.pt") for name in ("clean", "target")}
+    for ax, (r, cell) in zip(axes[0], cells):
+        result = PoisonResult.load(cell)
+        ax.scatter(splits.x_train[:, 0], splits.y_train, s=4, color="0.6", label="clean")
+        ax.scatter(result.x[:, 0], result.y, s=8, color="tab:red", label="poisons")
+        with torch.no_grad():
+            for name, model in {**lines, "retrained": models.load_model(cell / "retrained_model.pt")}.items():
+                ax.plot(grid[:, 0], model.eval()(grid)[:, 0], label=name, linestyle="--" if name == "target" else "-")
+        ax.set_title(f"ε_d = {r['eps_d']:g}")
+        ax.set_xlabel("x")
+    axes[0][0].set_ylabel("y")
+    axes[0][0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return _save(fig, out, "regression")
 
 
 def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
     """Accuracy drop (left) and final ‖g‖ (right) against ε_d, one line per run, τ dashed."""
+    regression = any("poisoned_mse" in r for _, metrics in runs for r in metrics["results"])
     for label, metrics in runs:
         rows = sorted(metrics["results"], key=lambda r: r["eps_d"])
         eps = [r["eps_d"] for r in rows]
-        line = axes[0].plot(eps, [-r["acc_drop"] for r in rows], marker="o", label=label)[0]
+        # accuracy is undefined for regression: the change of the test MSE instead
+        change = [r["poisoned_mse"] - metrics["clean_mse"] if regression else -r["acc_drop"] for r in rows]
+        line = axes[0].plot(eps, change, marker="o", label=label)[0]
         axes[1].plot(eps, [r["grad_norm_final"] for r in rows], marker="o", color=line.get_color(), label=label)
         tau = metrics.get("tau")
         if tau is not None and math.isfinite(tau) and tau > 0:
             for ax in axes:
                 ax.axvline(tau, color=line.get_color(), linestyle="--", linewidth=1)
-    axes[0].set_ylabel("accuracy change (%)")
+    axes[0].set_ylabel("test MSE change" if regression else "accuracy change (%)")
     axes[1].set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂ after the attack")
     axes[1].set_yscale("log")
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator

@@ -33,12 +33,12 @@ from torch import nn
 from .. import data, io, models
 from ..attacks import TGDA, Attack, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
-from ..losses import resolve
+from ..losses import resolve, task_of
 from ..validation import evaluating, check_choice, check_number, check_options
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_target
-from ..training import accuracy, train
+from ..training import accuracy, mean_squared_error, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
 ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip, TGDA)}
@@ -183,7 +183,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     fresh()  # fail on a model that does not fit the data before any output or work
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
-    clean_acc = accuracy(clean, splits.x_test, splits.y_test)
+    clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
 
     def make_target() -> nn.Module:
         generator = config.make_generator()
@@ -198,7 +198,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         return save(target, out / "target_model.pt")
 
     target = _load_or(out / "target_model.pt", make_target).to(device)
-    target_acc = accuracy(target, splits.x_test, splits.y_test)
+    target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
     thr = threshold(target, X, y)
     io.write_json(out / "threshold.json", thr.to_dict())
     log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
@@ -216,7 +216,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "eps_w": config.eps_w,
         "clean_acc": clean_acc,
         "target_acc": target_acc,
-        "target_val_acc": accuracy(target, splits.x_val, splits.y_val),
+        "target_val_acc": _evaluate(target, splits.x_val, splits.y_val)[0],
+        **({"clean_mse": clean_mse, "target_mse": target_mse} if splits.task == "regression" else {}),
         "tau": thr.tau,
         "tau_multiclass": thr.tau_multiclass,
         "inner": thr.inner,
@@ -254,12 +255,13 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     attack_time = time.perf_counter() - started
     X_mix, y_mix = result.mixed(X, y, num_outputs=models.last_linear(target).out_features)
     retrained = save(fit(X_mix, y_mix), cell / "retrained_model.pt")
-    poisoned_acc = accuracy(retrained, splits.x_test, splits.y_test)
+    poisoned_acc, poisoned_mse = _evaluate(retrained, splits.x_test, splits.y_test)
     entry = {
         "eps_d": attack.eps_d,
         "num_poisons": len(result.x),
         "poisoned_acc": poisoned_acc,
         "acc_drop": clean_acc - poisoned_acc,
+        **({"poisoned_mse": poisoned_mse} if poisoned_mse is not None else {}),
         # ‖g(χ)‖ of the target on clean ∪ poisons, whatever attack made them (GC tracks it already)
         **_grad_norms(result, target, X, y),
         "param_distance": parameter_distance(retrained, target),
@@ -283,6 +285,14 @@ def mixed_grad_norm(model: nn.Module, X, y, poisons: PoisonResult | None = None,
     with evaluating(model):
         total = gradient_sum(model, params, X_mix, y_mix, resolve(num_outputs, y_mix), chunk_size=chunk_size, device=device)
     return flat_norm([t / n for t in total])
+
+
+def _evaluate(model: nn.Module, X, y) -> tuple[float, float | None]:
+    """(accuracy in %, None) for classification; (NaN, mean squared error) for regression targets,
+    where accuracy is undefined (Figure 5's least squares)."""
+    if task_of(y) == "regression":
+        return math.nan, mean_squared_error(model, X, y)
+    return accuracy(model, X, y), None
 
 
 def _grad_norms(result: PoisonResult, target: nn.Module, X, y) -> dict:

@@ -222,7 +222,11 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print,
     rows = _rows(sweep, outputs, defenses)
     write_results(out / "results.csv", sweep, rows)
     if failures:
-        listing = "; ".join(f"{cid}: {message}" for cid, message in failures.items())
+        # cells that failed alike (e.g. a missing data set) are listed once with the shared message
+        by_message: dict[str, list[str]] = {}
+        for cid, message in failures.items():
+            by_message.setdefault(message, []).append(cid)
+        listing = "; ".join(f"{', '.join(cids)}: {message}" for message, cids in by_message.items())
         raise SweepFailed(
             f"{len(failures)} of {len(sweep.cells)} cells failed ({listing}); tracebacks are in {out / 'errors'}; "
             "run the same command again to retry them (finished cells are kept)", failures, rows)

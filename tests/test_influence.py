@@ -18,7 +18,8 @@ from torch import nn
 from torch.func import functional_call
 
 from poisonreach import models, training
-from poisonreach.defenses.influence import EXACT_MAX_PARAMETERS, DampedHessian, Influence, conjugate_gradient
+from poisonreach.defenses.influence import EXACT_MAX_PARAMETERS, DampedHessian, Influence
+from poisonreach.gradients import conjugate_gradient
 from poisonreach.errors import PoisonReachError
 from poisonreach.gradients import select_parameters
 from poisonreach.losses import cross_entropy, squared

@@ -148,3 +148,56 @@ def per_sample_gradients(
         with evaluating(model), torch.no_grad():
             grads = per_sample(values, X[sl].to(device), y[sl].to(device))
         yield torch.cat([g.reshape(len(g), -1) for g in grads], dim=1)
+
+
+def conjugate_gradient(apply, B: Tensor, *, iterations: int, tolerance: float = 0.0, truncate: bool = False) -> tuple[Tensor, int]:
+    """Solve A x_i = b_i for every row b_i of B, A symmetric positive definite given as ``apply``
+    (rows ↦ rows), by conjugate gradient with one recurrence per row (Hestenes & Stiefel 1952).
+
+    A row stops once ‖A x_i − b_i‖ ≤ tolerance·‖b_i‖; returns the solutions and how many rows had
+    not stopped after ``iterations`` iterations. A direction of non-positive curvature raises a
+    PoisonReachError, or with ``truncate`` stops that row as truncated Newton–CG does (Nocedal and
+    Wright 2006, Algorithm 7.1): it keeps its iterate, or b_i itself when that happens at the first
+    step (A taken as the identity).
+    """
+    x = torch.zeros_like(B)
+    r = B.clone()
+    p = r.clone()
+    rr = (r * r).sum(1)
+    goal = tolerance**2 * rr
+    active = rr > goal
+    for step in range(iterations):
+        if not active.any():
+            break
+        ap = torch.zeros_like(p)
+        ap[active] = apply(p[active])  # stopped rows cost nothing
+        curvature = (p * ap).sum(1)
+        bent = active & (curvature <= 0)
+        if bent.any():
+            if not truncate:
+                raise PoisonReachError(
+                    "H + damping·I is not positive definite (CG met a direction of non-positive curvature): "
+                    "raise damping or use parameters='last'"
+                )
+            if step == 0:
+                x[bent] = B[bent]
+            active &= ~bent
+        one = torch.ones_like(rr)
+        alpha = torch.where(active, rr / curvature.where(active, one), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        rr_new = (r * r).sum(1)
+        p = r + torch.where(active, rr_new / rr.where(active, one), 0.0)[:, None] * p
+        rr = rr_new
+        active &= rr > goal
+    return x, int(active.sum())
+
+
+def flatten(tensors: Params) -> Tensor:
+    """A list of tensors as one vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Params) -> list[Tensor]:
+    """The inverse of :func:`flatten`, shaped like the tensors of ``like``."""
+    return [part.view_as(t) for part, t in zip(vector.split([t.numel() for t in like]), like)]

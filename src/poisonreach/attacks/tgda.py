@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from .. import training
 from ..errors import PoisonReachError
-from ..gradients import chunks, gradient_sum
+from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, unflatten
 from ..losses import LossFn, resolve, task_of, to_probabilities
 from ..validation import check_choice, check_labels, check_model_data, check_number
 from .base import Attack, PoisonResult, box_bounds, check_box
@@ -87,36 +87,6 @@ def hessian_vector_product(
                 if h is not None:
                     acc += h
     return total
-
-
-def conjugate_gradient(
-    matvec: Callable[[Vectors], Vectors], b: Vectors, *, iterations: int, damping: float = 0.0
-) -> list[Tensor]:
-    """Approximately solve (A + damping·I) x = b from x = 0 by at most ``iterations`` steps of
-    conjugate gradient (Nocedal & Wright 2006, Algorithm 5.2); ``matvec(p)`` is A·p.
-
-    On a direction p of non-positive curvature pᵀ(A + damping·I)p ≤ 0 it stops, as truncated
-    Newton–CG does (Nocedal & Wright, Algorithm 7.1): it returns the current iterate, or b itself when
-    that happens at the first step (A taken as the identity).
-    """
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    rs = dot(r, r)
-    for i in range(iterations):
-        if rs == 0:  # solved exactly (or b = 0)
-            break
-        Ap = [a + damping * q for a, q in zip(matvec(p), p)]
-        curvature = dot(p, Ap)
-        if curvature <= 0:
-            return [t.clone() for t in b] if i == 0 else x
-        alpha = rs / curvature
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * ai for ri, ai in zip(r, Ap)]
-        rs_next = dot(r, r)
-        p = [ri + (rs_next / rs) * pi for ri, pi in zip(r, p)]
-        rs = rs_next
-    return x
 
 
 class PointsGenerator(nn.Module):
@@ -188,7 +158,8 @@ def total_gradient(
 
     ℓ is the mean loss over ``clean`` ∪ the poisons G_θ(S[index]) with ``labels``; L the mean loss
     over ``validation``; w are ``params`` of the follower. (∂²_{ww} ℓ + λI)⁻¹ is applied by
-    :func:`conjugate_gradient` with ``cg_iterations`` Hessian-vector products.
+    :func:`poisonreach.gradients.conjugate_gradient` (truncated on negative curvature) with
+    ``cg_iterations`` Hessian-vector products.
     """
     X, y = clean
     count = len(X) + len(index)  # the follower's loss is a mean over clean ∪ poisons
@@ -198,7 +169,8 @@ def total_gradient(
     def hessian(v: Vectors) -> list[Tensor]:
         return [h / count for h in hessian_vector_product(follower, params, parts, loss_fn, v, chunk_size=chunk_size, device=device)]
 
-    u = conjugate_gradient(hessian, b, iterations=cg_iterations, damping=damping)
+    damped = lambda rows: flatten(hessian(unflatten(rows[0], b)))[None] + damping * rows  # noqa: E731
+    u = unflatten(conjugate_gradient(damped, flatten(b)[None], iterations=cg_iterations, truncate=True)[0][0], b)
     theta = list(generator.parameters())
     mixed = [torch.zeros_like(t) for t in theta]
     for sl in chunks(len(index), chunk_size):  # only the poisons depend on θ

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
-from ..gradients import chunks, per_sample_gradients, select_parameters
+from ..gradients import chunks, conjugate_gradient, per_sample_gradients, select_parameters
 from ..losses import resolve
 from ..validation import check_choice, check_model_data, check_number, evaluating
 from .base import Filter, FilterResult, removal_count
@@ -258,38 +258,3 @@ class DampedHessian:
         # gradient does not depend on has a zero Hessian block
         hv = torch.autograd.grad(grads, self.params, grad_outputs=tangents, is_grads_batched=True, retain_graph=True, materialize_grads=True)
         return torch.cat([h.reshape(len(V), -1) for h in hv], dim=1)
-
-
-def conjugate_gradient(apply, B: Tensor, *, iterations: int, tolerance: float) -> tuple[Tensor, int]:
-    """Solve A x_i = b_i for every row b_i of B, A symmetric positive definite given as ``apply``
-    (rows ↦ rows), by conjugate gradient with one recurrence per row (Hestenes & Stiefel 1952).
-
-    A row stops once ‖A x_i − b_i‖ ≤ tolerance·‖b_i‖; returns the solutions and how many rows had
-    not stopped after ``iterations`` iterations. Non-positive curvature is a PoisonReachError.
-    """
-    x = torch.zeros_like(B)
-    r = B.clone()
-    p = r.clone()
-    rr = (r * r).sum(1)
-    goal = tolerance**2 * rr
-    active = rr > goal
-    for _ in range(iterations):
-        if not active.any():
-            break
-        ap = torch.zeros_like(p)
-        ap[active] = apply(p[active])  # stopped rows cost nothing
-        curvature = (p * ap).sum(1)
-        if (curvature[active] <= 0).any():
-            raise PoisonReachError(
-                "H + damping·I is not positive definite (CG met a direction of non-positive curvature): "
-                "raise damping or use parameters='last'"
-            )
-        one = torch.ones_like(rr)
-        alpha = torch.where(active, rr / curvature.where(active, one), 0.0)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        rr_new = (r * r).sum(1)
-        p = r + torch.where(active, rr_new / rr.where(active, one), 0.0)[:, None] * p
-        rr = rr_new
-        active &= rr > goal
-    return x, int(active.sum())

@@ -143,20 +143,24 @@ def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
         # accuracy is undefined for regression: the change of the test MSE instead
         change = [r["poisoned_mse"] - metrics["clean_mse"] if regression else -r["acc_drop"] for r in rows]
         line = axes[0].plot(eps, change, marker="o", label=label)[0]
+        target_change = metrics["target_mse"] - metrics["clean_mse"] if regression else metrics["target_acc"] - metrics["clean_acc"]
+        axes[0].axhline(target_change, color=line.get_color(), linestyle=":", linewidth=1)  # the target's own (GradPC's)
         axes[1].plot(eps, [r["grad_norm_final"] for r in rows], marker="o", color=line.get_color(), label=label)
         tau = metrics.get("tau")
         if tau is not None and math.isfinite(tau) and tau > 0:
             for ax in axes:
                 ax.axvline(tau, color=line.get_color(), linestyle="--", linewidth=1)
-    axes[0].set_ylabel("test MSE change" if regression else "accuracy change (%)")
+    axes[0].set_ylabel(("test MSE change" if regression else "accuracy change (%)") + " (dotted: the target's)")
     axes[1].set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂ after the attack")
     axes[1].set_yscale("log")
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator
 
     budgets = sorted({r["eps_d"] for _, metrics in runs for r in metrics["results"]})
     # log axes over less than a decade get no labels, or colliding ones: label what was run
-    axes[1].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    norms = [r["grad_norm_final"] for _, metrics in runs for r in metrics["results"] if r["grad_norm_final"] > 0]
+    few_decades = bool(norms) and max(norms) / min(norms) < 100
+    axes[1].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if few_decades else (1.0,)))
+    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%.3g" if few_decades else "%.0e"))
     axes[1].yaxis.set_minor_formatter(NullFormatter())
     for ax in axes:
         ax.set_xscale("log")
@@ -209,7 +213,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     plt = _pyplot()
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    _eps_d_curves(axes, [(name, metrics) for name, metrics, _ in runs])
+    _eps_d_curves(axes, [(f"{name} (τ = {metrics['tau']:.3g})", metrics) for name, metrics, _ in runs])
     fig.tight_layout()
     written += _save(fig, sweep_dir, "eps_d_curves")
 

@@ -174,3 +174,27 @@ def test_a_run_without_budgets_stops_after_the_target(tmp_path):
     assert metrics["results"] == [] and math.isfinite(metrics["tau"])
     assert metrics["target_acc"] < metrics["clean_acc"]
     assert not list((tmp_path / "target-only").glob("eps_d=*"))
+
+
+def test_plot_and_report_of_a_fixed_target_grid(tmp_path, capsys):
+    """Figure 1's view: τ and the accuracy change over a grid of fixed targets w ∈ R²."""
+    import csv
+
+    from poisonreach.experiments.config import parse_sweep
+    from poisonreach.experiments.sweep import run_sweep
+
+    grid = [{"weight": [[a, b]], "bias": [0.1]} for a in (-0.6, -0.15) for b in (-0.6, -0.15)]
+    doc = {"name": "or-grid", "run": {"dataset": "or2d", "target": "fixed", "eps_d": [0.5], "attack_options": {"epochs": 3},
+                                      "training": {"epochs": 5}}, "grid": {"target_options": grid}}
+    sweep = parse_sweep(doc, "test", lookup=lambda *a, **k: None)
+    out = tmp_path / "sweep"
+    run_sweep(sweep, out, log=lambda *a: None)
+    code, printed, _ = run_cli(capsys, "plot", str(out))
+    assert code == 0 and str(out / "tau_map.png") in printed
+    assert (out / "tau_map.pdf").read_bytes().startswith(b"%PDF")
+    code, printed, _ = run_cli(capsys, "report", str(out))
+    report = (out / "report.md").read_text()
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert code == 0 and len(rows) == 4 and "![tau_map](tau_map.png)" in report
+    assert report.count("\n| target_options=") == 4  # one table row per cell

@@ -265,13 +265,26 @@ def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) ->
         grids["tau"][i, j] = metrics["tau"]
         for r in metrics["results"]:
             grids[r["eps_d"]][i, j] = -r["acc_drop"]
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.8), squeeze=False)
-    extent = (w1[0], w1[-1], w2[0], w2[-1])
-    for ax, (key, grid) in zip(axes[0], grids.items()):
-        image = ax.imshow(grid.numpy(), origin="lower", extent=extent, aspect="auto", cmap="viridis" if key == "tau" else "magma")
+    cols = min(4, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    drops = torch.stack([g for key, g in grids.items() if key != "tau"])
+    low = float(drops.nan_to_num(0).min()) if len(drops) else -100.0  # one colour scale for every ε_d
+    for ax, (key, grid) in zip(axes.flat, grids.items()):
+        scale = {} if key == "tau" else {"vmin": min(low, -1.0), "vmax": 0.0}
+        # one cell per grid value (the grid need not be evenly spaced), labelled with its w
+        image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis" if key == "tau" else "magma", **scale)
         fig.colorbar(image, ax=ax)
+        ax.set_xticks(range(len(w1)), [f"{v:g}" for v in w1])
+        ax.set_yticks(range(len(w2)), [f"{v:g}" for v in w2])
+        for i in range(len(w2)):  # the value in each cell: the grid is coarse enough to read
+            for j in range(len(w1)):
+                ax.text(j, i, f"{float(grid[i, j]):.3g}", ha="center", va="center", fontsize=7,
+                        bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
         ax.set_title("τ" if key == "tau" else f"accuracy change, ε_d = {key:g}")
         ax.set_xlabel("w₁")
         ax.set_ylabel("w₂")
+    for ax in list(axes.flat)[len(grids):]:
+        ax.axis("off")
     fig.tight_layout()
     return _save(fig, out, "tau_map")

@@ -11,12 +11,10 @@ import http.client
 import os
 import shutil
 import tarfile
-import tempfile
 import urllib.request
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, NamedTuple
 

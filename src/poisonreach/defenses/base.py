@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from ..estimator import Estimator
-from ..validation import check_number
+from ..gradients import select_parameters
+from ..losses import resolve
+from ..validation import check_model_data, check_number
 
 
 @dataclass
@@ -42,6 +45,12 @@ class Filter(Estimator):
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         raise NotImplementedError
+
+    def _setup(self, model: nn.Module, X: Tensor, y: Tensor, loss):
+        """Checks shared by the filters: (device, per-sample loss, the parameters scored)."""
+        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        loss_fn = resolve(check_model_data(model, X, y, device, strict=not callable(loss)), y, loss)
+        return device, loss_fn, select_parameters(model, self.parameters)
 
 
 def removal_count(n: int, fraction: float) -> int:

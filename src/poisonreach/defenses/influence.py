@@ -50,9 +50,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
-from ..gradients import chunks, conjugate_gradient, per_sample_gradients, select_parameters
-from ..losses import resolve
-from ..validation import check_choice, check_model_data, check_number, evaluating
+from ..gradients import chunks, conjugate_gradient, per_sample_gradients
+from ..validation import check_choice, check_number, evaluating
 from .base import Filter, FilterResult, removal_count
 
 SOLVERS = ("auto", "cg", "lissa", "exact")
@@ -134,10 +133,7 @@ class Influence(Filter):
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         """Score the points of (X, y) by self-influence at ``model``'s parameters; drop ``fraction``."""
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
-        num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
-        loss_fn = resolve(num_outputs, y, loss)
-        params = select_parameters(model, self.parameters)
+        device, loss_fn, params = self._setup(model, X, y, loss)
         size = sum(p.numel() for p in params)
         solver = self.solver if self.solver != "auto" else "exact" if size <= EXACT_MAX_PARAMETERS else "cg"
         if solver == "exact" and size > EXACT_MAX_PARAMETERS:

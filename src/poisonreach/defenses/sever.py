@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
-from ..gradients import per_sample_gradients, select_parameters
-from ..losses import resolve, task_of
-from ..validation import check_choice, check_model_data, check_number
+from ..gradients import per_sample_gradients
+from ..losses import task_of
+from ..validation import check_choice, check_number
 from .base import Filter, FilterResult, removal_count
 
 
@@ -117,10 +117,7 @@ class Sever(Filter):
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         """Score the points of (X, y) at ``model``'s parameters and drop ``fraction`` of them."""
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
-        num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
-        loss_fn = resolve(num_outputs, y, loss)
-        params = select_parameters(model, self.parameters)
+        device, loss_fn, params = self._setup(model, X, y, loss)
         groups = self._groups(y)
         n = len(X)
         total = removal_count(n, self.fraction)

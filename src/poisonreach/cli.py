@@ -29,6 +29,7 @@ from .defenses import DEFENSES
 from .experiments import plots
 from .experiments import sweep as sweep_module
 from .experiments.report import write_report
+from .experiments import defend as defend_module
 from .experiments.defend import defend, format_defense_table
 from .experiments.run import ATTACKS, POISONED_TARGETS, TARGET_GENERATORS, RunConfig, format_table, run
 from .reachability import threshold
@@ -90,7 +91,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poisonreach", description="Model-targeted indiscriminate data poisoning: τ and Gradient Canceling.")
+    parser = argparse.ArgumentParser(prog="poisonreach", description="Model-targeted indiscriminate data poisoning: the threshold τ, Gradient Canceling, baselines, defenses, and the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="clean model → target → τ → GC for each ε_d → retrain → metrics", description=run.__doc__)
@@ -115,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--parameters", dest="gc.parameters", choices=PARAMETER_SETS, default=unset, help="parameters whose gradient is cancelled (default: all)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
-    p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend.__doc__)
+    p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend_module.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
     p.add_argument("--defense", required=True, choices=sorted(DEFENSES), help="sever, influence, maxup or dpa")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",

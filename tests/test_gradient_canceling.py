@@ -579,12 +579,6 @@ def test_poison_leaves_the_target_untouched(or2d):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(eps_d=0),
-        dict(eps_d=-0.1),
-        dict(eps_d=math.nan),
-        dict(eps_d=math.inf),
-        dict(eps_d="0.1"),
-        dict(eps_d=True),
         dict(epochs=-1),
         dict(epochs=2.5),
         dict(lr=0),

@@ -388,12 +388,6 @@ def test_gm_lowers_the_accuracy_of_a_retrained_logistic_regression(digits_lr):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(eps_d=0),
-        dict(eps_d=-0.1),
-        dict(eps_d=math.nan),
-        dict(eps_d=math.inf),
-        dict(eps_d="0.1"),
-        dict(eps_d=True),
         dict(steps=-1),
         dict(steps=2.5),
         dict(lr=0),

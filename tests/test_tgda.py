@@ -480,11 +480,6 @@ def test_regression_targets():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(eps_d=0),
-        dict(eps_d=-0.1),
-        dict(eps_d=math.nan),
-        dict(eps_d="0.1"),
-        dict(eps_d=True),
         dict(epochs=-1),
         dict(epochs=2.5),
         dict(leader_lr=0),

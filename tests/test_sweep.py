@@ -599,3 +599,17 @@ def test_a_joint_grid_axis_sets_its_fields_together(tmp_path):
         parse_sweep(bad, "test", lookup=lambda *a, **k: None)
     with pytest.raises(PoisonReachError, match="modle"):
         parse_sweep({**doc, "grid": {"modle+eps_w": [["lr", 1.0]]}}, "test", lookup=lambda *a, **k: None)
+
+
+def test_overrides_may_follow_the_options(tmp_path, capsys):
+    from poisonreach.cli import main
+
+    path = SHIPPED / "smoke.yaml"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    assert main(["sweep", str(path), "--profile", "tiny", "--dry-run", "run.attack_options.epochs=2", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sweep", str(path), "run.attack_options.epochs=2", "--profile", "tiny", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--dry-run", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

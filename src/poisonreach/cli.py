@@ -225,7 +225,13 @@ def _cmd_tau(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # sweep overrides (KEY=VALUE) may also follow the options: argparse leaves those over
+    if args.command == "sweep" and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.threads is not None:
         if args.threads < 1:
             print("poisonreach: error: --threads must be at least 1", file=sys.stderr)

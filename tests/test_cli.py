@@ -198,3 +198,15 @@ def test_plot_and_report_of_a_fixed_target_grid(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert code == 0 and len(rows) == 4 and "![tau_map](tau_map.png)" in report
     assert report.count("\n| target_options=") == 4  # one table row per cell
+
+
+def test_eps_d_tau_is_skipped_for_a_target_with_tau_zero(tmp_path):
+    """τ = 0: any ε_d > 0 reaches the target, so 'tau' is no budget; the other budgets still run."""
+    from poisonreach.experiments.run import RunConfig, run
+
+    config = RunConfig(target="fixed", target_options={"weight": [[0.0]], "bias": [0.1]}, dataset="toy",
+                       eps_d=[0.1, "tau"], training={"epochs": 2}, attack_options={"epochs": 2})
+    messages = []
+    metrics = run(config, tmp_path / "tau0", log=messages.append)
+    assert metrics["tau"] == 0 and [r["budget"] for r in metrics["results"]] == [0.1]
+    assert any("eps_d 'tau' skipped" in m for m in messages)

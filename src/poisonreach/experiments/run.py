@@ -104,8 +104,9 @@ class RunConfig:
         return cls(self.eps_w, **kwargs)
 
     def budgets(self, tau: float = 1.0) -> list[float]:
-        """The ε_d values, with "tau" replaced by the target's τ (a stand-in before τ is known)."""
-        return [tau if e == "tau" else e for e in self.eps_d]
+        """The ε_d values, with "tau" replaced by the target's τ (a stand-in before τ is known, or
+        when τ is 0 or infinite, which are no budgets: ``run`` skips those)."""
+        return [(tau if 0 < tau < math.inf else 1.0) if e == "tau" else e for e in self.eps_d]
 
     def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[Attack]:
         """One attack per ε_d, built from ``attack_options`` (validated by the attack's constructor)."""
@@ -203,12 +204,15 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     io.write_json(out / "threshold.json", thr.to_dict())
     log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
-    if "tau" in config.eps_d and not 0 < thr.tau < math.inf:
-        raise PoisonReachError(f"eps_d 'tau' needs a finite positive τ, but this target has τ = {thr.tau:g}: give numbers instead")
     results = []
-    for attack in config.make_attacks(thr.tau, checkpoint_dir=out):
+    for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau, checkpoint_dir=out)):
+        if budget == "tau" and not 0 < thr.tau < math.inf:
+            # τ = 0: any ε_d > 0 reaches the target (Theorem 2), so there is no budget to attack at
+            log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
+            continue
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
-        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log))
+        entry = _run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log)
+        results.append({**entry, "budget": budget})
 
     metrics = {
         "dataset": config.dataset,

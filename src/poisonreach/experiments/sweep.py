@@ -284,10 +284,12 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     if not config.eps_d:
         return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
                  "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(None, None)}]
+    # results carry the budget as configured; a skipped one (ε_d = τ for τ = 0) has no row
+    done = [(r["budget"], r) for r in m["results"]]
     rows = [
         {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": r["acc_drop"], "grad_norm_ratio": r["grad_norm_ratio"],
          "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(eps_d, None)}
-        for eps_d, r in zip(config.eps_d, m["results"])
+        for eps_d, r in done
     ]
     for d in defenses:
         summary = io.plain(output["defenses"][d["id"]])
@@ -295,7 +297,7 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
             {**base, "defense": d["id"], "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": s["acc_drop_defended"],
              "defended_acc": s["defended_acc"], "recovered": s["recovered"], "grad_norm_ratio": r["grad_norm_ratio"],
              "wall_time_s": s.get("defense_time_s"), "paper_acc_drop": paper(eps_d, d["id"])}
-            for eps_d, r, s in zip(config.eps_d, m["results"], summary["results"])
+            for (eps_d, r), s in zip(done, summary["results"])
         ]
     return rows
 

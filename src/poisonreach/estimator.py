@@ -10,6 +10,10 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
 
 class Estimator:
     """Base class: parameters are the constructor's keyword arguments, stored under their names."""
@@ -30,3 +34,13 @@ class Estimator:
             if sig[k].default is inspect.Parameter.empty or v != sig[k].default
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
+
+    # Runtime helpers for estimators that take ``device`` and ``progress`` arguments.
+
+    def _device(self, model: nn.Module) -> torch.device:
+        """``device`` when given, else where the model's parameters are."""
+        return torch.device(self.device) if self.device is not None else next(model.parameters()).device
+
+    def _progress(self, iterable=None, **kwargs) -> tqdm:
+        """A tqdm bar honouring ``progress`` (None: shown only on a terminal), removed when done."""
+        return tqdm(iterable, disable=None if self.progress is None else not self.progress, leave=False, **kwargs)

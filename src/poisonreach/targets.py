@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .validation import check_choice, check_model_data, check_number
 from .gradients import flat_norm
@@ -147,7 +146,7 @@ class GradPC(_Corruption):
         return cfg
 
     def generate(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> nn.Module:
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         loss_fn = resolve(check_model_data(model, X, y, device, strict=not callable(loss)), y, loss)
         target = copy.deepcopy(model).eval()
         params = list(target.parameters())
@@ -156,7 +155,7 @@ class GradPC(_Corruption):
         delta = [torch.zeros_like(p) for p in params]
         gen = torch.Generator().manual_seed(self.seed)
         total = self.epochs * ((len(X) + self.batch_size - 1) // self.batch_size)
-        with tqdm(total=total, desc=f"GradPC eps_w={self.eps_w:g}", disable=None if self.progress is None else not self.progress, leave=False) as bar:
+        with self._progress(total=total, desc=f"GradPC eps_w={self.eps_w:g}") as bar:
             for _ in range(self.epochs):
                 order = torch.randperm(len(X), generator=gen)
                 for start in range(0, len(X), self.batch_size):

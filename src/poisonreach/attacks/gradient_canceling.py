@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import io
 from ..errors import PoisonReachError
@@ -299,7 +298,7 @@ class GradientCanceling(Attack):
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y)."""
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         was_training = model.training
         model.eval()  # the target is a fixed w: no dropout, batch-norm running statistics
         try:
@@ -366,7 +365,7 @@ class GradientCanceling(Attack):
             return [gm + weight * gs for gm, gs in zip(g_mu, g_nu_sum)]  # v = g(µ) + ε_d·g(ν̂)
 
         accepted = None  # the state at the start of the last accepted epoch, for backtracking
-        bar = tqdm(range(state["epoch"], self.epochs + 1), desc=f"GC eps_d={self.eps_d:g}", disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(range(state["epoch"], self.epochs + 1), desc=f"GC eps_d={self.eps_d:g}")
         for epoch in bar:
             g_nu_sum = gradient_sum(model, params, state["x"], state["y"], loss_fn, chunk_size=self.chunk_size, device=device)
             v = residual(g_nu_sum)
@@ -440,7 +439,7 @@ class GradientCanceling(Attack):
         g_nu = [s.double() / m for s in gradient_sum(model, params, atoms_x, atoms_y, loss_fn, chunk_size=self.chunk_size, device=device)]
         r = [gm.double() + eps * gn for gm, gn in zip(g_mu, g_nu)]
         history, gaps, etas = [flat_norm(r)], [], []
-        bar = tqdm(range(self.epochs), desc=f"GC-FW eps_d={self.eps_d:g}", disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(range(self.epochs), desc=f"GC-FW eps_d={self.eps_d:g}")
         for t in bar:
             idx = torch.randint(len(X), (self.fw_starts,), generator=gen)
             v = [ri.to(p.dtype) for ri, p in zip(r, params)]

@@ -44,7 +44,6 @@ import math
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
 from ..gradients import PARAMETER_SETS, Params, cancel_gradient, flat_norm, gradient_sum, select_parameters
@@ -175,7 +174,7 @@ class GradientMatching(Attack):
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the clean ``model`` (its parameters are w) on clean data (X, y)."""
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         with evaluating(model):  # a fixed w: no dropout, batch-norm running statistics
             return self._run(model, X, y, loss, device)
 
@@ -244,7 +243,7 @@ class GradientMatching(Attack):
             opt = torch.optim.Adam([x], lr=self.lr)
         history: list[float] = []
         desc = f"GM eps_d={self.eps_d:g}" + (f" restart {restart + 1}/{self.restarts}" if self.restarts > 1 else "")
-        bar = tqdm(range(self.steps + 1), desc=desc, disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(range(self.steps + 1), desc=desc)
         for step in bar:
             objective, grad = matching_gradient(
                 model, params, target, x.detach(), py, loss_fn, chunk_size=self.chunk_size, device=device

@@ -76,7 +76,7 @@ class LabelFlip(Attack):
                 "label flipping needs class indices (int64 labels of shape (N,)); got float labels "
                 f"of shape {tuple(y.shape)} (regression targets or probabilities), which have no class to flip"
             )
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
         y = y.long()
         classes = 2 if num_outputs == 1 else num_outputs

@@ -45,7 +45,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .. import training
 from ..errors import PoisonReachError
@@ -285,7 +284,7 @@ class TGDA(Attack):
         regression); and ``num_clean``, ``num_poisons``, ``num_validation``. TGDA cancels no gradient,
         so ``grad_norm_history`` stays empty and ``tau`` is NaN.
         """
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         follower = copy.deepcopy(model).to(device).eval()
         strict = not callable(loss)
         num_outputs = check_model_data(follower, X, y, device, strict=strict)
@@ -353,7 +352,7 @@ class TGDA(Attack):
             for c, p, _ in batches():
                 follower_steps((X[c], y[c]), p)
         record()
-        bar = tqdm(range(self.epochs), desc=f"TGDA eps_d={self.eps_d:g}", disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(range(self.epochs), desc=f"TGDA eps_d={self.eps_d:g}")
         for _ in bar:
             for c, p, v in batches():
                 clean = (X[c], y[c])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from ..estimator import Estimator
@@ -48,7 +47,7 @@ class Filter(Estimator):
 
     def _setup(self, model: nn.Module, X: Tensor, y: Tensor, loss):
         """Checks shared by the filters: (device, per-sample loss, the parameters scored)."""
-        device = torch.device(self.device) if self.device is not None else next(model.parameters()).device
+        device = self._device(model)
         loss_fn = resolve(check_model_data(model, X, y, device, strict=not callable(loss)), y, loss)
         return device, loss_fn, select_parameters(model, self.parameters)
 

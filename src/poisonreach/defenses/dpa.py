@@ -55,7 +55,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
-from tqdm.auto import tqdm
 
 from .. import losses, training
 from ..errors import PoisonReachError
@@ -382,8 +381,7 @@ class DeepPartitionAggregation(Estimator):
         loss_fn = losses.resolve(outputs, y, loss)
         members = self.members(X, y)
         ensemble = Ensemble(model, self.num_partitions, max(outputs, 2), group_size=self.group_size).to(device)
-        bar = tqdm(total=self.num_partitions, desc=f"DPA k={self.num_partitions}", unit="model", file=sys.stderr,
-                   disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(total=self.num_partitions, desc=f"DPA k={self.num_partitions}", unit="model", file=sys.stderr)
         with bar:
             if _has_batch_norm(model):
                 self._train_one_by_one(model, X, y, loss, members, ensemble, device, bar)

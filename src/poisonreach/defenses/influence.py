@@ -47,7 +47,6 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
 from ..gradients import chunks, conjugate_gradient, per_sample_gradients
@@ -147,7 +146,7 @@ class Influence(Filter):
         n = len(X)
         scores = torch.empty(n, dtype=torch.float64)
         unconverged = 0
-        bar = tqdm(total=n, desc=f"influence ({solver})", disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(total=n, desc=f"influence ({solver})")
         for sl in chunks(n, self.block_size):
             g = torch.cat(list(per_sample_gradients(model, params, X[sl], y[sl], loss_fn, chunk_size=self.chunk_size, device=device)))
             if solver == "exact":

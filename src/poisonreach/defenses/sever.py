@@ -43,7 +43,6 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import PoisonReachError
 from ..gradients import per_sample_gradients
@@ -125,7 +124,7 @@ class Sever(Filter):
         scores = torch.zeros(n, dtype=torch.float64)
         gen = torch.Generator().manual_seed(self.seed)
         removed, singular, passes = [], [], []
-        bar = tqdm(total=self.rounds * len(groups), desc="Sever", disable=None if self.progress is None else not self.progress, leave=False)
+        bar = self._progress(total=self.rounds * len(groups), desc="Sever")
         for r in range(self.rounds):
             budget = round(total * (r + 1) / self.rounds) - round(total * r / self.rounds)
             alive = [g[keep[g]] for g in groups]

@@ -28,7 +28,7 @@ from ..defenses import DEFENSES, Filter
 from ..errors import PoisonReachError
 from ..training import accuracy, train
 from ..validation import check_choice, check_options
-from .run import RunConfig, cell_name, fresh_model, load_data
+from .run import RunConfig, cell_name, fresh_model, load_data, text_table
 
 
 def make_defense(name: str, options: dict | None, config: RunConfig, *, poison_share: float = 0.0):
@@ -172,7 +172,5 @@ def format_defense_table(name: str, summary: dict) -> str:
         cols.append("poisons/removed")
     if summary["results"] and "certified_acc" in summary["results"][0]:
         cols += ["certified acc", "median radius"]
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    head = [f"defense {name}" + (f" (clean data: {summary['clean']['defended_acc']:.2f}%)" if "clean" in summary else "")]
-    return "\n".join(head + [line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+    head = f"defense {name}" + (f" (clean data: {summary['clean']['defended_acc']:.2f}%)" if "clean" in summary else "")
+    return "\n".join([head, text_table(cols, rows)])

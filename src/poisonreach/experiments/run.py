@@ -313,6 +313,14 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
+def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = False) -> str:
+    """Fixed-width columns for the terminal: the header, a rule, the rows; cells are right-aligned,
+    the first column left-aligned with ``left_first``."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if left_first and i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
 def format_table(metrics: dict) -> str:
     """The run's results as a fixed-width table for the terminal."""
     head = f"{metrics['dataset']} / {metrics['model']}: clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%, tau {_fmt(metrics['tau'])}"
@@ -321,6 +329,4 @@ def format_table(metrics: dict) -> str:
         [f"{r['eps_d']:g}", str(r["num_poisons"]), f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}", f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
         for r in metrics["results"]
     ]
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
-    return "\n".join([head, line(cols), line(["-" * w for w in widths]), *map(line, rows)])
+    return "\n".join([head, text_table(cols, rows)])

@@ -54,7 +54,7 @@ from .. import io
 from ..errors import CorruptFileError, PoisonReachError
 from ..validation import check_number
 from .config import SETTINGS, Sweep, load_sweep, target_label
-from .run import RunConfig, run
+from .run import RunConfig, run, text_table
 
 __all__ = ["COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "write_results"]
@@ -348,10 +348,7 @@ def format_results(rows: list[dict]) -> str:
     """The rows as a fixed-width table (accuracies in %, drops negative as in the paper)."""
     optional = {"defense", "defended_acc", "recovered"}
     shown = [(k, name) for k, name in _SHOWN if k not in optional or any(r.get(k) not in (None, "") for r in rows)]
-    table = [[name for _, name in shown]] + [[_show(k, r.get(k)) for k, _ in shown] for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(shown))]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(table[0]), line(["-" * w for w in widths]), *map(line, table[1:])])
+    return text_table([name for _, name in shown], [[_show(k, r.get(k)) for k, _ in shown] for r in rows], left_first=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -208,5 +208,5 @@ def test_eps_d_tau_is_skipped_for_a_target_with_tau_zero(tmp_path):
                        eps_d=[0.1, "tau"], training={"epochs": 2}, attack_options={"epochs": 2})
     messages = []
     metrics = run(config, tmp_path / "tau0", log=messages.append)
-    assert metrics["tau"] == 0 and [r["budget"] for r in metrics["results"]] == [0.1]
+    assert metrics["tau"] == 0 and [r["eps_d"] for r in metrics["results"]] == [0.1]
     assert any("eps_d 'tau' skipped" in m for m in messages)

@@ -211,8 +211,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
             log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
-        entry = _run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log)
-        results.append({**entry, "budget": budget})
+        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log))
 
     metrics = {
         "dataset": config.dataset,

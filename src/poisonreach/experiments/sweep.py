@@ -284,8 +284,9 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     if not config.eps_d:
         return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
                  "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(None, None)}]
-    # results carry the budget as configured; a skipped one (ε_d = τ for τ = 0) has no row
-    done = [(r["budget"], r) for r in m["results"]]
+    # each configured budget with its result; "tau" ran at ε_d = τ, or was skipped (τ = 0) and has no row
+    by_eps_d = {r["eps_d"]: r for r in m["results"]}
+    done = [(e, by_eps_d[v]) for e in config.eps_d if (v := m["tau"] if e == "tau" else e) in by_eps_d]
     rows = [
         {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": r["acc_drop"], "grad_norm_ratio": r["grad_norm_ratio"],
          "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(eps_d, None)}

@@ -204,6 +204,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     io.write_json(out / "threshold.json", thr.to_dict())
     log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
+    grad_norm_clean = mixed_grad_norm(target, X, y)
     results = []
     for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau, checkpoint_dir=out)):
         if budget == "tau" and not 0 < thr.tau < math.inf:
@@ -211,7 +212,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
             log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
-        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, log))
+        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, grad_norm_clean, log))
 
     metrics = {
         "dataset": config.dataset,
@@ -224,7 +225,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "tau": thr.tau,
         "tau_multiclass": thr.tau_multiclass,
         "inner": thr.inner,
-        "grad_norm_clean": mixed_grad_norm(target, X, y),  # ‖g(µ)‖ at the target: the scale of the ratios
+        "grad_norm_clean": grad_norm_clean,  # ‖g(µ)‖ at the target: the scale of the ratios
         "num_train": len(X),
         "results": results,
         "wall_time_s": time.perf_counter() - started,
@@ -243,7 +244,7 @@ def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
     return attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
 
 
-def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, log) -> dict:
+def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, log) -> dict:
     """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate."""
     done = cell / "result.json"
     if done.is_file():
@@ -266,7 +267,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
         "acc_drop": clean_acc - poisoned_acc,
         **({"poisoned_mse": poisoned_mse} if poisoned_mse is not None else {}),
         # ‖g(χ)‖ of the target on clean ∪ poisons, whatever attack made them (GC tracks it already)
-        **_grad_norms(result, target, X, y),
+        **_grad_norms(result, target, X, y, grad_norm_clean),
         "param_distance": parameter_distance(retrained, target),
         "attack_time_s": attack_time,
     }
@@ -298,13 +299,13 @@ def _evaluate(model: nn.Module, X, y) -> tuple[float, float | None]:
     return accuracy(model, X, y), None
 
 
-def _grad_norms(result: PoisonResult, target: nn.Module, X, y) -> dict:
+def _grad_norms(result: PoisonResult, target: nn.Module, X, y, grad_norm_clean: float) -> dict:
     """‖g(µ)‖ and ‖g(µ) + ε_d·g(ν̂)‖ at the target: the first and last GC history entries, or
     computed here for attacks that do not track them."""
     if result.grad_norm_history:
         initial, final = result.grad_norm_history[0], result.grad_norm_history[-1]
     else:
-        initial, final = mixed_grad_norm(target, X, y), mixed_grad_norm(target, X, y, result)
+        initial, final = grad_norm_clean, mixed_grad_norm(target, X, y, result)
     return {"grad_norm_initial": initial, "grad_norm_final": final, "grad_norm_ratio": final / initial if initial > 0 else math.nan}
 
 

@@ -23,7 +23,7 @@ from poisonreach import data, models, training
 from poisonreach.attacks import PoisonResult
 from poisonreach.attacks.gradient_matching import GradientMatching, matching_gradient
 from poisonreach.errors import PoisonReachError
-from poisonreach.losses import cross_entropy, logistic, reversed_cross_entropy, reversed_logistic
+from poisonreach.losses import cross_entropy, logistic, reversed_cross_entropy, reversed_logistic, squared
 
 # --------------------------------------------------------------------------------------------------
 # helpers computed without the library
@@ -49,6 +49,10 @@ def naive_reversed_logistic(outputs, y):
 
 def ce_loss(outputs, y):
     return -torch.log_softmax(outputs, dim=1).gather(1, y.reshape(-1, 1)).reshape(-1)
+
+
+def squared_loss(outputs, y):
+    return 0.5 * (outputs.reshape(-1) - y) ** 2
 
 
 def logistic_loss(outputs, y):
@@ -95,6 +99,8 @@ def build(name):
         return models.create("lr", (3,), 2, seed=1).double().eval(), 3, 2, True
     if name == "mlp":
         return TinyMLP(3, 5, 4).double().eval(), 3, 4, False
+    if name == "linreg":  # least squares: one output, float targets
+        return models.create("linreg", (3,), 1, seed=1).double().eval(), 3, None, True
     raise AssertionError(name)
 
 
@@ -178,17 +184,18 @@ def test_reversed_logistic_is_the_two_class_reversed_cross_entropy():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lr3", "lr2-logistic", "mlp"])
+@pytest.mark.parametrize("name", ["lr3", "lr2-logistic", "mlp", "linreg"])
 def test_matching_gradient_is_the_derivative_of_the_objective(name):
     model, d, classes, one = build(name)
-    loss, lib_loss = (logistic_loss, logistic) if one else (ce_loss, cross_entropy)
+    loss, lib_loss = {"lr3": (ce_loss, cross_entropy), "mlp": (ce_loss, cross_entropy), "lr2-logistic": (logistic_loss, logistic),
+                      "linreg": (squared_loss, squared)}[name]
     g = torch.Generator().manual_seed(0)
     Z = torch.rand(5, d, generator=g, dtype=torch.float64)
-    yz = torch.randint(0, classes, (5,), generator=g)
+    yz = torch.randn(5, generator=g, dtype=torch.float64) if classes is None else torch.randint(0, classes, (5,), generator=g)
     params = list(model.parameters())
     target = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
 
-    value, grad = matching_gradient(model, params, target, Z, yz, lib_loss, chunk_size=2, device=torch.device("cpu"))
+    value, grad, _ = matching_gradient(model, params, target, Z, yz, lib_loss, chunk_size=2, device=torch.device("cpu"))
 
     assert value == pytest.approx(objective(model, params, target, Z, yz, loss).item(), rel=1e-12)
     fd = central_differences(lambda Zp: objective(model, params, target, Zp, yz, loss).item(), Z)
@@ -348,10 +355,10 @@ def test_poison_leaves_the_model_untouched(small_problem):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_regression_and_custom_losses_are_refused():
+def test_regression_and_custom_losses_are_refused_by_the_reversed_objective():
     r = data.load("regression2d", seed=0)
     model = models.create("linreg", (1,), 1)
-    with pytest.raises(PoisonReachError, match="reversed loss"):
+    with pytest.raises(PoisonReachError, match="reversed loss.*objective='target'"):
         GradientMatching(0.1, steps=1).poison(model, r.x_train, r.y_train)
     X, y = torch.rand(10, 2), torch.randint(0, 3, (10,))
     with pytest.raises(PoisonReachError, match="reversed loss"):
@@ -361,7 +368,86 @@ def test_regression_and_custom_losses_are_refused():
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. effect after retraining
+# 4. the model-targeted objective: −g(µ) at the target (appendix C.4, Figure 6)
+# --------------------------------------------------------------------------------------------------
+
+
+def mean_gradient(model, X, y, loss):
+    params = list(model.parameters())
+    return flat([g.detach() for g in torch.autograd.grad(loss(model(X), y).mean(), params)])
+
+
+@pytest.fixture(scope="module")
+def regression_target():
+    """Least squares on 40 points of y = 2x + 1 + noise, and a target line w_t that is not the fit."""
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(40, 1, generator=g, dtype=torch.float64)
+    y = 2 * X[:, 0] + 1 + 0.3 * torch.randn(40, generator=g, dtype=torch.float64)
+    target = models.create("linreg", (1,), 1, seed=0).double().eval()
+    with torch.no_grad():
+        target.head.weight.fill_(1.0)
+        target.head.bias.fill_(2.0)
+    return target, X, y
+
+
+def test_target_objective_matches_minus_the_clean_gradient_at_the_target(regression_target):
+    """t = −g(µ; w_t); the recorded residual is ‖g(µ) + P/n‖ at every step, and the last one equals
+    ‖g(µ) + ε_d·g(ν̂)‖ computed afresh by the run module from the returned poisons."""
+    from poisonreach.experiments.run import mixed_grad_norm
+
+    target, X, y = regression_target
+    # the step 0.5 matches within 100 steps here (observed S 2.0 → 1.8e-5)
+    r = GradientMatching(0.25, objective="target", box=None, steps=100, lr=0.5, progress=False).poison(target, X, y)
+    g_mu = mean_gradient(target, X, y, squared_loss)
+    assert r.extra["target_grad_norm"] == pytest.approx(g_mu.norm().item(), rel=1e-10)
+    # the first residual: the poisons are still the clean points they started from
+    start = X[r.source_indices]
+    P0 = flat(torch.autograd.grad(squared_loss(target(start), y[r.source_indices]).sum(), list(target.parameters())))
+    assert r.grad_norm_history[0] == pytest.approx((g_mu + P0 / len(X)).norm().item(), rel=1e-10)
+    assert len(r.grad_norm_history) == len(r.extra["objective_history"]) == 101
+    assert r.grad_norm_history[-1] == pytest.approx(mixed_grad_norm(target, X, y, r), rel=1e-8)
+    assert r.extra["objective_history"][-1] < 1e-3 < r.extra["objective_history"][0]  # the direction is matched
+
+
+def test_the_target_objective_is_model_targeted_and_works_for_classes(small_problem):
+    model, X, y = small_problem
+    assert GradientMatching(0.1, objective="target").model_targeted
+    assert not GradientMatching(0.1).model_targeted
+    r = GradientMatching(0.2, objective="target", steps=20, progress=False).poison(model, X, y)
+    g_mu = mean_gradient(model, X, y, ce_loss)
+    assert r.extra["target_grad_norm"] == pytest.approx(g_mu.norm().item(), rel=1e-10)
+    assert r.extra["objective_history"][-1] < r.extra["objective_history"][0]
+
+
+def test_a_copy_of_the_clean_data_is_a_stationary_start(regression_target):
+    """The whole clean set gives P = n·g(µ) = −n·t: S = 2, its maximum, with zero gradient (up to
+    rounding, whose sign signed Adam would follow). At ε_d = 1 the target objective therefore starts
+    from a sample with replacement and matches; a start at the maximum is refused with the fix."""
+    target, X, y = regression_target
+    r = GradientMatching(1.0, objective="target", box=None, steps=250, lr=0.5, progress=False).poison(target, X, y)
+    assert len(r.source_indices.unique()) < len(X)
+    assert r.extra["objective_history"][0] < 2 - 1e-6 and r.extra["objective_history"][-1] < 1e-4
+    one = (X[:1], y[:1])  # one clean point: every sample is the clean set itself
+    with pytest.raises(PoisonReachError, match="maximum of the matching objective.*eps_perturbation"):
+        GradientMatching(1.0, objective="target", box=None, steps=5, progress=False).poison(target, *one)
+    r = GradientMatching(1.0, objective="target", box=None, steps=5, eps_perturbation=1.0, progress=False).poison(target, *one)
+    assert r.extra["objective_history"][-1] < r.extra["objective_history"][0]
+
+
+def test_a_target_that_minimises_the_clean_loss_has_nothing_to_match():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 1, generator=g, dtype=torch.float64)
+    y = 2 * X[:, 0] + 1
+    fit = models.create("linreg", (1,), 1, seed=0).double().eval()
+    with torch.no_grad():  # the exact least-squares fit: g(µ) = 0 up to rounding
+        fit.head.weight.fill_(2.0)
+        fit.head.bias.fill_(1.0)
+    with pytest.raises(PoisonReachError, match="minimises the clean loss"):
+        GradientMatching(0.1, objective="target", box=None, steps=1, progress=False).poison(fit, X, y)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. effect after retraining
 # --------------------------------------------------------------------------------------------------
 
 
@@ -381,13 +467,15 @@ def test_gm_lowers_the_accuracy_of_a_retrained_logistic_regression(digits_lr):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. constructor validation
+# 6. constructor validation
 # --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "kwargs",
     [
+        dict(objective="negated"),
+        dict(objective=None),
         dict(steps=-1),
         dict(steps=2.5),
         dict(lr=0),
@@ -429,3 +517,13 @@ def test_repr_get_params_and_config():
     assert b.get_params() == a.get_params() and repr(b) == repr(a)
     config = a.config()
     assert config["attack"] == "gm" and config["box"] == [-1, 1] and "device" not in config and "progress" not in config
+
+
+def test_a_gm_target_cannot_itself_need_a_target():
+    """Table 7's ``target: gm`` attacks the clean model to make the target; a model-targeted GM there
+    would need the target it is making."""
+    from poisonreach.experiments.run import RunConfig
+
+    RunConfig(target="gm", target_options={"steps": 2}).validate()
+    with pytest.raises(PoisonReachError, match="needs a target itself"):
+        RunConfig(target="gm", target_options={"objective": "target"}).validate()

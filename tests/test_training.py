@@ -173,7 +173,7 @@ INF[1, 0, 0, 0] = float("inf")
         (X0, Y0, {"gamma": 0.0}, "gamma"),
         (X0, Y0, {"momentum": 1.0}, "momentum"),
         (X0, Y0, {"weight_decay": -1.0}, "weight_decay"),
-        (X0, Y0, {"optimizer": "lbfgs"}, "unknown optimizer"),
+        (X0, Y0, {"optimizer": "lbfgs"}, "optimizer must be one of"),
         (X0, Y0, {"seed": None}, "seed"),
         (X0, Y0, {"progress": "yes"}, "progress"),
         (X0, Y0, {"weights": torch.ones(7)}, r"shape \(8,\)"),

@@ -7,12 +7,15 @@ sums and the counts; nothing holds more than one chunk's graph.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from .errors import PoisonReachError
+from .validation import evaluating
 
 Params = Sequence[Tensor]
 
@@ -127,11 +130,6 @@ def per_sample_gradients(
     the model's modes are restored between blocks. The blocks carry no autograd graph. A custom
     ``loss_fn`` must work under ``torch.func.vmap`` (no data-dependent Python control flow).
     """
-    # imported here so that appending this function left the module's header untouched
-    from torch.func import functional_call, grad, vmap
-
-    from .validation import evaluating
-
     by_id = {id(p): name for name, p in model.named_parameters()}
     if any(id(p) not in by_id for p in params):
         raise PoisonReachError("params must be parameters of model: select them with select_parameters(model, ...)")
@@ -148,6 +146,71 @@ def per_sample_gradients(
         with evaluating(model), torch.no_grad():
             grads = per_sample(values, X[sl].to(device), y[sl].to(device))
         yield torch.cat([g.reshape(len(g), -1) for g in grads], dim=1)
+
+
+def hessian_vector_products(
+    model: nn.Module,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    V: Tensor | None,
+    *,
+    chunk_size: int,
+    device: torch.device,
+    block_size: int | None = None,
+) -> Tensor:
+    """Σ_z ∇²_w ℓ(z; w)·v over the rows z of (X, y), for every row v of V (k, P): the Hessian of the
+    summed loss with respect to ``params`` times each vector, as rows (k, P) laid out like
+    :func:`flatten` of ``params``. V = None stands for the identity: the dense P × P Hessian, built
+    without a P × P identity in memory.
+
+    These are the products TGDA's conjugate gradient needs for its total gradient and the influence
+    defense for (H + λI)⁻¹g (Koh & Liang 2017). Double backprop (Pearlmutter 1994), one chunk of
+    ``chunk_size`` rows at a time: a chunk's forward and first backward serve all k vectors, the
+    second backward is batched over ``block_size`` of them at once (``is_grads_batched``; None: all
+    k), so memory holds one chunk's graph times ``block_size`` vectors. The model is in eval mode
+    (batch-norm running statistics, no dropout), so that the chunked sums are exact; its modes are
+    restored afterwards. A parameter the gradient does not depend on has a zero Hessian block.
+    """
+    sizes = [p.numel() for p in params]
+    if V is not None and (V.dim() != 2 or V.shape[1] != sum(sizes)):
+        raise PoisonReachError(
+            f"V must hold one vector per row, shape (k, {sum(sizes)}) for these parameters, got {tuple(V.shape)}: "
+            "flatten the vectors with poisonreach.gradients.flatten"
+        )
+    like = params[0] if V is None else V
+    k = sum(sizes) if V is None else len(V)
+    out = torch.zeros(k, sum(sizes), dtype=like.dtype, device=like.device)
+    # switching modes costs more than a small model's product (TGDA's follower is already in eval mode)
+    training = any(m.training for m in model.modules())
+    with evaluating(model) if training else contextlib.nullcontext():
+        for sl in chunks(len(X), chunk_size):
+            losses = loss_fn(model(X[sl].to(device)), y[sl].to(device))
+            # allow_unused, and dropping constant gradients below: an unused or linear parameter
+            # has a zero Hessian row, which the second backward could not differentiate
+            grads = torch.autograd.grad(losses.sum(), params, create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            if not used:
+                continue
+            for rows in chunks(k, block_size or max(k, 1)):
+                if V is None:
+                    T = torch.zeros(rows.stop - rows.start, k, dtype=out.dtype, device=out.device)
+                    T[:, rows].fill_diagonal_(1.0)  # the basis vectors e_j, j in rows
+                else:
+                    T = V[rows]
+                # one vector needs no vmap over the backward, whose overhead dominates for small models
+                batched = len(T) > 1
+                lead = (len(T),) if batched else ()
+                tangents = [t.reshape(*lead, *p.shape) for t, p in zip(T.split(sizes, dim=1), params)]
+                # retain_graph: the chunk's graph serves every block; allow_unused: a parameter no
+                # gradient depends on has a zero block (materialize_grads would drop the batch dimension)
+                hv = torch.autograd.grad(
+                    [grads[i] for i in used], params, grad_outputs=[tangents[i] for i in used],
+                    is_grads_batched=batched, retain_graph=True, allow_unused=True,
+                )
+                out[rows] += torch.cat([T.new_zeros(len(T), n) if h is None else h.reshape(len(T), -1) for h, n in zip(hv, sizes)], dim=1)
+    return out
 
 
 def conjugate_gradient(apply, B: Tensor, *, iterations: int, tolerance: float = 0.0, truncate: bool = False) -> tuple[Tensor, int]:

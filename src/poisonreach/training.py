@@ -9,7 +9,6 @@ on poisoned data can be compared with the clean one trained from the same start 
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from typing import Callable
 
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
-from .validation import check_inputs, check_labels, evaluating, is_int, num_outputs
+from .validation import check_choice, check_inputs, check_labels, check_number, evaluating, num_outputs
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 
@@ -78,7 +77,7 @@ def train(
         gamma=gamma, momentum=momentum, weight_decay=weight_decay,
     )
     w = _check_weights(weights, n)
-    _check_positive_int("worst_of", worst_of)
+    check_number("worst_of", worst_of, low=1, integer=True)
     if worst_of > 1 and augment is None:
         raise PoisonReachError("worst_of > 1 needs augment: the worst of identical copies is the sample itself")
     device = _device(model, device)
@@ -120,7 +119,7 @@ def predict_logits(
     The model's train/eval modes are restored afterwards; ``device`` is as in :func:`train`.
     """
     check_inputs(X)
-    _check_positive_int("batch_size", batch_size)
+    check_number("batch_size", batch_size, low=1, integer=True)
     device = _device(model, device)
     with evaluating(model), torch.no_grad():
         return torch.cat([model(chunk.to(device)).cpu() for chunk in X.split(batch_size)])
@@ -235,26 +234,17 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if not is_int(value) or value < 1:
-        raise PoisonReachError(f"{name} must be a positive integer, got {value!r}")
-
-
 def _check_hyperparameters(
     *, epochs: int, lr: float, batch_size: int, seed: int, optimizer: str,
     gamma: float, momentum: float, weight_decay: float,
 ) -> None:
-    _check_positive_int("epochs", epochs)
-    _check_positive_int("batch_size", batch_size)
-    if not is_int(seed):
-        raise PoisonReachError(f"seed must be an integer, got {seed!r}")
-    if optimizer not in OPTIMIZERS:
-        raise PoisonReachError(f"unknown optimizer {optimizer!r}: choose one of {list(OPTIMIZERS)}")
-    for name, value, ok, rule in (
-        ("lr", lr, lambda v: v > 0, "> 0"),
-        ("gamma", gamma, lambda v: 0 < v <= 1, "in (0, 1]"),
-        ("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
-            raise PoisonReachError(f"{name} must be a finite number {rule}, got {value!r}")
+    check_number("epochs", epochs, low=1, integer=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("seed", seed, integer=True)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("gamma", gamma, low=0, low_open=True, high=1)
+    check_number("momentum", momentum, low=0)
+    if momentum >= 1:  # check_number has no open upper bound
+        raise PoisonReachError(f"momentum must be < 1, got {momentum!r}")
+    check_number("weight_decay", weight_decay, low=0)

@@ -33,9 +33,24 @@ Matching a direction says nothing about the poisons' pull once the victim retrai
 (section 4, point (3)): unbounded poisons reach S ≈ 0 within a few dozen steps, yet a logistic
 regression retrained on digits ∪ poisons lost no accuracy for ε_d ≤ 0.5 in our runs.
 
-Least squares: the paper does not say which reversed loss its Figure 6 matches, and the negated
-squared loss is no target at the clean least-squares fit, where its mean gradient is zero; regression
-targets and custom losses are therefore refused with an explanation.
+Two directions to match (``objective``):
+
+- ``"reversed"`` (default; Table 2's baseline): t = ∇_w ℓ̄(µ; w) at the clean model, with the
+  reversed loss (20). It exists for the cross-entropy and the logistic loss only: for least squares
+  the paper defines no reversed loss, and the negated squared loss has zero mean gradient at the
+  clean fit, so regression targets and custom losses are refused.
+- ``"target"`` (model-targeted; our reading of appendix C.4 and Figure 6, where GM is compared with GC
+  on least squares and lands on "different model parameters for every ε_d"): the model given is the
+  target w_t, and t = −g(µ; w_t) = −∇_w ℓ(µ; w_t), the direction GC's poisons must cancel (16), i.e.
+  the negated loss ℓ̄ = −ℓ taken at the target, where its gradient is not zero. GM matches only the
+  direction; GC also matches the size, ε_d·g(ν̂) = −g(µ). Any loss works, least squares included. As
+  P/n = ε_d·g(ν̂), the GC residual ‖g(µ) + ε_d·g(ν̂)‖ comes for free at every step and is recorded in
+  ``grad_norm_history``, so the two attacks' curves can be drawn together.
+
+For ``"target"``, the poisons start from a sample with replacement when m = n: the whole clean set
+would be a start at the maximum S = 2, where S has no gradient. The paper does not say which
+objective its Figure 6 used; ``"target"`` is the one under which the figure's comparison with GC
+(same data, same target) makes sense.
 """
 
 from __future__ import annotations
@@ -51,12 +66,15 @@ from ..losses import REVERSED, LossFn, resolve
 from ..validation import check_choice, check_model_data, check_number, evaluating
 from .base import Attack, PoisonResult, box_bounds, check_box
 
+OBJECTIVES = ("reversed", "target")
 OPTIMIZERS = ("signadam", "adam", "sgd")
 SCHEDULES = ("multistep", "constant")
 # Witches' Brew's step-decay milestones (MultiStepLR, factor 0.1) as fractions of the steps, and its
 # momentum for "momSGD".
 MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 SGD_MOMENTUM = 0.9
+# S within this of its maximum 2 at the start: its gradient there is rounding noise
+MAXIMUM_TOLERANCE = 1e-9
 
 
 def _dot(a: Params, b: Params) -> Tensor:
@@ -73,9 +91,9 @@ def matching_gradient(
     *,
     chunk_size: int,
     device: torch.device,
-) -> tuple[float, Tensor]:
-    """The matching objective S = 1 − cos(t, Σ_j ∇_w ℓ(z_j; w)) (21) at the points (X, y) and its
-    gradient with respect to every z_j (see the module docstring), in two chunked passes."""
+) -> tuple[float, Tensor, Params]:
+    """The matching objective S = 1 − cos(t, P), P = Σ_j ∇_w ℓ(z_j; w) (21), at the points (X, y),
+    its gradient with respect to every z_j (see the module docstring), and P; two chunked passes."""
     P = gradient_sum(model, params, X, y, loss_fn, chunk_size=chunk_size, device=device)
     t_norm, p_norm = math.sqrt(float(_dot(target, target))), math.sqrt(float(_dot(P, P)))
     if p_norm == 0:
@@ -86,7 +104,7 @@ def matching_gradient(
     cos = float(_dot(target, P)) / (t_norm * p_norm)
     u = [cos / p_norm**2 * p - t / (t_norm * p_norm) for p, t in zip(P, target)]  # ∂S/∂P
     grad, _, _ = cancel_gradient(model, params, X, y, loss_fn, u, chunk_size=chunk_size)
-    return 1.0 - cos, grad
+    return 1.0 - cos, grad, P
 
 
 class GradientMatching(Attack):
@@ -97,6 +115,9 @@ class GradientMatching(Attack):
     ----------
     eps_d: the poison budget ε_d = m / n (> 0); m = round(n·ε_d) poisons, at least one, added to the
         clean data.
+    objective: the direction t to match (see the module docstring): ``reversed`` (equation (20) at
+        the clean model given to :meth:`poison`) or ``target`` (−g(µ) at the target model given to
+        :meth:`poison`: model-targeted, any loss, least squares included; appendix C.4).
     steps: optimisation steps per restart (Witches' Brew: 250).
     lr: the step size in pixel units (see the module docstring for the scale).
     optimizer: ``signadam`` (Adam on the sign of the gradient, Witches' Brew's default), ``adam``
@@ -122,6 +143,7 @@ class GradientMatching(Attack):
         self,
         eps_d: float,
         *,
+        objective: str = "reversed",
         steps: int = 250,
         lr: float = 0.03,
         optimizer: str = "signadam",
@@ -136,6 +158,7 @@ class GradientMatching(Attack):
         progress: bool | None = None,
     ):
         check_number("eps_d", eps_d, low=0, low_open=True)
+        check_choice("objective", objective, OBJECTIVES)
         check_number("steps", steps, low=0, integer=True)
         check_number("lr", lr, low=0, low_open=True)
         check_choice("optimizer", optimizer, OPTIMIZERS)
@@ -153,6 +176,7 @@ class GradientMatching(Attack):
         check_number("chunk_size", chunk_size, low=1, integer=True)
         check_number("seed", seed, integer=True)
         self.eps_d = float(eps_d)
+        self.objective = objective
         self.steps = steps
         self.lr = float(lr)
         self.optimizer = optimizer
@@ -172,8 +196,13 @@ class GradientMatching(Attack):
             return self.lr
         return self.lr * 0.1 ** sum(step >= f * self.steps for f in MILESTONES)
 
+    @property
+    def model_targeted(self) -> bool:
+        return self.objective == "target"
+
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
-        """Craft poisons against the clean ``model`` (its parameters are w) on clean data (X, y)."""
+        """Craft poisons against ``model`` (its parameters are w: the clean model, or the target w_t
+        with ``objective="target"``) on clean data (X, y)."""
         device = self._device(model)
         with evaluating(model):  # a fixed w: no dropout, batch-norm running statistics
             return self._run(model, X, y, loss, device)
@@ -181,25 +210,33 @@ class GradientMatching(Attack):
     def _run(self, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> PoisonResult:
         num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
         loss_fn = resolve(num_outputs, y, loss)
-        if loss_fn not in REVERSED:
+        if self.objective == "reversed" and loss_fn not in REVERSED:
             raise PoisonReachError(
                 "gradient matching needs the reversed loss of equation (20), defined here for the cross-entropy "
-                "and the logistic loss (class labels); regression targets and custom losses have none "
-                "(see appendix C.4): use GradientCanceling for them"
+                "and the logistic loss (class labels); regression targets and custom losses have none: "
+                "use objective='target' (match −g(µ) at a target model, appendix C.4) or GradientCanceling"
             )
         params = select_parameters(model, self.parameters)
         n = len(X)
         m = max(1, round(n * self.eps_d))
         gen = torch.Generator().manual_seed(self.seed)
-        source = torch.randperm(n, generator=gen)[:m] if m <= n else torch.randint(n, (m,), generator=gen)
+        # distinct points while they last; for objective "target" the whole clean set is no start: its
+        # gradient sum is exactly −n·t, the maximum of S, where S's gradient vanishes
+        distinct = m < n or (m == n and self.objective == "reversed")
+        source = torch.randperm(n, generator=gen)[:m] if distinct else torch.randint(n, (m,), generator=gen)
         start = X[source].to(device)
         py = y[source].to(device)
 
-        # t = ∇_w ℓ̄(µ; w): the sum over the clean chunks divided by n; computed once, w is fixed.
-        target = [g / n for g in gradient_sum(model, params, X, y, REVERSED[loss_fn], chunk_size=self.chunk_size, device=device)]
+        # t = ∇_w ℓ̄(µ; w) with ℓ̄ the reversed loss (20), or −g(µ; w_t) = ∇_w (−ℓ)(µ; w_t): the sum over
+        # the clean chunks divided by n; computed once, w is fixed.
+        sign, matched = (1.0, REVERSED[loss_fn]) if self.objective == "reversed" else (-1.0, loss_fn)
+        target = [sign * g / n for g in gradient_sum(model, params, X, y, matched, chunk_size=self.chunk_size, device=device)]
         target_norm = flat_norm(target)
         if target_norm == 0:
-            raise PoisonReachError("the reversed-loss gradient on the clean data is zero, so there is no direction to match")
+            raise PoisonReachError(
+                "the gradient to match is zero on the clean data, so there is no direction: "
+                + ("the target minimises the clean loss already" if self.objective == "target" else "the reversed loss is flat here")
+            )
         low, high = self._bounds(X, start)
 
         best = None
@@ -210,16 +247,17 @@ class GradientMatching(Attack):
                 noise = torch.randn(start.shape, generator=gen, dtype=start.dtype).to(device)
                 x = x + (self.eps_perturbation * noise).clamp(-self.eps_perturbation, self.eps_perturbation)
             x = _clamp(x, low, high)
-            x, history = self._optimize(model, params, target, x, py, loss_fn, low, high, device, restart)
+            x, history, residuals = self._optimize(model, params, target, x, py, loss_fn, low, high, device, restart, n)
             objectives.append(history[-1])
             if best is None or history[-1] < best[1][-1]:
-                best = (x, history, restart)
-        x, history, chosen = best
+                best = (x, history, residuals, restart)
+        x, history, residuals, chosen = best
         return PoisonResult(
             x=x.detach().cpu(),
             y=py.cpu(),
             source_indices=source,
-            grad_norm_history=[],  # GM does not track ‖g(µ) + ε_d·g(ν̂)‖; its own objective is in extra
+            # ‖g(µ) + ε_d·g(ν̂)‖ at the target (objective "target"); the reversed objective has no target
+            grad_norm_history=residuals,
             tau=math.nan,
             eps_d=self.eps_d,
             config=self.config(),
@@ -234,21 +272,33 @@ class GradientMatching(Attack):
             },
         )
 
-    def _optimize(self, model, params, target, x, py, loss_fn, low, high, device, restart) -> tuple[Tensor, list[float]]:
-        """``steps`` projected steps on S; the history holds S before the first step and after each."""
+    def _optimize(self, model, params, target, x, py, loss_fn, low, high, device, restart, n) -> tuple[Tensor, list[float], list[float]]:
+        """``steps`` projected steps on S; the histories hold S (and, for ``objective="target"``,
+        ‖g(µ) + P/n‖ with g(µ) = −t) before the first step and after each."""
         x = x.detach().requires_grad_(True)  # a leaf for torch.optim; its .grad is set by hand
         if self.optimizer == "sgd":
             opt = torch.optim.SGD([x], lr=self.lr, momentum=SGD_MOMENTUM)
         else:
             opt = torch.optim.Adam([x], lr=self.lr)
         history: list[float] = []
+        residuals: list[float] = []
         desc = f"GM eps_d={self.eps_d:g}" + (f" restart {restart + 1}/{self.restarts}" if self.restarts > 1 else "")
         bar = self._progress(range(self.steps + 1), desc=desc)
         for step in bar:
-            objective, grad = matching_gradient(
+            objective, grad, P = matching_gradient(
                 model, params, target, x.detach(), py, loss_fn, chunk_size=self.chunk_size, device=device
             )
             history.append(objective)
+            if self.objective == "target":
+                residuals.append(flat_norm([p / n - t for p, t in zip(P, target)]))
+            if step == 0 and objective > 2 - MAXIMUM_TOLERANCE:
+                # S = 2 is its maximum, where the gradient is zero or rounding noise (whose sign signed Adam
+                # would follow), e.g. when a sample with replacement drew every clean point once
+                raise PoisonReachError(
+                    f"the poisons start at the maximum of the matching objective (S = {objective:.10g}, their gradient "
+                    "points exactly against t), where its gradient vanishes: give eps_perturbation for a random start "
+                    "in an ℓ∞ ball, or another seed"
+                )
             bar.set_postfix(objective=f"{objective:.4g}")
             if step == self.steps:
                 break  # the last entry is S after the final update
@@ -258,7 +308,7 @@ class GradientMatching(Attack):
             with torch.no_grad():
                 x.copy_(_clamp(x, low, high))
         bar.close()
-        return x.detach(), history
+        return x.detach(), history, residuals
 
     def _bounds(self, X: Tensor, start: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """Per-coordinate bounds of the admissible set: the box Γ intersected with the ℓ∞ ball."""

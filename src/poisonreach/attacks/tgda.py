@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import training
 from ..errors import PoisonReachError
-from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, unflatten
+from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, hessian_vector_products, unflatten
 from ..losses import LossFn, resolve, task_of, to_probabilities
 from ..validation import check_choice, check_labels, check_model_data, check_number
 from .base import Attack, PoisonResult, box_bounds, check_box
@@ -62,30 +62,6 @@ Vectors = Sequence[Tensor]  # one tensor per parameter, taken as one vector
 def dot(a: Vectors, b: Vectors) -> Tensor:
     """⟨a, b⟩ of two lists of tensors taken as one vector each."""
     return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def hessian_vector_product(
-    model: nn.Module,
-    params: Vectors,
-    parts: Sequence[Part],
-    loss_fn: LossFn,
-    v: Vectors,
-    *,
-    chunk_size: int,
-    device: torch.device,
-) -> list[Tensor]:
-    """Σ_z ∇²_w ℓ(z; w)·v over the rows of every part: ∇_w ⟨∇_w ℓ, v⟩ by double backprop, one chunk
-    at a time, so memory holds one chunk's graph."""
-    total = [torch.zeros_like(p) for p in params]
-    for X, y in parts:
-        for sl in chunks(len(X), chunk_size):
-            losses = loss_fn(model(X[sl].to(device)), y[sl].to(device))
-            grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
-            # allow_unused: a parameter the gradient does not depend on has a zero Hessian block
-            for acc, h in zip(total, torch.autograd.grad(dot(grads, v), params, allow_unused=True)):
-                if h is not None:
-                    acc += h
-    return total
 
 
 class PointsGenerator(nn.Module):
@@ -158,18 +134,19 @@ def total_gradient(
     ℓ is the mean loss over ``clean`` ∪ the poisons G_θ(S[index]) with ``labels``; L the mean loss
     over ``validation``; w are ``params`` of the follower. (∂²_{ww} ℓ + λI)⁻¹ is applied by
     :func:`poisonreach.gradients.conjugate_gradient` (truncated on negative curvature) with
-    ``cg_iterations`` Hessian-vector products.
+    ``cg_iterations`` Hessian-vector products (:func:`poisonreach.gradients.hessian_vector_products`).
     """
     X, y = clean
     count = len(X) + len(index)  # the follower's loss is a mean over clean ∪ poisons
     parts = [clean, (generate(generator, index, chunk_size), labels)]
-    b = [g / len(validation[0]) for g in gradient_sum(follower, params, *validation, loss_fn, chunk_size=chunk_size, device=device)]
+    b = flatten(gradient_sum(follower, params, *validation, loss_fn, chunk_size=chunk_size, device=device)) / len(validation[0])
 
-    def hessian(v: Vectors) -> list[Tensor]:
-        return [h / count for h in hessian_vector_product(follower, params, parts, loss_fn, v, chunk_size=chunk_size, device=device)]
+    def damped(V: Tensor) -> Tensor:
+        """(∂²_{ww} ℓ + λI)·v for every row v of V, the Hessian summed part by part."""
+        hv = sum(hessian_vector_products(follower, params, *part, loss_fn, V, chunk_size=chunk_size, device=device) for part in parts)
+        return hv / count + damping * V
 
-    damped = lambda rows: flatten(hessian(unflatten(rows[0], b)))[None] + damping * rows  # noqa: E731
-    u = unflatten(conjugate_gradient(damped, flatten(b)[None], iterations=cg_iterations, truncate=True)[0][0], b)
+    u = unflatten(conjugate_gradient(damped, b[None], iterations=cg_iterations, truncate=True)[0][0], params)
     theta = list(generator.parameters())
     mixed = [torch.zeros_like(t) for t in theta]
     for sl in chunks(len(index), chunk_size):  # only the poisons depend on θ
@@ -344,8 +321,10 @@ class TGDA(Attack):
             if classification:
                 history["follower_accuracy"].append(training.accuracy(follower, Xv, yv, batch_size=self.chunk_size, device=device))
             if not (math.isfinite(history["leader_objective"][-1]) and math.isfinite(history["follower_loss"][-1])):
+                epoch = len(history["follower_loss"]) - 1  # 0: before the first epoch
                 raise PoisonReachError(
-                    "TGDA diverged: the losses are no longer finite; lower leader_lr or follower_lr, add damping, or set a box"
+                    f"TGDA diverged after epoch {epoch} of {self.epochs}: the losses are no longer finite; lower leader_lr "
+                    "or follower_lr, add damping, or set a box"
                 )
 
         for _ in range(self.pretrain_follower):

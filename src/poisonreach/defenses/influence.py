@@ -31,8 +31,8 @@ Every s_i needs its own inverse-Hessian-vector product. The solvers (``auto``, t
   anew each step (seeded), estimating scale·(H + λI)⁻¹g; averaged over ``lissa_repeats``. It
   converges only when ``lissa_scale`` exceeds the largest eigenvalue of Ĥ + λI.
 
-Hessian-vector products are double backprop (torch.autograd, the products for a block of vectors
-batched with ``is_grads_batched``) summed over chunks of the data, in eval mode.
+Hessian-vector products are :func:`poisonreach.gradients.hessian_vector_products`: double backprop
+summed over chunks of the data, in eval mode, batched over a block of vectors.
 
 Memory: ``exact`` P² numbers; ``cg`` about 5 × ``block_size`` × P numbers (x, r, p, A·p, g) plus
 the double-backward graph of one data chunk times ``block_size`` vectors; ``lissa`` about 3 ×
@@ -49,8 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PoisonReachError
-from ..gradients import chunks, conjugate_gradient, per_sample_gradients
-from ..validation import check_choice, check_number, evaluating
+from ..gradients import chunks, conjugate_gradient, hessian_vector_products, per_sample_gradients
+from ..validation import check_choice, check_number
 from .base import Filter, FilterResult, removal_count
 
 SOLVERS = ("auto", "cg", "lissa", "exact")
@@ -203,53 +203,28 @@ class Influence(Filter):
 
 class DampedHessian:
     """V ↦ (H + λI)·v for every row v of V (k, P): H = (1/n) Σ_j ∇²ℓ(z_j; w), the Hessian of the
-    mean loss over (X, y) at ``params`` (or over the rows ``index``), by double backprop per chunk.
-
-    The k products of a chunk share one forward and first backward; the second backward is batched
-    over them (``is_grads_batched``). The model is in eval mode.
+    mean loss over (X, y) at ``params`` (or over the rows ``index``), by
+    :func:`poisonreach.gradients.hessian_vector_products` (batched over the rows of V, eval mode).
     """
 
     def __init__(self, model: nn.Module, params, X: Tensor, y: Tensor, loss_fn, *, damping: float, chunk_size: int, device):
         self.model, self.params, self.X, self.y, self.loss_fn = model, list(params), X, y, loss_fn
         self.damping, self.chunk_size, self.device = damping, chunk_size, device
         self.n = len(X)
-        self.dtype = self.params[0].dtype
 
     def __call__(self, V: Tensor, index: Tensor | None = None) -> Tensor:
-        out = torch.zeros_like(V)
-        count = 0
-        for grads, rows in self._gradients(index):
-            out += self._products(grads, V)
-            count += rows
-        return out / count + self.damping * V
+        X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
+        return self._products(X, y, V) / len(X) + self.damping * V
 
     def dense(self, block_size: int) -> Tensor:
         """The P × P matrix H + λI, ``block_size`` columns per batched second backward; the forward
         and first backward of a chunk serve all the columns."""
-        size = sum(p.numel() for p in self.params)
-        A = torch.zeros(size, size, dtype=self.dtype, device=self.params[0].device)
-        for grads, _ in self._gradients(None):
-            for sl in chunks(size, block_size):
-                basis = torch.zeros(sl.stop - sl.start, size, dtype=A.dtype, device=A.device)
-                basis[:, sl].fill_diagonal_(1.0)  # rows e_j, j in sl: no P × P identity in memory
-                A[sl] += self._products(grads, basis)
+        A = self._products(self.X, self.y, None, block_size=block_size)
         A /= self.n
         A.diagonal().add_(self.damping)
         return A
 
-    def _gradients(self, index: Tensor | None):
-        """Per chunk of the points (all, or ``index``): Σ ∇ℓ over the chunk with its graph, and its size."""
-        X, y = (self.X, self.y) if index is None else (self.X[index], self.y[index])
-        for sl in chunks(len(X), self.chunk_size):
-            with evaluating(self.model):
-                loss = self.loss_fn(self.model(X[sl].to(self.device)), y[sl].to(self.device)).sum()
-                grads = torch.autograd.grad(loss, self.params, create_graph=True)
-            yield grads, len(X[sl])
-
-    def _products(self, grads, V: Tensor) -> Tensor:
-        """∇(⟨grads, v⟩) for every row v of V: one chunk's Hessian times V, batched over the rows."""
-        tangents = [t.reshape(len(V), *p.shape) for t, p in zip(V.split([p.numel() for p in self.params], dim=1), self.params)]
-        # retain_graph: the chunk's graph serves several blocks; materialize_grads: a parameter the
-        # gradient does not depend on has a zero Hessian block
-        hv = torch.autograd.grad(grads, self.params, grad_outputs=tangents, is_grads_batched=True, retain_graph=True, materialize_grads=True)
-        return torch.cat([h.reshape(len(V), -1) for h in hv], dim=1)
+    def _products(self, X: Tensor, y: Tensor, V: Tensor | None, block_size: int | None = None) -> Tensor:
+        return hessian_vector_products(
+            self.model, self.params, X, y, self.loss_fn, V, chunk_size=self.chunk_size, device=self.device, block_size=block_size
+        )

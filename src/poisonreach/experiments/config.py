@@ -24,6 +24,10 @@ overrides ``key=value``, where the key is a dotted path from the top (``run.atta
 key by key; lists (and every other value) replace. A grid value is assigned to its cell as a whole.
 An override of a ``run`` key that a grid axis sets is refused (the axis would hide it).
 
+Each cell is the folder ``cells/<id>``, the id made of its grid values (``model=lr,eps_w=1``); the
+mapping parts of a joint axis are left out of it when the axis's other parts tell its values apart
+(``attack+attack_options: [[gc, {...}], [gm, {...}]]`` gives ``attack=gc`` and ``attack=gm``).
+
 Every key is checked: an unknown one fails with a PoisonReachError naming the key, where it was
 (file and section, or the override) and the keys accepted there. Every cell is validated
 (``RunConfig.validate``, the defenses' options, the paper lookup) before anything runs.
@@ -52,7 +56,7 @@ import yaml
 
 from .. import io
 from ..errors import PoisonReachError
-from .run import ATTACKS, RunConfig
+from .run import RunConfig
 
 SECTIONS = ("name", "description", "paper", "run", "grid", "defenses", "profiles")
 PROFILE_SECTIONS = ("run", "grid", "defenses")
@@ -319,6 +323,22 @@ def _assign(config: dict, axis: str, value) -> None:
     target[last] = copy.deepcopy(value)
 
 
+def _id_values(grid: dict, combo: tuple) -> dict:
+    """The grid values that name a cell: a joint axis's mapping parts (``attack+attack_options:
+    [gm, {...}]``) are left out when its other parts already tell its values apart, so the folder
+    reads ``attack=gm`` rather than a hashed dump of the options."""
+    named = {}
+    for (axis, values), value in zip(grid.items(), combo):
+        parts = axis.split("+")
+        if len(parts) == 1:
+            named[axis] = value
+            continue
+        scalar = [i for i in range(len(parts)) if not any(isinstance(v[i], dict) for v in values)]
+        distinct = len({tuple(_text(v[i]) for i in scalar) for v in values}) == len(values)
+        named.update({parts[i]: value[i] for i in (scalar if scalar and distinct else range(len(parts)))})
+    return named
+
+
 def expand(resolved: dict) -> list[tuple[str, dict, dict]]:
     """(cell_id, grid values, RunConfig dict) for every point of the grid, first axis slowest."""
     grid = resolved["grid"]
@@ -328,7 +348,7 @@ def expand(resolved: dict) -> list[tuple[str, dict, dict]]:
         config = copy.deepcopy(resolved["run"])
         for axis, value in values.items():
             _assign(config, axis, value)
-        cid = cell_id(values)
+        cid = cell_id(_id_values(grid, combo))
         if cid in seen:
             raise PoisonReachError(f"the grid gives cell {cid} twice ({seen[cid]} and {values}): remove repeated values from the grid axes")
         seen[cid] = values
@@ -365,7 +385,7 @@ def paper_keys(config: RunConfig, paper: dict, eps_d, defense: dict | None) -> d
     else:
         gc_c = config.attack == "gc" and config.attack_options.get("box") == "data-range"
         keys.update(attack="gc-c" if gc_c else config.attack, eps_d=eps_d)
-        targeted = getattr(ATTACKS.get(config.attack), "model_targeted", False)
+        targeted = config.make_attacks()[0].model_targeted  # an instance: GM's depends on its objective
         keys["target"] = target_label(config) if targeted else None
         if paper.get("table") == 9:  # adding versus replacing (appendix C.10)
             keys["threat"] = "replace" if config.attack_options.get("replace") else "add"

@@ -65,7 +65,7 @@ def plot_gc_history(ax, run_dir: Path, metrics: dict, *, prefix: str = "") -> bo
             ax.plot(history, label=f"{prefix}ε_d = {r['eps_d']:g}")
             drawn = True
     ax.set_yscale("log")
-    ax.set_xlabel("GC epoch")
+    ax.set_xlabel("epoch (GC), step (GM)")
     ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
     return drawn
 
@@ -228,7 +228,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
                 drawn = True
         ax.set_yscale("log")
         ax.set_title(f"ε_d = {eps_d:g}")
-        ax.set_xlabel("GC epoch")
+        ax.set_xlabel("epoch (GC), step (GM)")
         ax.set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂")
         ax.legend(fontsize="x-small")
     if drawn:

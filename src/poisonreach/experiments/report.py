@@ -10,7 +10,6 @@ the difference where the paper gives a number), the wall time of every cell, and
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import yaml
@@ -18,34 +17,17 @@ import yaml
 from .. import io
 from ..errors import PoisonReachError
 from .plots import plot_sweep
+from .sweep import HEADERS, show, shown_columns
 
-# Columns shown, in this order, when present; the CSV keeps everything.
-SHOWN = ["cell", "dataset", "model", "attack", "eps_w", "defense", "eps_d", "clean_acc", "target_acc", "tau",
-         "poisoned_acc", "acc_drop", "paper_acc_drop", "defended_acc", "recovered", "grad_norm_ratio", "wall_time_s"]
-NAMES = {"acc_drop": "drop (ours)", "paper_acc_drop": "drop (paper)", "grad_norm_ratio": "‖g‖ ratio", "wall_time_s": "time (s)"}
-
-
-def _cell(value: str, key: str) -> str:
-    try:
-        number = float(value)
-    except ValueError:
-        return value
-    if math.isnan(number):
-        return "–"
-    if key in ("acc_drop",):
-        return f"{-number:+.2f}"  # printed as the paper prints drops: negative
-    if key.endswith("acc") or key.endswith("acc_drop") or key == "recovered":
-        return f"{number:.2f}"
-    if key == "wall_time_s":
-        return f"{number:.0f}"
-    return f"{number:.4g}"
+# The report names the sweep's grid values as columns too, and says whose drop is whose.
+NAMES = {**HEADERS, "acc_drop": "drop (ours)", "paper_acc_drop": "drop (paper)"}
 
 
 def markdown_table(rows: list[dict]) -> str:
-    keys = [k for k in SHOWN if any(r.get(k) not in (None, "") for r in rows)]
-    head = "| " + " | ".join(NAMES.get(k, k) for k in keys) + " |"
+    keys = shown_columns(rows, list(HEADERS))
+    head = "| " + " | ".join(NAMES[k] for k in keys) + " |"
     rule = "|" + "|".join("---" for _ in keys) + "|"
-    body = ["| " + " | ".join(_cell(r.get(k) or "", k) if r.get(k) not in (None, "") else "" for k in keys) + " |" for r in rows]
+    body = ["| " + " | ".join(show(k, r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

@@ -93,7 +93,13 @@ class RunConfig:
         if self.target in POISONED_TARGETS:
             cls = ATTACKS[self.target]
             check_options(cls, self.target_options, f"{self.target} target")
-            return cls(**{"eps_d": 1.0, **self.target_options, "seed": self.seed, "device": self.device})
+            generator = cls(**{"eps_d": 1.0, **self.target_options, "seed": self.seed, "device": self.device})
+            if generator.model_targeted:
+                raise PoisonReachError(
+                    f"a {self.target} target is made by attacking the clean model; {generator!r} needs a target "
+                    "itself: drop the option that makes it model-targeted from target_options"
+                )
+            return generator
         cls = TARGET_GENERATORS[self.target]
         check_options(cls, self.target_options, f"{self.target} target")
         if cls is FixedTarget:
@@ -202,7 +208,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
     thr = threshold(target, X, y)
     io.write_json(out / "threshold.json", thr.to_dict())
-    log(f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
+    quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {target_mse:.4g}" if splits.task == "regression"
+               else f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%")
+    log(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
     grad_norm_clean = mixed_grad_norm(target, X, y)
     results = []
@@ -274,7 +282,8 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     io.write_json(done, entry)
     if getattr(attack, "checkpoint", None) is not None:
         Path(attack.checkpoint).unlink(missing_ok=True)  # the poisons are saved: the checkpoint is spent
-    log(f"eps_d={attack.eps_d:g}: poisoned accuracy {poisoned_acc:.2f}% (drop {entry['acc_drop']:.2f}), ‖g‖ ratio {entry['grad_norm_ratio']:.3g}")
+    quality = f"test MSE {poisoned_mse:.4g}" if poisoned_mse is not None else f"poisoned accuracy {poisoned_acc:.2f}% (drop {entry['acc_drop']:.2f})"
+    log(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}")
     return entry
 
 
@@ -323,10 +332,15 @@ def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = F
 
 def format_table(metrics: dict) -> str:
     """The run's results as a fixed-width table for the terminal."""
-    head = f"{metrics['dataset']} / {metrics['model']}: clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%, tau {_fmt(metrics['tau'])}"
-    cols = ["eps_d", "poisons", "poisoned acc", "acc drop", "‖g‖ final/initial", "param dist"]
+    regression = "clean_mse" in metrics  # accuracy is undefined: the test MSE instead (Figure 5)
+    quality = (f"clean test MSE {metrics['clean_mse']:.4g}, target {metrics['target_mse']:.4g}" if regression
+               else f"clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%")
+    head = f"{metrics['dataset']} / {metrics['model']}: {quality}, tau {_fmt(metrics['tau'])}"
+    cols = ["eps_d", "poisons", *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), "‖g‖ final/initial", "param dist"]
     rows = [
-        [f"{r['eps_d']:g}", str(r["num_poisons"]), f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}", f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
+        [f"{r['eps_d']:g}", str(r["num_poisons"]),
+         *([f"{r['poisoned_mse']:.4g}"] if regression else [f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}"]),
+         f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
         for r in metrics["results"]
     ]
     return "\n".join([head, text_table(cols, rows)])

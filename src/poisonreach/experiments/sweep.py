@@ -40,6 +40,7 @@ import argparse
 import csv
 import io as _io
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -56,11 +57,14 @@ from ..validation import check_number
 from .config import SETTINGS, Sweep, load_sweep, target_label
 from .run import RunConfig, run, text_table
 
-__all__ = ["COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
-           "format_results", "load_sweep", "run_sweep", "write_results"]
+__all__ = ["COLUMNS", "HEADERS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
+           "format_results", "load_sweep", "run_sweep", "show", "shown_columns", "write_results"]
 
-COLUMNS = ["dataset", "model", "eps_w", "attack", "defense", "eps_d", "clean_acc", "target_acc", "tau",
-           "poisoned_acc", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio", "wall_time_s", "paper_acc_drop"]
+# accuracies are NaN for regression, which reports test MSE instead (Figure 5); param_distance is
+# ‖w_retrained − w_target‖, how close the victim came to the target
+COLUMNS = ["dataset", "model", "eps_w", "attack", "defense", "eps_d", "clean_acc", "target_acc", "clean_mse", "target_mse",
+           "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
+           "param_distance", "wall_time_s", "paper_acc_drop"]
 
 
 class SweepFailed(PoisonReachError):
@@ -279,7 +283,8 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     m = io.plain(output["metrics"])
     base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
             "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
-            "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "tau": m["tau"]}
+            "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "clean_mse": m.get("clean_mse"),
+            "target_mse": m.get("target_mse"), "tau": m["tau"]}
     paper = lambda eps_d, did: sweep.paper_values.get((cid, eps_d, did))
     if not config.eps_d:
         return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
@@ -288,8 +293,9 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     by_eps_d = {r["eps_d"]: r for r in m["results"]}
     done = [(e, by_eps_d[v]) for e in config.eps_d if (v := m["tau"] if e == "tau" else e) in by_eps_d]
     rows = [
-        {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "acc_drop": r["acc_drop"], "grad_norm_ratio": r["grad_norm_ratio"],
-         "wall_time_s": m["wall_time_s"], "paper_acc_drop": paper(eps_d, None)}
+        {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
+         "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "wall_time_s": m["wall_time_s"],
+         "paper_acc_drop": paper(eps_d, None)}
         for eps_d, r in done
     ]
     for d in defenses:
@@ -325,10 +331,20 @@ def _number(value) -> float | None:
         return None
 
 
-def _show(key: str, value) -> str:
+def _present(value) -> bool:
+    """A value worth a column: not missing, and not the NaN of an undefined accuracy."""
+    x = _number(value)
+    return value not in (None, "") and (x is None or not math.isnan(x))
+
+
+def show(key: str, value) -> str:
+    """One results value as text: accuracies in %, drops negative as the paper prints them, "-" for
+    a missing value or the NaN of an undefined accuracy."""
     x = _number(value)
     if x is None:
         return "-" if value in (None, "") else str(value)
+    if math.isnan(x):
+        return "-"
     if key == "acc_drop":
         return f"{-x:+.2f}"  # printed as the paper prints drops: negative
     if key == "paper_acc_drop":
@@ -340,16 +356,28 @@ def _show(key: str, value) -> str:
     return f"{x:.4g}"
 
 
-_SHOWN = [("cell", "cell"), ("defense", "defense"), ("eps_d", "eps_d"), ("clean_acc", "clean"), ("target_acc", "target"),
-          ("tau", "tau"), ("poisoned_acc", "poisoned"), ("acc_drop", "drop"), ("paper_acc_drop", "paper"),
-          ("defended_acc", "defended"), ("recovered", "recovered"), ("grad_norm_ratio", "‖g‖ ratio"), ("wall_time_s", "time (s)")]
+# The columns of the printed table and the report, in order, with their headers; the optional ones
+# are shown only where some row has a value: defenses when one ran, MSEs for regression, accuracies
+# for classification. The CSV keeps everything.
+HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "attack": "attack", "eps_w": "eps_w", "defense": "defense",
+           "eps_d": "eps_d", "clean_acc": "clean", "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
+           "tau": "tau", "poisoned_acc": "poisoned", "poisoned_mse": "poisoned MSE", "acc_drop": "drop", "paper_acc_drop": "paper",
+           "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
+           "wall_time_s": "time (s)"}
+_OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "defended_acc", "recovered", "clean_acc", "target_acc",
+             "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse"}
+TERMINAL = [k for k in HEADERS if k not in ("dataset", "model", "attack", "eps_w")]  # the cell id names those
+
+
+def shown_columns(rows: list[dict], keys=TERMINAL) -> list[str]:
+    """The keys of ``keys`` worth a column for these rows (see :data:`HEADERS`)."""
+    return [k for k in keys if k not in _OPTIONAL or any(_present(r.get(k)) for r in rows)]
 
 
 def format_results(rows: list[dict]) -> str:
-    """The rows as a fixed-width table (accuracies in %, drops negative as in the paper)."""
-    optional = {"defense", "defended_acc", "recovered"}
-    shown = [(k, name) for k, name in _SHOWN if k not in optional or any(r.get(k) not in (None, "") for r in rows)]
-    return text_table([name for _, name in shown], [[_show(k, r.get(k)) for k, _ in shown] for r in rows], left_first=True)
+    """The rows as a fixed-width table for the terminal."""
+    keys = shown_columns(rows)
+    return text_table([HEADERS[k] for k in keys], [[show(k, r.get(k)) for k in keys] for r in rows], left_first=True)
 
 
 # --------------------------------------------------------------------------------------------------

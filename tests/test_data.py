@@ -27,6 +27,9 @@ from poisonreach.data import cifar, idx, tinyimagenet
 from poisonreach.data.files import Known
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError, PoisonReachError
 
+import fakedata
+from fakedata import write_cifar
+
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -251,21 +254,6 @@ def test_fashion_mnist_missing_mentions_debian_package(tmp_path, monkeypatch):
 
 # --- CIFAR-10 --------------------------------------------------------------------------------
 
-def write_cifar(folder: Path, per_batch: int = 10) -> dict[str, dict]:
-    """Write the six batches, in the original pickle format, with ``per_batch`` images each."""
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in (*cifar.TRAIN_BATCHES, cifar.TEST_BATCH):
-        batch = {b"batch_label": name.encode(),
-                 b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, per_batch)],
-                 b"filenames": [b"x.png"] * per_batch}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        batches[name] = batch
-    return batches
-
-
 def test_cifar10_loads_original_batches(tmp_path):
     batches = write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py")
     splits = data.load("cifar10", root=tmp_path, seed=1)
@@ -359,20 +347,11 @@ WNIDS = ["n03", "n01", "n02"]  # deliberately unsorted: classes follow the sorte
 
 
 def write_tinyimagenet(top: Path) -> None:
-    """A tiny tree in the original layout: each class's images are one solid colour."""
-    (top / "val" / "images").mkdir(parents=True)
-    (top / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    annotations = []
-    for wnid in WNIDS:
-        colour = (40 * int(wnid[-1]), 200, 100)
-        images = top / "train" / wnid / "images"
-        images.mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (64, 64), colour).save(images / f"{wnid}_{i}.JPEG")
-        Image.new("RGB", (64, 64), colour).save(top / "val" / "images" / f"val_{wnid}.JPEG")
-        annotations.append(f"val_{wnid}.JPEG\t{wnid}\t0\t0\t63\t63")
+    """A tiny tree in the original layout: each class's images are one solid colour, and one
+    training image of n02 is greyscale."""
+    fakedata.write_tinyimagenet(top, wnids=WNIDS, train_per_class=3, val_per_class=1,
+                                colours=[(40 * int(wnid[-1]), 200, 100) for wnid in WNIDS])
     Image.new("L", (64, 64), 90).save(top / "train" / "n02" / "images" / "n02_grey.JPEG")
-    (top / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
 
 
 def test_tinyimagenet_loads_and_reuses_its_cache(tmp_path, monkeypatch):

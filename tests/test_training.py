@@ -190,3 +190,28 @@ INF[1, 0, 0, 0] = float("inf")
 def test_bad_training_input_raises(X, y, kwargs, match):
     with pytest.raises(PoisonReachError, match=match):
         training.train(models.create("lr", (1, 8, 8), 3), X, y, **{"progress": False, **kwargs})
+
+
+def test_evaluating_switches_to_eval_mode_and_restores_every_submodule():
+    from poisonreach.validation import evaluating
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Linear(2, 1))
+    model[1].eval()  # mixed modes: each must come back as it was
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    model.eval()
+    with evaluating(model):  # already in eval mode: left alone
+        assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+    with pytest.raises(RuntimeError):
+        with evaluating(model.train()):
+            raise RuntimeError("boom")
+    assert all(m.training for m in model.modules())  # restored on error too
+
+
+def test_momentum_bound_is_open_at_one():
+    X, y = torch.rand(8, 2), torch.randint(0, 2, (8,))
+    with pytest.raises(PoisonReachError, match="momentum must be < 1, got 1.0"):
+        training.train(torch.nn.Linear(2, 2), X, y, epochs=1, optimizer="sgd", momentum=1.0, progress=False)
+    training.train(torch.nn.Linear(2, 2), X, y, epochs=1, optimizer="sgd", momentum=0.99, progress=False)

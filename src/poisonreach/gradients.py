@@ -7,7 +7,6 @@ sums and the counts; nothing holds more than one chunk's graph.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -182,9 +181,7 @@ def hessian_vector_products(
     like = params[0] if V is None else V
     k = sum(sizes) if V is None else len(V)
     out = torch.zeros(k, sum(sizes), dtype=like.dtype, device=like.device)
-    # switching modes costs more than a small model's product (TGDA's follower is already in eval mode)
-    training = any(m.training for m in model.modules())
-    with evaluating(model) if training else contextlib.nullcontext():
+    with evaluating(model):
         for sl in chunks(len(X), chunk_size):
             losses = loss_fn(model(X[sl].to(device)), y[sl].to(device))
             # allow_unused, and dropping constant gradients below: an unused or linear parameter

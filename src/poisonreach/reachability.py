@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import PoisonReachError
 from .losses import task_of
-from .validation import check_model_data, check_number
+from .validation import check_model_data, check_number, evaluating
 
 W_1_OVER_E = float(lambertw(1 / math.e).real)  # ≈ 0.2785: −inf_t t·l'(t) for the logistic loss
 
@@ -196,18 +196,14 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, 
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
     device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, c = 0.0, None
-    try:
+    with evaluating(model), torch.no_grad():  # one forward pass; nothing here is differentiated
         for start in range(0, len(X), batch_size):
             h = model(X[start : start + batch_size].to(device)).to(torch.float64)
             h = h.reshape(len(h), -1)
             c = h.shape[1]
             yb = y[start : start + batch_size].to(device)
             total += float(_inner_sum(h, yb))
-    finally:
-        model.train(was_training)
     inner = total / len(X)
     w1 = W_1_OVER_E
     tau2 = max(inner / w1, 0.0)

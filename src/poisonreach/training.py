@@ -244,7 +244,5 @@ def _check_hyperparameters(
     check_choice("optimizer", optimizer, OPTIMIZERS)
     check_number("lr", lr, low=0, low_open=True)
     check_number("gamma", gamma, low=0, low_open=True, high=1)
-    check_number("momentum", momentum, low=0)
-    if momentum >= 1:  # check_number has no open upper bound
-        raise PoisonReachError(f"momentum must be < 1, got {momentum!r}")
+    check_number("momentum", momentum, low=0, high=1, high_open=True)
     check_number("weight_decay", weight_decay, low=0)

@@ -22,7 +22,7 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_number(name: str, value, *, low=None, high=None, low_open=False, integer=False) -> None:
+def check_number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False) -> None:
     """Raise a PoisonReachError naming ``name`` unless ``value`` is a number within the bounds."""
     kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or (integer and not is_int(value)):
@@ -31,8 +31,8 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, integ
         raise PoisonReachError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise PoisonReachError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise PoisonReachError(f"{name} must be <= {high}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise PoisonReachError(f"{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -98,8 +98,12 @@ def check_data(X: Tensor, y: Tensor) -> int:
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside the block; every submodule's own mode is restored after it."""
+    """Eval mode inside the block; every submodule's own mode is restored after it. A model already
+    wholly in eval mode is left alone: switching costs more than a small model's forward pass."""
     modes = [(m, m.training) for m in model.modules()]
+    if not any(training for _, training in modes):
+        yield
+        return
     model.eval()
     try:
         yield

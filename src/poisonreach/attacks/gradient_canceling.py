@@ -33,7 +33,7 @@ from .. import io
 from ..errors import PoisonReachError
 from ..losses import resolve, task_of, to_probabilities
 from ..reachability import threshold
-from ..validation import check_choice, check_model_data, check_number
+from ..validation import check_choice, check_model_data, check_number, evaluating
 from .base import Attack, PoisonResult, box_bounds, check_box
 from ..gradients import PARAMETER_SETS, cancel_gradient, chunks, flat_norm, gradient_sum, select_parameters
 
@@ -299,12 +299,8 @@ class GradientCanceling(Attack):
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y)."""
         device = self._device(model)
-        was_training = model.training
-        model.eval()  # the target is a fixed w: no dropout, batch-norm running statistics
-        try:
+        with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
             return self._run(model, X, y, loss, device)
-        finally:
-            model.train(was_training)
 
     def _run(self, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> PoisonResult:
         gen = torch.Generator().manual_seed(self.seed)

@@ -310,9 +310,7 @@ class DeepPartitionAggregation(Estimator):
         check_number("batch_size", batch_size, low=1, integer=True)
         check_choice("optimizer", optimizer, training.OPTIMIZERS)
         check_number("gamma", gamma, low=0, high=1, low_open=True)
-        check_number("momentum", momentum, low=0)
-        if momentum >= 1:
-            raise PoisonReachError(f"momentum must be < 1, got {momentum!r}")
+        check_number("momentum", momentum, low=0, high=1, high_open=True)
         check_number("weight_decay", weight_decay, low=0)
         check_number("group_size", group_size, low=1, integer=True)
         check_number("chunk_size", chunk_size, low=1, integer=True)

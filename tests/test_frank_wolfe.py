@@ -1,6 +1,7 @@
 """Gradient Canceling by Frank–Wolfe over poisoning measures (appendix B, (B.1)–(B.5)).
 
-- the subproblem's objective ⟨v, ∇_w ℓ(z; w)⟩ and its x-gradient (``atom_scores``) against
+- the subproblem's objective ⟨v, ∇_w ℓ(z; w)⟩ and its x-gradient (``cancel_gradient``'s values
+  and x-gradient) against
   per-sample autograd and central finite differences;
 - the subproblem (B.5) solved over a 2-D box is at least as good as a dense grid, for cross-entropy,
   the logistic loss, the squared loss (whose label part, linear in y, is checked on a grid too) and an MLP;
@@ -22,8 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from poisonreach import data, models, training
-from poisonreach.attacks import GradientCanceling
-from poisonreach.attacks.gradient_canceling import atom_scores, exact_step, largest_remainder, linear_minimization
+from poisonreach.attacks import FrankWolfeCanceling, GradientCanceling
+from poisonreach.attacks.frank_wolfe import exact_step, linear_minimization
+from poisonreach.gradients import cancel_gradient
+from poisonreach.rounding import largest_remainder
 from poisonreach.errors import PoisonReachError
 from poisonreach.losses import cross_entropy, logistic, squared
 from poisonreach.reachability import W_1_OVER_E, threshold
@@ -49,6 +52,12 @@ def score(model, params, x, y, v, loss):
     """⟨v, ∇_w ℓ((x, y); w)⟩ for one point, by autograd."""
     g = torch.autograd.grad(loss(model(x[None]), y[None]).sum(), params)
     return float(sum((a * b).sum() for a, b in zip(g, v)))
+
+
+def atom_scores(model, params, X, y, loss_fn, v, *, chunk_size):
+    """The subproblem's values ⟨v, ∇_w ℓ(z_j; w)⟩ and their x-gradients, from the library."""
+    bracket = cancel_gradient(model, params, X, y, loss_fn, v, chunk_size=chunk_size, device=CPU)
+    return bracket.values, bracket.x
 
 
 def residual(model, X, y, Z, yz, eps_d, loss):
@@ -92,7 +101,7 @@ def test_atom_scores_are_per_sample_inner_products_and_their_gradients(kind):
     g = torch.Generator().manual_seed(1)
     X = torch.rand(5, 2, generator=g, dtype=torch.float64)
     y = labels[torch.randint(len(labels), (5,), generator=g)]
-    values, grads = atom_scores(model, params, X, y, lib, v, chunk_size=2, device=CPU)
+    values, grads = atom_scores(model, params, X, y, lib, v, chunk_size=2)
     expected = torch.tensor([score(model, params, X[j], y[j], v, loss) for j in range(5)], dtype=torch.float64)
     torch.testing.assert_close(values, expected, rtol=1e-10, atol=1e-12)
     h = 1e-6
@@ -126,7 +135,7 @@ def test_linear_minimization_is_at_least_as_good_as_a_dense_grid(kind, box):
     grid = low + (high - low) * torch.stack([a.reshape(-1), b.reshape(-1)], 1)
     best = math.inf
     for lab in grid_labels:
-        vals, _ = atom_scores(model, params, grid, lab.repeat(len(grid)), lib, v, chunk_size=50_000, device=CPU)
+        vals, _ = atom_scores(model, params, grid, lab.repeat(len(grid)), lib, v, chunk_size=50_000)
         best = min(best, float(vals.min()))
     assert value <= best + 1e-9 * max(1.0, abs(best))
 
@@ -216,7 +225,7 @@ def or2d():
 
 
 def fw(eps_d, **kw):
-    return GradientCanceling(eps_d, solver="frank-wolfe", progress=False, **{"epochs": 60, **kw})
+    return FrankWolfeCanceling(eps_d, progress=False, **{"iterations": 60, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +269,7 @@ def test_fw_plateaus_on_an_unreachable_target_at_or_below_pgd(or2d):
     tau = threshold(target, X, y).tau
     eps_d = 0.25
     assert eps_d < tau / 2
-    r = fw(eps_d, epochs=30).poison(target, X, y)
+    r = fw(eps_d, iterations=30).poison(target, X, y)
     h = r.grad_norm_history
     # ⟨w, g(µ) + ε_d g(ν)⟩ ≥ W(1/e)(τ − ε_d) for every measure ν, so ‖·‖ ≥ W(1/e)(τ − ε_d)/‖w‖
     w_norm = float(torch.cat([p.detach().reshape(-1) for p in target.parameters()]).norm())
@@ -278,7 +287,7 @@ def test_open_loop_steps_and_exact_rounding_keep_the_running_gradient_exact(or2d
     returned points are the FW measure and their objective, computed from scratch, is the history's."""
     s, target = or2d
     X, y = s.x_train[:60], s.y_train[:60]
-    r = fw(0.1, epochs=3, fw_step="open-loop").poison(target, X, y)
+    r = fw(0.1, iterations=3, step="open-loop").poison(target, X, y)
     assert r.extra["fw_step_sizes"] == pytest.approx([1.0, 2 / 3, 1 / 2])
     assert len(r.x) == 6
     final = residual(target, X, y, r.x, r.y, 0.1, loss_of("logistic"))
@@ -294,9 +303,9 @@ def test_open_loop_steps_and_exact_rounding_keep_the_running_gradient_exact(or2d
 def test_same_seed_same_result(or2d):
     s, target = or2d
     X, y = s.x_train, s.y_train
-    a = fw(0.5, epochs=8, seed=1).poison(target, X, y)
-    b = fw(0.5, epochs=8, seed=1).poison(target, X, y)
-    c = fw(0.5, epochs=8, seed=2).poison(target, X, y)
+    a = fw(0.5, iterations=8, seed=1).poison(target, X, y)
+    b = fw(0.5, iterations=8, seed=1).poison(target, X, y)
+    c = fw(0.5, iterations=8, seed=2).poison(target, X, y)
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and torch.equal(a.source_indices, b.source_indices)
     assert a.grad_norm_history == b.grad_norm_history and a.extra == b.extra
     assert a.grad_norm_history != c.grad_norm_history
@@ -310,7 +319,7 @@ def test_same_seed_same_result(or2d):
 def test_data_range_box_and_multiclass_lr_on_digits(digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:300], s.y_train[:300]
-    r = GradientCanceling(0.1, epochs=10, solver="frank-wolfe", box="data-range", progress=False).poison(model, X, y)
+    r = FrankWolfeCanceling(0.1, iterations=10, box="data-range", progress=False).poison(model, X, y)
     low, high = X.amin(0), X.amax(0)
     assert ((r.x >= low) & (r.x <= high)).all()
     assert r.y.dtype == torch.int64 and len(r.x) == 30
@@ -325,7 +334,7 @@ def test_regression_atoms_take_the_ends_of_the_target_range():
     s = data.load("regression2d", seed=0)
     X, y = s.x_train, s.y_train
     model = models.create("linreg", (X.shape[1],), 1, seed=0)
-    r = GradientCanceling(0.2, epochs=15, solver="frank-wolfe", box="data-range", progress=False).poison(model, X, y)
+    r = FrankWolfeCanceling(0.2, iterations=15, box="data-range", progress=False).poison(model, X, y)
     assert r.y.is_floating_point() and r.y.shape == (len(r.x),)
     assert set(r.y.tolist()) <= {float(y.min()), float(y.max())}
     h = r.grad_norm_history
@@ -339,7 +348,7 @@ def test_nonlinear_model_and_soft_clean_labels():
     X, y = s.x_train[:80], s.y_train[:80]
     model = models.create("nn", (2,), 2, seed=0)
     soft = F.one_hot(y, 2).float() * 0.8 + 0.1
-    r = GradientCanceling(0.2, epochs=6, solver="frank-wolfe", fw_steps=10, progress=False).poison(model, X, soft)
+    r = FrankWolfeCanceling(0.2, iterations=6, start_steps=10, progress=False).poison(model, X, soft)
     assert r.y.shape == (16, 2) and r.y.is_floating_point()
     # the atoms' labels are classes (simplex vertices); ν_0's soft labels may survive the rounding
     assert all(row in ([1.0, 0.0], [0.0, 1.0]) or row in soft.tolist() for row in r.y.tolist())
@@ -355,26 +364,23 @@ def test_nonlinear_model_and_soft_clean_labels():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(solver="sgd"),
-        dict(fw_step="2/(t+2)"),
-        dict(fw_starts=0),
-        dict(fw_starts=2.5),
-        dict(fw_steps=-1),
-        dict(fw_steps=True),
-        dict(solver="frank-wolfe", box=None),
-        dict(solver="frank-wolfe", batch_size=4),
-        dict(solver="frank-wolfe", checkpoint="fw.ckpt"),
+        dict(step="2/(t+2)"),
+        dict(starts=0),
+        dict(starts=2.5),
+        dict(start_steps=-1),
+        dict(start_steps=True),
+        dict(box=None),
     ],
     ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
 )
 def test_check_params(kwargs):
     with pytest.raises(PoisonReachError):
-        GradientCanceling(0.1, **kwargs)
+        FrankWolfeCanceling(0.1, **kwargs)
 
 
 def test_params_repr_and_config():
-    a = GradientCanceling(0.1, solver="frank-wolfe", fw_step="open-loop", fw_starts=3, fw_steps=0, box="data-range")
-    assert repr(a) == "GradientCanceling(eps_d=0.1, box='data-range', solver='frank-wolfe', fw_step='open-loop', fw_starts=3, fw_steps=0)"
-    b = GradientCanceling(**a.get_params())
+    a = FrankWolfeCanceling(0.1, step="open-loop", starts=3, start_steps=0, box="data-range")
+    assert repr(a) == "FrankWolfeCanceling(eps_d=0.1, step='open-loop', starts=3, start_steps=0, box='data-range')"
+    b = FrankWolfeCanceling(**a.get_params())
     assert b.get_params() == a.get_params() and b.config() == a.config()
-    assert a.config()["solver"] == "frank-wolfe" and GradientCanceling(0.1).config()["solver"] == "pgd"
+    assert a.config()["attack"] == "gc-fw" and GradientCanceling(0.1).config()["attack"] == "gc"

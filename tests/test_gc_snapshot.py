@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from poisonreach import data, models, training
-from poisonreach.attacks import GradientCanceling
+from poisonreach.attacks import FrankWolfeCanceling, GradientCanceling
 from poisonreach.targets import FixedTarget, GradPC
 
 SNAPSHOT = Path(__file__).with_name("snapshots") / "gc.json"
@@ -42,12 +42,11 @@ CASES = {
 def make_attack(eps_d: float, options: dict):
     """The attack of a case, in the API of the day (the snapshot, not this function, is the contract)."""
     options = dict(options)
+    if options.pop("solver", "pgd") == "frank-wolfe":
+        renamed = {"epochs": "iterations", "fw_step": "step"}
+        return FrankWolfeCanceling(eps_d, **{renamed[k]: v for k, v in options.items()}, progress=False)
     preset = options.pop("preset", None)
-    if "block_size" in options:
-        options["batch_size"] = options.pop("block_size")
-    if preset is not None:
-        return GradientCanceling.from_preset(preset, eps_d, **options, progress=False)
-    return GradientCanceling(eps_d, **options, progress=False)
+    return GradientCanceling(eps_d, **{**GradientCanceling.presets.get(preset, {}), **options}, progress=False)
 
 
 def targets() -> dict:

@@ -154,7 +154,7 @@ def test_cancel_gradient_is_the_derivative_of_the_gc_objective(name, with_labels
     g_mu = mean_grad(model, params, X, y, loss)
     _, v = gc_objective(model, params, g_mu, Z, yz, eps_d, loss)
 
-    gx, gy, gsum = cancel_gradient(model, params, Z, yz, lib_loss, v, chunk_size=2, with_labels=with_labels)
+    values, gx, gy, gsum = cancel_gradient(model, params, Z, yz, lib_loss, v, chunk_size=2, with_labels=with_labels)
 
     fd_x = central_differences(lambda Zp: gc_objective(model, params, g_mu, Zp, yz, eps_d, loss)[0], Z)
     assert fd_x.abs().max() > 1e-6  # a non-trivial gradient
@@ -168,6 +168,10 @@ def test_cancel_gradient_is_the_derivative_of_the_gc_objective(name, with_labels
     # the gradient sum at the current points, per sample by autograd
     for a, b in zip(gsum, sum_grad_loop(model, params, Z, yz, loss)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the per-row values ⟨∇_w ℓ(z_j; w), v⟩, one sample at a time by autograd
+    rows = [sum_grad_loop(model, params, Z[j : j + 1], yz[j : j + 1], loss) for j in range(m)]
+    expected = torch.stack([sum((g * vi).sum() for g, vi in zip(row, v)) for row in rows])
+    torch.testing.assert_close(values, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_cancel_gradient_for_the_last_layer_only():
@@ -177,7 +181,7 @@ def test_cancel_gradient_for_the_last_layer_only():
     assert params[0] is model.head.weight and params[1] is model.head.bias
     g_mu = mean_grad(model, params, X, y, ce_loss)
     _, v = gc_objective(model, params, g_mu, Z, yz, 1.5, ce_loss)
-    gx, _, _ = cancel_gradient(model, params, Z, yz, cross_entropy, v, chunk_size=10)
+    gx = cancel_gradient(model, params, Z, yz, cross_entropy, v, chunk_size=10).x
     fd = central_differences(lambda Zp: gc_objective(model, params, g_mu, Zp, yz, 1.5, ce_loss)[0], Z)
     torch.testing.assert_close(1.5 / len(Z) * gx, fd, rtol=1e-5, atol=1e-10)
 
@@ -189,9 +193,9 @@ def test_chunk_size_does_not_change_the_result():
     v = [torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
     a = cancel_gradient(model, params, Z, yz, cross_entropy, v, chunk_size=1, with_labels=True)
     b = cancel_gradient(model, params, Z, yz, cross_entropy, v, chunk_size=1000, with_labels=True)
-    torch.testing.assert_close(a[0], b[0], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(a[1], b[1], rtol=1e-12, atol=1e-14)
-    for s1, s2 in zip(a[2], b[2]):
+    for part in ("values", "x", "y"):
+        torch.testing.assert_close(getattr(a, part), getattr(b, part), rtol=1e-12, atol=1e-14)
+    for s1, s2 in zip(a.grad_sum, b.grad_sum):
         torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-14)
     device = torch.device("cpu")
     for chunk in (1, 3, 1000):
@@ -367,7 +371,7 @@ class Interrupt(Exception):
     "kwargs",
     [
         dict(lr=0.5),
-        dict(lr=0.5, optimize_labels=True, batch_size=5),
+        dict(lr=0.5, optimize_labels=True, block_size=5),
         # a step so large that epochs get rejected and the step halved (7 of 12 in our run)
         dict(lr=300.0, box=None, schedule="constant", optimize_labels=True),
     ],
@@ -386,7 +390,7 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, or
 
     def save_then_die(self, *args):
         original(self, *args)
-        saves.append(args[-1]["epoch"])
+        saves.append(args[-1].epoch)
         if len(saves) == 2:
             raise Interrupt  # killed right after the second checkpoint (epoch 10)
 
@@ -500,7 +504,7 @@ def test_optimized_labels_for_one_logit_lie_in_the_unit_interval(or2d_reached):
 def test_block_mode_runs_and_decreases_the_objective(digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:300], s.y_train[:300]
-    r = GradientCanceling(0.1, epochs=10, lr=2.0, batch_size=7, progress=False).poison(model, X, y)
+    r = GradientCanceling(0.1, epochs=10, lr=2.0, block_size=7, progress=False).poison(model, X, y)
     h = r.grad_norm_history
     assert len(h) == 11
     # observed 0.587 → 0.423, decreasing at every epoch (the full-batch run: 0.587 → 0.422)
@@ -512,14 +516,14 @@ def test_block_mode_runs_and_decreases_the_objective(digits_lr):
     assert h[-1] == pytest.approx(final, rel=1e-4)
 
 
-@pytest.mark.parametrize("batch_size", [None, 4])
-def test_one_epoch_is_the_documented_projected_step(or2d, batch_size):
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_one_epoch_is_the_documented_projected_step(or2d, block_size):
     """One epoch, re-derived: blocks in turn, each with v from the current poisons (exact g(ν̂)),
     z_j ← Proj(z_j − lr·n·∂L/∂z_j) with ∂L/∂z_j = (ε_d/m)·∇_z⟨∇_w ℓ(z_j), v⟩ (19)."""
     s, _, target = or2d
     X, y = s.x_train, s.y_train
     eps_d, lr = 0.1, 3.0
-    attack = GradientCanceling(eps_d, epochs=1, lr=lr, momentum=0.0, schedule="constant", batch_size=batch_size,
+    attack = GradientCanceling(eps_d, epochs=1, lr=lr, momentum=0.0, schedule="constant", block_size=block_size,
                                box=(0.0, 1.0), progress=False)
     r = attack.poison(target, X, y)
     n, m = len(X), len(r.x)
@@ -528,7 +532,7 @@ def test_one_epoch_is_the_documented_projected_step(or2d, batch_size):
     z = X[r.source_indices].clone()
     zy = y[r.source_indices]
     blocks = attack._blocks(m, 0)  # the block order is the attack's own choice; the step is not
-    assert len(blocks) == (1 if batch_size is None else 4)
+    assert len(blocks) == (1 if block_size is None else 4)
     for idx in blocks:
         _, v = gc_objective(target, params, g_mu, z, zy, eps_d, logistic_loss)
         zb = z[idx].clone().requires_grad_(True)
@@ -589,8 +593,8 @@ def test_poison_leaves_the_target_untouched(or2d):
         dict(momentum=-0.1),
         dict(momentum=math.nan),
         dict(schedule="linear"),
-        dict(batch_size=0),
-        dict(batch_size=1.5),
+        dict(block_size=0),
+        dict(block_size=1.5),
         dict(chunk_size=0),
         dict(box=(1, 0)),
         dict(box=(0.5, 0.5)),
@@ -611,7 +615,7 @@ def test_check_params(kwargs):
 
 
 def test_valid_edge_values_are_accepted():
-    GradientCanceling(1e-6, epochs=0, momentum=0.0, batch_size=1, chunk_size=1, box=[-1, 1], seed=0)
+    GradientCanceling(1e-6, epochs=0, momentum=0.0, block_size=1, chunk_size=1, box=[-1, 1], seed=0)
     assert GradientCanceling(0.1, box=[-1, 1]).box == (-1, 1)
 
 
@@ -622,13 +626,12 @@ def test_repr_shows_the_non_default_parameters():
 
 def test_get_params_round_trips_into_the_constructor(tmp_path):
     a = GradientCanceling(
-        0.2, epochs=7, lr=0.3, momentum=0.5, schedule="constant", backtrack=False, batch_size=4, chunk_size=9, box="data-range",
+        0.2, epochs=7, lr=0.3, momentum=0.5, schedule="constant", backtrack=False, block_size=4, chunk_size=9, box="data-range",
         optimize_labels=True, replace=True, parameters="last", seed=3, device="cpu", progress=False,
-        checkpoint=tmp_path / "x.ckpt", checkpoint_every=5, solver="pgd", fw_step="open-loop", fw_starts=3, fw_steps=7,
+        checkpoint=tmp_path / "x.ckpt", checkpoint_every=5,
     )
     params = a.get_params()
     assert params["eps_d"] == 0.2 and params["parameters"] == "last" and params["checkpoint_every"] == 5
-    assert (params["solver"], params["fw_step"], params["fw_starts"], params["fw_steps"]) == ("pgd", "open-loop", 3, 7)
     b = GradientCanceling(**params)
     assert b.get_params() == params
     assert repr(b) == repr(a)
@@ -637,11 +640,9 @@ def test_get_params_round_trips_into_the_constructor(tmp_path):
 
 
 def test_paper_preset():
-    a = GradientCanceling.from_preset("paper", 0.1)
-    assert (a.eps_d, a.epochs, a.lr, a.momentum, a.schedule, a.batch_size) == (0.1, 1000, 0.5, 0.9, "cosine", None)
-    assert GradientCanceling.from_preset("paper", 0.1, epochs=5).epochs == 5
-    with pytest.raises(PoisonReachError):
-        GradientCanceling.from_preset("fast", 0.1)
+    a = GradientCanceling(0.1, **GradientCanceling.presets["paper"])
+    assert (a.eps_d, a.epochs, a.lr, a.momentum, a.schedule, a.backtrack, a.block_size) == (0.1, 1000, 0.5, 0.9, "cosine", False, None)
+    assert set(GradientCanceling.presets) == {"paper"}
 
 
 def test_cosine_schedule():

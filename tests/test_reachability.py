@@ -121,7 +121,7 @@ def test_one_logit_lr_threshold_equals_margin_threshold_on_random_data():
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[-1.5, 2.0]]))
         model.head.bias.fill_(0.3)
-    got = threshold(model, X, y, batch_size=7)  # chunking must not matter
+    got = threshold(model, X, y, chunk_size=7)  # chunking must not matter
     ref = margin_threshold(torch.tensor([-1.5, 2.0]), X, y, bias=0.3)
     # by hand: margins t = ±(w⊤x + b), ⟨w, g⟩ = mean(−t / (1 + e^t))
     s = X.numpy() @ np.array([-1.5, 2.0]) + 0.3
@@ -162,7 +162,7 @@ def test_multiclass_inner_is_the_last_layer_inner_product_with_the_mean_gradient
     model, X, y = hand_set_three_class_model()
     inner = last_layer_inner_by_autograd(model, X, y)
     assert inner > 0.1  # large random logits on random labels: confidently wrong on many points
-    got = threshold(model, X, y, batch_size=4)
+    got = threshold(model, X, y, chunk_size=4)
     assert got.inner == pytest.approx(inner, rel=1e-10)
     assert got.tau == pytest.approx(max(inner / W(1 / math.e), 0.0), rel=1e-10)
     assert got.tau_multiclass == pytest.approx(max(inner / W(2 / math.e), 0.0), rel=1e-10)
@@ -451,10 +451,10 @@ def test_margin_threshold_rejects_an_inverted_or_nan_range(t_range):
         margin_threshold(torch.tensor([1.0]), X, torch.tensor([0.5, 0.2]), "squared", t_range=(0.0, 1.0), y_range=t_range)
 
 
-@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
-def test_threshold_rejects_a_bad_batch_size(batch_size):
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5])
+def test_threshold_rejects_a_bad_chunk_size(chunk_size):
     # observed: 0 raises a bare ValueError from range(), −1 a TypeError from lambert_w_constant(None)
     model = models.create("lr", (2,), 3)
     X = torch.rand(5, 2, generator=torch.Generator().manual_seed(0))
     with pytest.raises(PoisonReachError):
-        threshold(model, X, torch.tensor([0, 1, 2, 0, 1]), batch_size=batch_size)
+        threshold(model, X, torch.tensor([0, 1, 2, 0, 1]), chunk_size=chunk_size)

@@ -26,7 +26,7 @@ from poisonreach.experiments.run import cell_name
 
 SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
 N_TRAIN = 8  # GC makes max(1, round(n·ε_d)) poisons: one per budget here
-SHRINK = {"train_size": N_TRAIN, "training.epochs": 1, "training.batch_size": 4, "attack_options.epochs": 2, "attack_options.batch_size": 1}
+SHRINK = {"train_size": N_TRAIN, "training.epochs": 1, "training.batch_size": 4, "attack_options.epochs": 2, "attack_options.block_size": 1}
 
 
 def write_cifar(root: Path) -> None:

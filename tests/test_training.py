@@ -125,7 +125,7 @@ def test_progress_bar_goes_to_stderr(capsys):
 def test_predict_logits_is_chunked_and_keeps_the_mode():
     X, _ = tiny(n=10)
     model = models.create("cnn", (1, 8, 8), 3)  # in train mode: dropout would make outputs random
-    logits = training.predict_logits(model, X, batch_size=3)
+    logits = training.predict_logits(model, X, chunk_size=3)
     assert model.training
     torch.testing.assert_close(logits, model.eval()(X))
 

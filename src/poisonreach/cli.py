@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from . import data, io, models
-from .attacks.gradient_canceling import PRESETS, SCHEDULES
+from .attacks import GradientCanceling
+from .attacks.gradient_canceling import SCHEDULES
 from .gradients import PARAMETER_SETS
 from .errors import PoisonReachError
 from .defenses import DEFENSES
@@ -101,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gm (Gradient Matching), tgda or labelflip")
     p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
+    p.add_argument("--preset", choices=sorted(GradientCanceling.presets), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
     # GC options are left out of the namespace unless given, so the preset's or the class's defaults apply
     gc = p.add_argument_group("Gradient Canceling", "unset options keep GradientCanceling's defaults")
     unset = argparse.SUPPRESS
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--gc-lr", dest="gc.lr", type=float, default=unset, help="GC step size per point")
     gc.add_argument("--gc-momentum", dest="gc.momentum", type=float, default=unset)
     gc.add_argument("--schedule", dest="gc.schedule", choices=SCHEDULES, default=unset)
-    gc.add_argument("--batch-size", dest="gc.batch_size", type=int, default=unset, help="poisons per GC step (default: all at once)")
+    gc.add_argument("--block-size", dest="gc.block_size", type=int, default=unset, help="poisons per GC step (default: all at once)")
     gc.add_argument("--box", dest="gc.box", type=_box, default=unset, help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")
     gc.add_argument("--optimize-labels", dest="gc.optimize_labels", action="store_true", default=unset, help="also optimise the poison labels")
     gc.add_argument("--replace", dest="gc.replace", action="store_true", default=unset, help="replace clean points instead of adding (appendix C.10)")

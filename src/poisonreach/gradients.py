@@ -7,7 +7,7 @@ sums and the counts; nothing holds more than one chunk's graph.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,15 @@ def gradient_sum(
     return total
 
 
+class Bracket(NamedTuple):
+    """What one pass of :func:`cancel_gradient` returns for the rows z_j of (X, y)."""
+
+    values: Tensor  # ⟨∇_w ℓ(z_j; w), v⟩ per row
+    x: Tensor  # ∇_{x_j} ⟨∇_w ℓ(z_j; w), v⟩, shaped like X
+    y: Tensor | None  # ∇_{y_j} ⟨∇_w ℓ(z_j; w), v⟩ for (probability) labels, when asked for
+    grad_sum: list[Tensor]  # Σ_j ∇_w ℓ(z_j; w)
+
+
 def cancel_gradient(
     model: nn.Module,
     params: Params,
@@ -76,32 +85,44 @@ def cancel_gradient(
     v: Params,
     *,
     chunk_size: int,
+    device: torch.device | None = None,
     with_labels: bool = False,
-) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """∇_{z_j} ⟨∇_w ℓ(z_j; w), v⟩ for every row z_j, with v held fixed (the bracket of equation (19)).
+) -> Bracket:
+    """∇_{z_j} ⟨∇_w ℓ(z_j; w), v⟩ for every row z_j, with v held fixed (the bracket of equation (19)),
+    with the per-row values ⟨∇_w ℓ(z_j; w), v⟩ and the sum Σ_j ∇_w ℓ(z_j; w) from the same pass.
 
-    Returns the gradient with respect to the features, with respect to the (probability) labels when
-    ``with_labels``, and Σ_j ∇_w ℓ(z_j; w) at the current points, which the caller reuses to update
-    its running g(ν̂) without another pass.
+    One double backward per chunk: with a = 1 as the first backward's seed, ⟨Σ_j a_j ∇_w ℓ(z_j), v⟩
+    has derivative ⟨∇_w ℓ(z_j), v⟩ in a_j (the per-row values, the objective of Frank–Wolfe's
+    subproblem (B.5)) and ∇_{x_j}⟨∇_w ℓ(z_j), v⟩ in x_j (row j depends on z_j alone: the model is in
+    eval mode). The gradient sum lets the caller update a running g(ν̂) without another pass. Rows
+    are moved to ``device`` chunk by chunk (None: X's device), and so are the results.
     """
-    gx = torch.empty_like(X)
-    gy = torch.empty_like(y) if with_labels else None
+    device = X.device if device is None else device
+    values = torch.empty(len(X), dtype=X.dtype, device=device)
+    gx = torch.empty(X.shape, dtype=X.dtype, device=device)
+    gy = torch.empty(y.shape, dtype=y.dtype, device=device) if with_labels else None
     grad_sum = [torch.zeros_like(p) for p in params]
     for sl in chunks(len(X), chunk_size):
-        xc = X[sl].detach().requires_grad_(True)
-        yc = y[sl].detach().requires_grad_(with_labels)
-        losses = loss_fn(model(xc), yc)
-        grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
-        dot = sum((g * vi).sum() for g, vi in zip(grads, v))
-        inputs = (xc, yc) if with_labels else (xc,)
-        # allow_unused: a chunk whose loss is constant in x (e.g. a zero gradient) still gets zeros
-        outs = torch.autograd.grad(dot, inputs, allow_unused=True)
-        gx[sl] = torch.zeros_like(xc) if outs[0] is None else outs[0]
-        if with_labels:
-            gy[sl] = torch.zeros_like(yc) if outs[1] is None else outs[1]
+        xc = X[sl].to(device).detach().requires_grad_(True)
+        yc = y[sl].to(device).detach().requires_grad_(with_labels)
+        seed = torch.ones(len(xc), dtype=xc.dtype, device=device, requires_grad=True)
+        grads = torch.autograd.grad(loss_fn(model(xc), yc), params, grad_outputs=seed, create_graph=True)
+        inputs = (seed, xc, yc) if with_labels else (seed, xc)
+        # allow_unused: a chunk whose loss is constant in x (or in the seed) has no path to it
+        outs = torch.autograd.grad(inner(grads, v), inputs, allow_unused=True)
+        for out, part in zip((values, gx, gy), outs):
+            out[sl] = 0.0 if part is None else part.detach()
         for acc, g in zip(grad_sum, grads):
             acc += g.detach()
-    return gx, gy, grad_sum
+    return Bracket(values, gx, gy, grad_sum)
+
+
+def inner(a: Params, b: Params, *, dtype: torch.dtype | None = None) -> Tensor:
+    """⟨a, b⟩ of two lists of tensors taken as one vector each, computed in ``dtype`` when given
+    (float64 where many terms are summed)."""
+    if dtype is not None:
+        a, b = [t.to(dtype) for t in a], [t.to(dtype) for t in b]
+    return sum((s * t).sum() for s, t in zip(a, b))
 
 
 def flat_norm(tensors: Params) -> float:

@@ -183,7 +183,7 @@ def _from_constants(inner: float, a: float, b: float) -> Threshold:
 
 
 @torch.no_grad()
-def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device=None) -> Threshold:
+def threshold(model: nn.Module, X: Tensor, y: Tensor, *, chunk_size: int = 256, device=None) -> Threshold:
     """τ(2) and τ(c) of a trained classifier on its training data (Example 3, Theorem 4).
 
     ⟨W, G(µ)⟩ is computed on the last linear layer with its bias as the mean of ⟨h, p − y⟩ over the
@@ -191,18 +191,18 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, 
     binary logistic model (labels 0/1), for which τ(2) is exact (Corollary 1); a regression model
     (float targets) has τ = 0 for any target (Example 1).
     """
-    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("chunk_size", chunk_size, low=1, integer=True)
     check_model_data(model, X, y, device)
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
     device = device or next(model.parameters()).device
     total, c = 0.0, None
     with evaluating(model), torch.no_grad():  # one forward pass; nothing here is differentiated
-        for start in range(0, len(X), batch_size):
-            h = model(X[start : start + batch_size].to(device)).to(torch.float64)
+        for start in range(0, len(X), chunk_size):
+            h = model(X[start : start + chunk_size].to(device)).to(torch.float64)
             h = h.reshape(len(h), -1)
             c = h.shape[1]
-            yb = y[start : start + batch_size].to(device)
+            yb = y[start : start + chunk_size].to(device)
             total += float(_inner_sum(h, yb))
     inner = total / len(X)
     w1 = W_1_OVER_E

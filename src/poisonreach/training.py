@@ -112,21 +112,21 @@ def train(
 
 
 def predict_logits(
-    model: nn.Module, X: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
+    model: nn.Module, X: Tensor, *, chunk_size: int = 256, device: str | torch.device | None = None
 ) -> Tensor:
-    """The model's outputs on X, on the CPU: eval mode, no gradient, ``batch_size`` inputs at a time.
+    """The model's outputs on X, on the CPU: eval mode, no gradient, ``chunk_size`` inputs at a time (a memory bound, not a result).
 
     The model's train/eval modes are restored afterwards; ``device`` is as in :func:`train`.
     """
     check_inputs(X)
-    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("chunk_size", chunk_size, low=1, integer=True)
     device = _device(model, device)
     with evaluating(model), torch.no_grad():
-        return torch.cat([model(chunk.to(device)).cpu() for chunk in X.split(batch_size)])
+        return torch.cat([model(chunk.to(device)).cpu() for chunk in X.split(chunk_size)])
 
 
 def accuracy(
-    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
+    model: nn.Module, X: Tensor, y: Tensor, *, chunk_size: int = 256, device: str | torch.device | None = None
 ) -> float:
     """Percentage (0–100) of X the model classifies as y.
 
@@ -140,19 +140,19 @@ def accuracy(
         )
     n = check_inputs(X)
     y = check_labels(y, n, num_outputs=None, strict=False)
-    predicted = _classes(predict_logits(model, X, batch_size=batch_size, device=device), threshold=0.0)
+    predicted = _classes(predict_logits(model, X, chunk_size=chunk_size, device=device), threshold=0.0)
     truth = y.long().cpu() if not y.is_floating_point() else _classes(y.cpu(), threshold=0.5)
     return 100.0 * (predicted == truth).sum().item() / n
 
 
 def mean_squared_error(
-    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 256, device: str | torch.device | None = None
+    model: nn.Module, X: Tensor, y: Tensor, *, chunk_size: int = 256, device: str | torch.device | None = None
 ) -> float:
     """Mean of (h(x) − y)² over X for a regression model with one output (the test metric of C.3)."""
     n = check_inputs(X)
     if not isinstance(y, Tensor) or losses.task_of(y) != "regression" or len(y) != n:
         raise PoisonReachError(f"mean_squared_error needs float regression targets of shape ({n},)")
-    outputs = predict_logits(model, X, batch_size=batch_size, device=device).reshape(n, -1)
+    outputs = predict_logits(model, X, chunk_size=chunk_size, device=device).reshape(n, -1)
     if outputs.shape[1] != 1:
         raise PoisonReachError(f"mean_squared_error needs a model with one output, got {outputs.shape[1]}")
     return float(((outputs[:, 0] - y.cpu().to(outputs.dtype)) ** 2).mean())

@@ -1,12 +1,17 @@
 """Poisoning attacks: constructor hyperparameters, ``poison(model, X, y, loss=None)``, a PoisonResult.
 
-GradientCanceling attacks a target model (``model_targeted``); the baselines attack the clean model.
+GradientCanceling (Algorithm 1) and FrankWolfeCanceling (appendix B) attack a target model
+(``model_targeted``); the baselines attack the clean model. :data:`ATTACKS` maps each short name to
+its class.
 """
 
 from .base import Attack, PoisonResult
-from .gradient_canceling import PRESETS, GradientCanceling
+from .frank_wolfe import FrankWolfeCanceling
+from .gradient_canceling import GradientCanceling
 from .gradient_matching import GradientMatching
 from .label_flip import LabelFlip
 from .tgda import TGDA
 
-__all__ = ["Attack", "PoisonResult", "GradientCanceling", "GradientMatching", "LabelFlip", "TGDA", "PRESETS"]
+ATTACKS = {cls.name: cls for cls in (GradientCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA)}
+
+__all__ = ["ATTACKS", "Attack", "PoisonResult", "GradientCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA"]

@@ -7,6 +7,7 @@ from the clean data; :meth:`PoisonResult.mixed` forms the training set a victim 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +49,50 @@ def box_bounds(box, X: Tensor, *, device, dtype=torch.float32) -> tuple[Tensor |
     return torch.tensor(float(box[0]), device=device, dtype=dtype), torch.tensor(float(box[1]), device=device, dtype=dtype)
 
 
+def clamp_box(x: Tensor, low: Tensor | None, high: Tensor | None) -> Tensor:
+    """The projection onto the box [low, high] of :func:`box_bounds` (x itself without a box)."""
+    return x if low is None else torch.minimum(torch.maximum(x, low), high)
+
+
+def draw_sources(n: int, m: int, gen: torch.Generator, *, distinct: bool = True) -> Tensor:
+    """The clean points m poisons start from: distinct ones while there are enough (``distinct``),
+    else a draw with replacement; seeded by ``gen``."""
+    return torch.randperm(n, generator=gen)[:m] if distinct and m <= n else torch.randint(n, (m,), generator=gen)
+
+
 class Attack(Estimator):
-    """Base class of the attacks: hyperparameters in the constructor, data in :meth:`poison`."""
+    """Base class of the attacks: hyperparameters in the constructor, data in :meth:`poison`.
+
+    Every attack has a poison budget ε_d (``eps_d`` > 0: m = max(1, round(n·ε_d)) poisons for n clean
+    points), a ``seed`` for all its random choices and a ``device``; subclasses validate and store
+    them with ``super().__init__`` and build their result with :meth:`_result`.
+    """
+
+    def __init__(self, eps_d: float, *, seed: int = 0, device: str | torch.device | None = None):
+        check_number("eps_d", eps_d, low=0, low_open=True)
+        check_number("seed", seed, integer=True)
+        self.eps_d = float(eps_d)
+        self.seed = seed
+        self.device = device
+
+    def num_poisons(self, n: int) -> int:
+        """m = round(n·ε_d) poisons for n clean points, at least one."""
+        return max(1, round(n * self.eps_d))
+
+    def _result(self, x: Tensor, y: Tensor, source: Tensor, *, history=(), tau: float = math.nan, kept=None, **extra) -> "PoisonResult":
+        """The :class:`PoisonResult` of this attack: its ε_d, seed and configuration, the poisons on the CPU."""
+        return PoisonResult(
+            x=x.detach().cpu(),
+            y=y.detach().cpu(),
+            source_indices=source,
+            grad_norm_history=list(history),
+            tau=tau,
+            eps_d=self.eps_d,
+            config=self.config(),
+            seed=self.seed,
+            kept_indices=kept,
+            extra=extra,
+        )
 
     def config(self) -> dict:
         """The hyperparameters that determine the result, with the attack's short name under

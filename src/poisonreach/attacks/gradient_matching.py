@@ -61,10 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PoisonReachError
-from ..gradients import PARAMETER_SETS, Params, cancel_gradient, flat_norm, gradient_sum, select_parameters
+from ..gradients import PARAMETER_SETS, Params, cancel_gradient, flat_norm, gradient_sum, inner, select_parameters
 from ..losses import REVERSED, LossFn, resolve
 from ..validation import check_choice, check_model_data, check_number, evaluating
-from .base import Attack, PoisonResult, box_bounds, check_box
+from .base import Attack, PoisonResult, box_bounds, check_box, clamp_box, draw_sources
 
 OBJECTIVES = ("reversed", "target")
 OPTIMIZERS = ("signadam", "adam", "sgd")
@@ -75,10 +75,6 @@ MILESTONES = (3 / 8, 5 / 8, 7 / 8)
 SGD_MOMENTUM = 0.9
 # S within this of its maximum 2 at the start: its gradient there is rounding noise
 MAXIMUM_TOLERANCE = 1e-9
-
-
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((x.double() * z.double()).sum() for x, z in zip(a, b))
 
 
 def matching_gradient(
@@ -95,16 +91,15 @@ def matching_gradient(
     """The matching objective S = 1 − cos(t, P), P = Σ_j ∇_w ℓ(z_j; w) (21), at the points (X, y),
     its gradient with respect to every z_j (see the module docstring), and P; two chunked passes."""
     P = gradient_sum(model, params, X, y, loss_fn, chunk_size=chunk_size, device=device)
-    t_norm, p_norm = math.sqrt(float(_dot(target, target))), math.sqrt(float(_dot(P, P)))
+    t_norm, p_norm = math.sqrt(float(inner(target, target, dtype=torch.float64))), math.sqrt(float(inner(P, P, dtype=torch.float64)))
     if p_norm == 0:
         raise PoisonReachError(
             "the poisons' loss gradient is exactly zero, so its direction is undefined: start from other "
             "points (another seed) or use a model whose loss is not saturated"
         )
-    cos = float(_dot(target, P)) / (t_norm * p_norm)
+    cos = float(inner(target, P, dtype=torch.float64)) / (t_norm * p_norm)
     u = [cos / p_norm**2 * p - t / (t_norm * p_norm) for p, t in zip(P, target)]  # ∂S/∂P
-    grad, _, _ = cancel_gradient(model, params, X, y, loss_fn, u, chunk_size=chunk_size)
-    return 1.0 - cos, grad, P
+    return 1.0 - cos, cancel_gradient(model, params, X, y, loss_fn, u, chunk_size=chunk_size).x, P
 
 
 class GradientMatching(Attack):
@@ -157,7 +152,7 @@ class GradientMatching(Attack):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        check_number("eps_d", eps_d, low=0, low_open=True)
+        super().__init__(eps_d, seed=seed, device=device)
         check_choice("objective", objective, OBJECTIVES)
         check_number("steps", steps, low=0, integer=True)
         check_number("lr", lr, low=0, low_open=True)
@@ -174,8 +169,6 @@ class GradientMatching(Attack):
         box = check_box(box)
         check_choice("parameters", parameters, PARAMETER_SETS)
         check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, integer=True)
-        self.eps_d = float(eps_d)
         self.objective = objective
         self.steps = steps
         self.lr = float(lr)
@@ -186,8 +179,6 @@ class GradientMatching(Attack):
         self.box = box
         self.parameters = parameters
         self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
         self.progress = progress
 
     def _lr_at(self, step: int) -> float:
@@ -218,12 +209,11 @@ class GradientMatching(Attack):
             )
         params = select_parameters(model, self.parameters)
         n = len(X)
-        m = max(1, round(n * self.eps_d))
+        m = self.num_poisons(n)
         gen = torch.Generator().manual_seed(self.seed)
         # distinct points while they last; for objective "target" the whole clean set is no start: its
         # gradient sum is exactly −n·t, the maximum of S, where S's gradient vanishes
-        distinct = m < n or (m == n and self.objective == "reversed")
-        source = torch.randperm(n, generator=gen)[:m] if distinct else torch.randint(n, (m,), generator=gen)
+        source = draw_sources(n, m, gen, distinct=m < n or self.objective == "reversed")
         start = X[source].to(device)
         py = y[source].to(device)
 
@@ -246,30 +236,22 @@ class GradientMatching(Attack):
             if self.eps_perturbation is not None:
                 noise = torch.randn(start.shape, generator=gen, dtype=start.dtype).to(device)
                 x = x + (self.eps_perturbation * noise).clamp(-self.eps_perturbation, self.eps_perturbation)
-            x = _clamp(x, low, high)
+            x = clamp_box(x, low, high)
             x, history, residuals = self._optimize(model, params, target, x, py, loss_fn, low, high, device, restart, n)
             objectives.append(history[-1])
             if best is None or history[-1] < best[1][-1]:
                 best = (x, history, residuals, restart)
         x, history, residuals, chosen = best
-        return PoisonResult(
-            x=x.detach().cpu(),
-            y=py.cpu(),
-            source_indices=source,
+        return self._result(
+            x, py, source,
             # ‖g(µ) + ε_d·g(ν̂)‖ at the target (objective "target"); the reversed objective has no target
-            grad_norm_history=residuals,
-            tau=math.nan,
-            eps_d=self.eps_d,
-            config=self.config(),
-            seed=self.seed,
-            extra={
-                "objective_history": history,  # S = 1 − cos before the first step and after each
-                "num_clean": n,
-                "num_poisons": m,
-                "target_grad_norm": target_norm,
-                "restart_objectives": objectives,
-                "restart": chosen,
-            },
+            history=residuals,
+            objective_history=history,  # S = 1 − cos before the first step and after each
+            num_clean=n,
+            num_poisons=m,
+            target_grad_norm=target_norm,
+            restart_objectives=objectives,
+            restart=chosen,
         )
 
     def _optimize(self, model, params, target, x, py, loss_fn, low, high, device, restart, n) -> tuple[Tensor, list[float], list[float]]:
@@ -306,7 +288,7 @@ class GradientMatching(Attack):
             opt.param_groups[0]["lr"] = self._lr_at(step)
             opt.step()
             with torch.no_grad():
-                x.copy_(_clamp(x, low, high))
+                x.copy_(clamp_box(x, low, high))
         bar.close()
         return x.detach(), history, residuals
 
@@ -319,6 +301,3 @@ class GradientMatching(Attack):
             high = ball_high if high is None else torch.minimum(high, ball_high)
         return low, high
 
-
-def _clamp(x: Tensor, low: Tensor | None, high: Tensor | None) -> Tensor:
-    return x if low is None else torch.minimum(torch.maximum(x, low), high)

@@ -59,15 +59,11 @@ class LabelFlip(Attack):
         seed: int = 0,
         device: str | torch.device | None = None,
     ):
-        check_number("eps_d", eps_d, low=0, low_open=True)
+        super().__init__(eps_d, seed=seed, device=device)
         check_choice("strategy", strategy, STRATEGIES)
         check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, integer=True)
-        self.eps_d = float(eps_d)
         self.strategy = strategy
         self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Flip the labels of copies of clean points chosen with ``model`` (the clean model)."""
@@ -81,13 +77,13 @@ class LabelFlip(Attack):
         y = y.long()
         classes = 2 if num_outputs == 1 else num_outputs
         n = len(X)
-        m = max(1, round(n * self.eps_d))
+        m = self.num_poisons(n)
         gen = torch.Generator().manual_seed(self.seed)
 
         if self.strategy == "random":
             order = torch.randperm(n, generator=gen)
         else:
-            logits = predict_logits(model, X, batch_size=self.chunk_size, device=device)
+            logits = predict_logits(model, X, chunk_size=self.chunk_size, device=device)
             losses = resolve(num_outputs, y, loss)(logits, y)
             order = torch.sort(losses, descending=True, stable=True).indices  # ties: the lower index first
         source = order.repeat(math.ceil(m / n))[:m]
@@ -100,14 +96,4 @@ class LabelFlip(Attack):
             wrong = logits[source].clone()
             wrong[torch.arange(m), original] = -math.inf
             flipped = wrong.argmax(dim=1)
-        return PoisonResult(
-            x=X[source].clone(),
-            y=flipped,
-            source_indices=source,
-            grad_norm_history=[],
-            tau=math.nan,
-            eps_d=self.eps_d,
-            config=self.config(),
-            seed=self.seed,
-            extra={"num_clean": n, "num_poisons": m, "num_classes": classes},
-        )
+        return self._result(X[source].clone(), flipped, source, num_clean=n, num_poisons=m, num_classes=classes)

@@ -48,20 +48,15 @@ from torch import Tensor, nn
 
 from .. import training
 from ..errors import PoisonReachError
-from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, hessian_vector_products, unflatten
+from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, hessian_vector_products, inner, unflatten
 from ..losses import LossFn, resolve, task_of, to_probabilities
 from ..validation import check_choice, check_labels, check_model_data, check_number
-from .base import Attack, PoisonResult, box_bounds, check_box
+from .base import Attack, PoisonResult, box_bounds, check_box, clamp_box, draw_sources
 
 GENERATORS = ("autoencoder", "points")
 
 Part = tuple[Tensor, Tensor]  # (inputs, labels) of one group of points
 Vectors = Sequence[Tensor]  # one tensor per parameter, taken as one vector
-
-
-def dot(a: Vectors, b: Vectors) -> Tensor:
-    """⟨a, b⟩ of two lists of tensors taken as one vector each."""
-    return sum((x * y).sum() for x, y in zip(a, b))
 
 
 class PointsGenerator(nn.Module):
@@ -77,8 +72,7 @@ class PointsGenerator(nn.Module):
 
     @torch.no_grad()
     def project(self) -> None:
-        if self.low is not None:
-            self.points.copy_(torch.clamp(self.points, self.low, self.high))
+        self.points.copy_(clamp_box(self.points, self.low, self.high))
 
 
 class AutoencoderGenerator(nn.Module):
@@ -101,8 +95,7 @@ class AutoencoderGenerator(nn.Module):
 
     def forward(self, index: Tensor) -> Tensor:
         x = self.seeds[index]
-        out = x + self.net(torch.cat([x.flatten(1), self.codes[index]], dim=1)).view_as(x)
-        return out if self.low is None else torch.clamp(out, self.low, self.high)
+        return clamp_box(x + self.net(torch.cat([x.flatten(1), self.codes[index]], dim=1)).view_as(x), self.low, self.high)
 
     def project(self) -> None:
         """Nothing to do: the output is clamped into Γ."""
@@ -152,7 +145,7 @@ def total_gradient(
     for sl in chunks(len(index), chunk_size):  # only the poisons depend on θ
         losses = loss_fn(follower(generator(index[sl])), labels[sl])
         grads = torch.autograd.grad(losses.sum(), params, create_graph=True)
-        for acc, g in zip(mixed, torch.autograd.grad(dot(grads, u), theta, allow_unused=True)):
+        for acc, g in zip(mixed, torch.autograd.grad(inner(grads, u), theta, allow_unused=True)):
             if g is not None:
                 acc += g
     return [-m / count for m in mixed]
@@ -212,7 +205,7 @@ class TGDA(Attack):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        check_number("eps_d", eps_d, low=0, low_open=True)
+        super().__init__(eps_d, seed=seed, device=device)
         check_number("epochs", epochs, low=0, integer=True)
         check_number("leader_lr", leader_lr, low=0, low_open=True)
         check_number("follower_lr", follower_lr, low=0, low_open=True)
@@ -226,10 +219,8 @@ class TGDA(Attack):
             check_number("batch_size", batch_size, low=1, integer=True)
         check_number("pretrain_follower", pretrain_follower, low=0, integer=True)
         check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, integer=True)
         if progress is not None and not isinstance(progress, bool):
             raise PoisonReachError(f"progress must be True, False or None, got {progress!r}")
-        self.eps_d = float(eps_d)
         self.epochs = epochs
         self.leader_lr = float(leader_lr)
         self.follower_lr = float(follower_lr)
@@ -242,8 +233,6 @@ class TGDA(Attack):
         self.batch_size = batch_size
         self.pretrain_follower = pretrain_follower
         self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
         self.progress = progress
 
     def poison(
@@ -283,8 +272,8 @@ class TGDA(Attack):
     def _run(self, follower, X, y, validation, loss_fn, num_outputs, device) -> PoisonResult:
         gen = torch.Generator().manual_seed(self.seed)
         n = len(X)
-        m = max(1, round(n * self.eps_d))
-        source = torch.randperm(n, generator=gen)[:m] if m <= n else torch.randint(n, (m,), generator=gen)
+        m = self.num_poisons(n)
+        source = draw_sources(n, m, gen)
         params = [p for p in follower.parameters() if p.requires_grad]
         if not params:
             raise PoisonReachError("the model has no trainable parameters: the follower cannot respond to the poisons")
@@ -319,7 +308,7 @@ class TGDA(Attack):
             history["leader_objective"].append(self._mean_loss(follower, [(Xv, yv)], loss_fn, device))
             history["follower_loss"].append(self._mean_loss(follower, [(X, y), poisons], loss_fn, device))
             if classification:
-                history["follower_accuracy"].append(training.accuracy(follower, Xv, yv, batch_size=self.chunk_size, device=device))
+                history["follower_accuracy"].append(training.accuracy(follower, Xv, yv, chunk_size=self.chunk_size, device=device))
             if not (math.isfinite(history["leader_objective"][-1]) and math.isfinite(history["follower_loss"][-1])):
                 epoch = len(history["follower_loss"]) - 1  # 0: before the first epoch
                 raise PoisonReachError(
@@ -342,17 +331,8 @@ class TGDA(Attack):
             record()
             bar.set_postfix(leader=f"{history['leader_objective'][-1]:.4g}")
         bar.close()
-        return PoisonResult(
-            x=generate(generator, all_poisons, self.chunk_size).cpu(),
-            y=labels.cpu(),
-            source_indices=source,
-            grad_norm_history=[],  # TGDA cancels no gradient: its objective is under extra["leader_objective"]
-            tau=math.nan,
-            eps_d=self.eps_d,
-            config=self.config(),
-            seed=self.seed,
-            extra={**history, "num_clean": n, "num_poisons": m, "num_validation": len(Xv)},
-        )
+        # TGDA cancels no gradient: no history, its objective is under extra["leader_objective"]
+        return self._result(generate(generator, all_poisons, self.chunk_size), labels, source, **history, num_clean=n, num_poisons=m, num_validation=len(Xv))
 
     def _leader_steps(self, follower, params, generator, index, labels, clean, val, loss_fn, device) -> None:
         """Total-gradient ascent on θ with the follower held fixed."""

@@ -468,7 +468,7 @@ def certify(
     if not isinstance(ensemble, Ensemble):
         raise PoisonReachError(f"certify needs the Ensemble that DeepPartitionAggregation.train returned, got {type(ensemble).__name__}")
     check_number("chunk_size", chunk_size, low=1, integer=True)
-    votes = training.predict_logits(ensemble, X, batch_size=chunk_size, device=device)
+    votes = training.predict_logits(ensemble, X, chunk_size=chunk_size, device=device)
     return Certificate.from_votes(votes, y)
 
 

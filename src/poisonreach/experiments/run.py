@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import data, io, models
-from ..attacks import TGDA, Attack, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
+from ..attacks import ATTACKS, Attack, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve, task_of
 from ..validation import evaluating, check_choice, check_number, check_options
@@ -41,7 +41,6 @@ from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_t
 from ..training import accuracy, mean_squared_error, train
 
 TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
-ATTACKS = {cls.name: cls for cls in (GradientCanceling, GradientMatching, LabelFlip, TGDA)}
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
 POISONED_TARGETS = ("tgda", "labelflip", "gm")
@@ -51,7 +50,8 @@ POISONED_TARGETS = ("tgda", "labelflip", "gm")
 class RunConfig:
     """Everything that determines a run. ``attack`` names the attack (:data:`ATTACKS`);
     ``attack_options`` and ``training`` are keyword arguments of its class and of
-    :func:`poisonreach.training.train`. ``preset`` names a GC setting (:data:`PRESETS`)."""
+    :func:`poisonreach.training.train`. ``preset`` names a setting of the attack class (its
+    ``presets``, e.g. GC's ``paper``), under ``attack_options``."""
 
     dataset: str = "digits"
     model: str = "lr"
@@ -76,8 +76,12 @@ class RunConfig:
         check_choice("model", self.model, models.names())
         check_choice("target", self.target, [*TARGET_GENERATORS, *POISONED_TARGETS])
         check_choice("attack", self.attack, ATTACKS)
-        if self.preset is not None and self.attack != "gc":
-            raise PoisonReachError(f"preset applies to the gc attack, not {self.attack!r}: drop it or set attack to gc")
+        presets = getattr(ATTACKS[self.attack], "presets", {})
+        if self.preset is not None and self.preset not in presets:
+            raise PoisonReachError(
+                f"preset {self.preset!r} is not a setting of the {self.attack} attack: "
+                + (f"choose one of {sorted(presets)}" if presets else "it has none, drop the preset")
+            )
         check_number("target_scale", self.target_scale, low=0, low_open=True)
         for key in ("device", "progress", "seed"):
             if key in self.attack_options or key in self.training:
@@ -120,13 +124,11 @@ class RunConfig:
         check_options(cls, self.attack_options, f"{self.attack} attack")
         attacks = []
         for eps_d in self.budgets(tau):
-            kwargs = dict(self.attack_options, seed=self.seed, device=self.device)
+            preset = cls.presets[self.preset] if self.preset is not None else {}
+            kwargs = dict(preset, **self.attack_options, seed=self.seed, device=self.device)
             if checkpoint_dir is not None and "checkpoint" in inspect.signature(cls).parameters:
                 kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "checkpoint.pt"
-            if self.preset is not None:
-                attacks.append(cls.from_preset(self.preset, eps_d, **kwargs))
-            else:
-                attacks.append(cls(eps_d, **kwargs))
+            attacks.append(cls(eps_d, **kwargs))
         return attacks
 
     def to_dict(self) -> dict:

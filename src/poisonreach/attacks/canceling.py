@@ -1,0 +1,89 @@
+"""The Gradient Canceling problem (section 4, equations (16)–(18)) that both GC solvers solve.
+
+For a target w, clean data µ (n points) and a budget ε_d, find m = round(n·ε_d) poisons ν̂ in the
+admissible set Γ that minimise
+
+    L(ν̂) = ½‖g(µ) + ε_d·g(ν̂)‖²,   g(ν̂) = (1/m) Σ_j ∇_w ℓ(z_j; w)              (18)
+
+:class:`~poisonreach.attacks.GradientCanceling` descends on the m points (Algorithm 1);
+:class:`~poisonreach.attacks.FrankWolfeCanceling` optimises over measures (appendix B) and rounds
+to m points. :func:`canceling_problem` does what both need first: the replaced subset of appendix
+C.10, the seeded start points, the box Γ, the threshold τ and g(µ), an explicit sum over chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..gradients import gradient_sum, select_parameters
+from ..losses import LossFn, resolve
+from ..reachability import threshold
+from ..validation import check_model_data
+from .base import Attack, box_bounds, draw_sources
+
+
+@dataclass
+class CancelingProblem:
+    """Problem (18) for one target. ``X``, ``y`` are all the clean data (poisons start from them);
+    µ is the ``n`` points of ``kept`` (all of them unless the attack replaces data); ``source`` are
+    the m start points; ``low``/``high`` bound Γ (None: unbounded); ``gen`` continues the seeded
+    stream the draws came from."""
+
+    model: nn.Module
+    params: list[Tensor]
+    loss_fn: LossFn
+    num_outputs: int
+    X: Tensor
+    y: Tensor
+    n: int
+    eps_d: float
+    g_mu: list[Tensor]
+    source: Tensor
+    low: Tensor | None
+    high: Tensor | None
+    tau: float
+    kept: Tensor | None
+    gen: torch.Generator
+    chunk_size: int
+    device: torch.device
+
+    @property
+    def m(self) -> int:
+        return len(self.source)
+
+    def gradient_sum(self, x: Tensor, y: Tensor) -> list[Tensor]:
+        """Σ_j ∇_w ℓ(z_j; w) over the points (x, y), chunk by chunk."""
+        return gradient_sum(self.model, self.params, x, y, self.loss_fn, chunk_size=self.chunk_size, device=self.device)
+
+    def residual(self, g_nu_sum: list[Tensor]) -> list[Tensor]:
+        """v = g(µ) + ε_d·g(ν̂) from Σ_j ∇_w ℓ(z_j; w) (g(ν̂) is that sum over m)."""
+        return [gm + self.eps_d / self.m * gs for gm, gs in zip(self.g_mu, g_nu_sum)]
+
+
+def canceling_problem(attack: Attack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:
+    """Set up problem (18) for ``attack`` (its ``eps_d``, ``seed``, ``replace``, ``box``,
+    ``parameters``, ``chunk_size``) against the target ``model`` on the clean data (X, y)."""
+    gen = torch.Generator().manual_seed(attack.seed)
+    kept = None
+    if attack.replace:  # appendix C.10: a subset of size n/(1 + ε_d) stands in for µ
+        kept = torch.randperm(len(X), generator=gen)[: max(1, round(len(X) / (1 + attack.eps_d)))].sort().values
+        X_mu, y_mu = X[kept], y[kept]
+    else:
+        X_mu, y_mu = X, y
+    n = len(X_mu)
+    num_outputs = check_model_data(model, X, y, device, strict=not callable(loss))
+    loss_fn = resolve(num_outputs, y, loss)
+    params = select_parameters(model, attack.parameters)
+    source = draw_sources(len(X), attack.num_poisons(n), gen)
+    low, high = box_bounds(attack.box, X, device=device)
+    tau = threshold(model, X_mu, y_mu, device=device).tau if loss is None else math.nan
+    # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed.
+    g_mu = [g / n for g in gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=attack.chunk_size, device=device)]
+    return CancelingProblem(
+        model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=attack.eps_d,
+        g_mu=g_mu, source=source, low=low, high=high, tau=tau, kept=kept, gen=gen, chunk_size=attack.chunk_size, device=device,
+    )

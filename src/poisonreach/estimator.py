@@ -3,24 +3,52 @@
 As in scikit-learn: hyperparameters are the constructor's keyword arguments, validated there and
 stored under their own names, so :meth:`Estimator.get_params` can return them and ``repr`` can show
 the ones that differ from the defaults. Data never goes into the constructor.
+
+Each class declares how its arguments are checked in ``constraints`` (name → a callable
+``check(name, value) -> stored value``, e.g. :class:`poisonreach.validation.Number`), merged along
+the class hierarchy, and its constructor ends with ``self._set_params(locals())``, which validates
+and stores every argument of its signature (an argument without a constraint is stored as given).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .validation import Number, progress_flag
+
 
 class Estimator:
     """Base class: parameters are the constructor's keyword arguments, stored under their names."""
 
+    constraints: dict[str, Callable[[str, Any], Any]] = {
+        "seed": Number(integer=True),
+        "chunk_size": Number(low=1, integer=True),
+        "progress": progress_flag,
+    }
+
     @classmethod
     def _signature(cls) -> dict[str, inspect.Parameter]:
         return {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+    @classmethod
+    def _constraints(cls) -> dict[str, Callable[[str, Any], Any]]:
+        """The constraints of the class and its bases, the most derived winning."""
+        merged: dict = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(vars(klass).get("constraints", {}))
+        return merged
+
+    def _set_params(self, values: dict[str, Any]) -> None:
+        """Validate the constructor's arguments (its ``locals()``) in signature order and store them."""
+        constraints = self._constraints()
+        for name in self._signature():
+            check = constraints.get(name)
+            setattr(self, name, values[name] if check is None else check(name, values[name]))
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments; ``type(self)(**self.get_params())`` is an equal object."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .errors import PoisonReachError
+from .models import last_linear
 from .validation import evaluating
 
 Params = Sequence[Tensor]
@@ -28,8 +29,6 @@ def select_parameters(model: nn.Module, which: str = "all") -> list[nn.Parameter
     layer's weight and bias (the necessary condition (14) of Theorem 4); ``first``: the first
     parameter tensor only, which is what the official GC code cancels.
     """
-    from .models import last_linear  # models imports nothing from attacks; keep the import local to avoid cycles
-
     if which == "all":
         params = [p for p in model.parameters() if p.requires_grad]
     elif which == "last":

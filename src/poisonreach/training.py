@@ -18,9 +18,20 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
-from .validation import check_choice, check_inputs, check_labels, check_number, evaluating, num_outputs
+from .validation import Choice, Number, check_inputs, check_labels, check_number, evaluating, num_outputs
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
+# The protocol's hyperparameters (keyword arguments of :func:`train`) and their checks; DPA's base
+# models take the same arguments.
+HYPERPARAMETERS = {
+    "epochs": Number(low=1, integer=True),
+    "lr": Number(low=0, low_open=True),
+    "batch_size": Number(low=1, integer=True),
+    "optimizer": Choice(OPTIMIZERS),
+    "gamma": Number(low=0, low_open=True, high=1),
+    "momentum": Number(low=0, high=1, high_open=True),
+    "weight_decay": Number(low=0),
+}
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
@@ -72,10 +83,10 @@ def train(
     """
     n = check_inputs(X)
     disable = _disable(progress)
-    _check_hyperparameters(
-        epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, optimizer=optimizer,
-        gamma=gamma, momentum=momentum, weight_decay=weight_decay,
-    )
+    check_number("seed", seed, integer=True)
+    given = locals()
+    for name, check in HYPERPARAMETERS.items():
+        check(name, given[name])
     w = _check_weights(weights, n)
     check_number("worst_of", worst_of, low=1, integer=True)
     if worst_of > 1 and augment is None:
@@ -234,15 +245,3 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
-def _check_hyperparameters(
-    *, epochs: int, lr: float, batch_size: int, seed: int, optimizer: str,
-    gamma: float, momentum: float, weight_decay: float,
-) -> None:
-    check_number("epochs", epochs, low=1, integer=True)
-    check_number("batch_size", batch_size, low=1, integer=True)
-    check_number("seed", seed, integer=True)
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    check_number("lr", lr, low=0, low_open=True)
-    check_number("gamma", gamma, low=0, low_open=True, high=1)
-    check_number("momentum", momentum, low=0, high=1, high_open=True)
-    check_number("weight_decay", weight_decay, low=0)

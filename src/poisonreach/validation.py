@@ -10,6 +10,7 @@ import math
 import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,55 @@ def check_number(name: str, value, *, low=None, high=None, low_open=False, high_
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise PoisonReachError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Number:
+    """A constructor argument that must be a number within bounds (:func:`check_number`); stored as
+    a float, or as given when ``integer``. ``optional``: None is accepted too."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False
+
+    def __call__(self, name: str, value):
+        if value is None and self.optional:
+            return None
+        check_number(name, value, low=self.low, high=self.high, low_open=self.low_open, high_open=self.high_open, integer=self.integer)
+        return value if self.integer else float(value)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A constructor argument that must be one of ``options``."""
+
+    options: tuple
+
+    def __call__(self, name: str, value):
+        check_choice(name, value, self.options)
+        return value
+
+
+def flag(name: str, value) -> bool:
+    """A constructor argument read as a truth value."""
+    return bool(value)
+
+
+def strict_flag(name: str, value) -> bool:
+    """A constructor argument that must be True or False."""
+    if not isinstance(value, bool):
+        raise PoisonReachError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def progress_flag(name: str, value) -> bool | None:
+    """``progress``: True, False, or None (a bar only on a terminal)."""
+    if value is not None and not isinstance(value, bool):
+        raise PoisonReachError(f"{name} must be True, False or None, got {value!r}")
+    return value
 
 
 def check_inputs(X: Tensor) -> int:

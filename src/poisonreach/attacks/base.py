@@ -19,7 +19,8 @@ from .. import io
 from ..errors import PoisonReachError
 from ..estimator import Estimator
 from ..losses import to_probabilities
-from ..validation import check_number
+from ..gradients import PARAMETER_SETS
+from ..validation import Choice, Number, check_number
 
 # Constructor arguments that change where or how visibly an attack runs, never its result.
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")
@@ -64,16 +65,15 @@ class Attack(Estimator):
     """Base class of the attacks: hyperparameters in the constructor, data in :meth:`poison`.
 
     Every attack has a poison budget ε_d (``eps_d`` > 0: m = max(1, round(n·ε_d)) poisons for n clean
-    points), a ``seed`` for all its random choices and a ``device``; subclasses validate and store
-    them with ``super().__init__`` and build their result with :meth:`_result`.
+    points), a ``seed`` for all its random choices and a ``device``; :attr:`constraints` checks them
+    and the arguments several attacks share. Subclasses build their result with :meth:`_result`.
     """
 
-    def __init__(self, eps_d: float, *, seed: int = 0, device: str | torch.device | None = None):
-        check_number("eps_d", eps_d, low=0, low_open=True)
-        check_number("seed", seed, integer=True)
-        self.eps_d = float(eps_d)
-        self.seed = seed
-        self.device = device
+    constraints = {
+        "eps_d": Number(low=0, low_open=True),
+        "box": lambda name, value: check_box(value),
+        "parameters": Choice(PARAMETER_SETS),
+    }
 
     def num_poisons(self, n: int) -> int:
         """m = round(n·ε_d) poisons for n clean points, at least one."""

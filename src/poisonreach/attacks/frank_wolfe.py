@@ -13,11 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PoisonReachError
-from ..gradients import PARAMETER_SETS, cancel_gradient, flat_norm, inner
+from ..gradients import cancel_gradient, flat_norm, inner
 from ..losses import task_of, to_probabilities
 from ..rounding import largest_remainder
-from ..validation import check_choice, check_number, evaluating
-from .base import Attack, PoisonResult, check_box, clamp_box
+from ..validation import Choice, Number, evaluating, flag
+from .base import Attack, PoisonResult, clamp_box
 from .canceling import CancelingProblem, canceling_problem
 
 # line-search: the exact minimiser of (B.1) along the FW direction; open-loop: η_t = 2/(t + 2) (appendix B)
@@ -132,6 +132,13 @@ class FrankWolfeCanceling(Attack):
 
     name = "gc-fw"
     model_targeted = True
+    constraints = {
+        "iterations": Number(low=0, integer=True),
+        "step": Choice(STEPS),
+        "starts": Number(low=1, integer=True),
+        "start_steps": Number(low=0, integer=True),
+        "replace": flag,
+    }
 
     def __init__(
         self,
@@ -149,28 +156,12 @@ class FrankWolfeCanceling(Attack):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        super().__init__(eps_d, seed=seed, device=device)
-        check_number("iterations", iterations, low=0, integer=True)
-        check_choice("step", step, STEPS)
-        check_number("starts", starts, low=1, integer=True)
-        check_number("start_steps", start_steps, low=0, integer=True)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_choice("parameters", parameters, PARAMETER_SETS)
-        box = check_box(box)
-        if box is None:
+        self._set_params(locals())
+        if self.box is None:
             raise PoisonReachError(
                 "Frank-Wolfe needs a bounded box: its subproblem (B.5) has no minimum over "
                 "unbounded features; pass box=(low, high) or box='data-range'"
             )
-        self.iterations = iterations
-        self.step = step
-        self.starts = starts
-        self.start_steps = start_steps
-        self.chunk_size = chunk_size
-        self.box = box
-        self.replace = bool(replace)
-        self.parameters = parameters
-        self.progress = progress
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y).

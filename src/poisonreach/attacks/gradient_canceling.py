@@ -29,10 +29,10 @@ from torch import Tensor, nn
 
 from .. import io
 from ..errors import PoisonReachError
-from ..gradients import PARAMETER_SETS, cancel_gradient, flat_norm
+from ..gradients import cancel_gradient, flat_norm
 from ..losses import task_of, to_probabilities
-from ..validation import check_choice, check_number, evaluating
-from .base import Attack, PoisonResult, check_box, clamp_box
+from ..validation import Choice, Number, evaluating, flag
+from .base import Attack, PoisonResult, clamp_box
 from .canceling import CancelingProblem, canceling_problem
 
 SCHEDULES = ("cosine", "constant")
@@ -113,6 +113,17 @@ class GradientCanceling(Attack):
     # The paper's setting (appendix C.1): SGD with momentum, cosine schedule, lr 0.5, 1000 epochs,
     # the whole poison set as one block.
     presets = {"paper": dict(epochs=1000, lr=0.5, momentum=0.9, schedule="cosine", backtrack=False, block_size=None)}
+    constraints = {
+        "epochs": Number(low=0, integer=True),
+        "lr": Number(low=0, low_open=True),
+        "momentum": Number(low=0, high=1),
+        "schedule": Choice(SCHEDULES),
+        "backtrack": flag,
+        "block_size": Number(low=1, integer=True, optional=True),
+        "optimize_labels": flag,
+        "replace": flag,
+        "checkpoint_every": Number(low=1, integer=True),
+    }
 
     def __init__(
         self,
@@ -135,30 +146,7 @@ class GradientCanceling(Attack):
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 25,
     ):
-        super().__init__(eps_d, seed=seed, device=device)
-        check_number("epochs", epochs, low=0, integer=True)
-        check_number("lr", lr, low=0, low_open=True)
-        check_number("momentum", momentum, low=0, high=1)
-        check_choice("schedule", schedule, SCHEDULES)
-        if block_size is not None:
-            check_number("block_size", block_size, low=1, integer=True)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_choice("parameters", parameters, PARAMETER_SETS)
-        check_number("checkpoint_every", checkpoint_every, low=1, integer=True)
-        self.epochs = epochs
-        self.lr = float(lr)
-        self.momentum = float(momentum)
-        self.schedule = schedule
-        self.backtrack = bool(backtrack)
-        self.block_size = block_size
-        self.chunk_size = chunk_size
-        self.box = check_box(box)
-        self.optimize_labels = bool(optimize_labels)
-        self.replace = bool(replace)
-        self.parameters = parameters
-        self.progress = progress
-        self.checkpoint = checkpoint
-        self.checkpoint_every = checkpoint_every
+        self._set_params(locals())
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y)."""

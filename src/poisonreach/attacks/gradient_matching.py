@@ -61,10 +61,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PoisonReachError
-from ..gradients import PARAMETER_SETS, Params, cancel_gradient, flat_norm, gradient_sum, inner, select_parameters
+from ..gradients import Params, cancel_gradient, flat_norm, gradient_sum, inner, select_parameters
 from ..losses import REVERSED, LossFn, resolve
-from ..validation import check_choice, check_model_data, check_number, evaluating
-from .base import Attack, PoisonResult, box_bounds, check_box, clamp_box, draw_sources
+from ..validation import Choice, Number, check_model_data, evaluating
+from .base import Attack, PoisonResult, box_bounds, clamp_box, draw_sources
 
 OBJECTIVES = ("reversed", "target")
 OPTIMIZERS = ("signadam", "adam", "sgd")
@@ -133,6 +133,15 @@ class GradientMatching(Attack):
     """
 
     name = "gm"
+    constraints = {
+        "objective": Choice(OBJECTIVES),
+        "steps": Number(low=0, integer=True),
+        "lr": Number(low=0, low_open=True),
+        "optimizer": Choice(OPTIMIZERS),
+        "schedule": Choice(SCHEDULES),
+        "restarts": Number(low=1, integer=True),
+        "eps_perturbation": Number(low=0, low_open=True, optional=True),
+    }
 
     def __init__(
         self,
@@ -152,34 +161,12 @@ class GradientMatching(Attack):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        super().__init__(eps_d, seed=seed, device=device)
-        check_choice("objective", objective, OBJECTIVES)
-        check_number("steps", steps, low=0, integer=True)
-        check_number("lr", lr, low=0, low_open=True)
-        check_choice("optimizer", optimizer, OPTIMIZERS)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_number("restarts", restarts, low=1, integer=True)
-        if eps_perturbation is not None:
-            check_number("eps_perturbation", eps_perturbation, low=0, low_open=True)
-        elif restarts > 1:
+        self._set_params(locals())
+        if self.restarts > 1 and self.eps_perturbation is None:
             raise PoisonReachError(
                 "restarts > 1 needs eps_perturbation: restarts differ only by their random start in the ℓ∞ ball, "
                 "so without one every restart is the same run"
             )
-        box = check_box(box)
-        check_choice("parameters", parameters, PARAMETER_SETS)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        self.objective = objective
-        self.steps = steps
-        self.lr = float(lr)
-        self.optimizer = optimizer
-        self.schedule = schedule
-        self.restarts = restarts
-        self.eps_perturbation = None if eps_perturbation is None else float(eps_perturbation)
-        self.box = box
-        self.parameters = parameters
-        self.chunk_size = chunk_size
-        self.progress = progress
 
     def _lr_at(self, step: int) -> float:
         """The step size of step ``step`` (0-based): ``lr`` divided by 10 at each milestone passed."""

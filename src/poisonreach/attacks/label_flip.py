@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..errors import PoisonReachError
 from ..losses import resolve
 from ..training import predict_logits
-from ..validation import check_choice, check_model_data, check_number
+from ..validation import Choice, check_model_data
 from .base import Attack, PoisonResult
 
 STRATEGIES = ("random", "loss")
@@ -49,6 +49,7 @@ class LabelFlip(Attack):
     """
 
     name = "labelflip"
+    constraints = {"strategy": Choice(STRATEGIES)}
 
     def __init__(
         self,
@@ -59,11 +60,7 @@ class LabelFlip(Attack):
         seed: int = 0,
         device: str | torch.device | None = None,
     ):
-        super().__init__(eps_d, seed=seed, device=device)
-        check_choice("strategy", strategy, STRATEGIES)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        self.strategy = strategy
-        self.chunk_size = chunk_size
+        self._set_params(locals())
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
         """Flip the labels of copies of clean points chosen with ``model`` (the clean model)."""

@@ -50,8 +50,8 @@ from .. import training
 from ..errors import PoisonReachError
 from ..gradients import chunks, conjugate_gradient, flatten, gradient_sum, hessian_vector_products, inner, unflatten
 from ..losses import LossFn, resolve, task_of, to_probabilities
-from ..validation import check_choice, check_labels, check_model_data, check_number
-from .base import Attack, PoisonResult, box_bounds, check_box, clamp_box, draw_sources
+from ..validation import Choice, Number, check_labels, check_model_data
+from .base import Attack, PoisonResult, box_bounds, clamp_box, draw_sources
 
 GENERATORS = ("autoencoder", "points")
 
@@ -184,6 +184,18 @@ class TGDA(Attack):
     """
 
     name = "tgda"
+    constraints = {
+        "epochs": Number(low=0, integer=True),
+        "leader_lr": Number(low=0, low_open=True),
+        "follower_lr": Number(low=0, low_open=True),
+        "leader_steps": Number(low=1, integer=True),
+        "follower_steps": Number(low=1, integer=True),
+        "cg_iterations": Number(low=1, integer=True),
+        "damping": Number(low=0),
+        "generator": Choice(GENERATORS),
+        "batch_size": Number(low=1, integer=True, optional=True),
+        "pretrain_follower": Number(low=0, integer=True),
+    }
 
     def __init__(
         self,
@@ -205,35 +217,7 @@ class TGDA(Attack):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        super().__init__(eps_d, seed=seed, device=device)
-        check_number("epochs", epochs, low=0, integer=True)
-        check_number("leader_lr", leader_lr, low=0, low_open=True)
-        check_number("follower_lr", follower_lr, low=0, low_open=True)
-        check_number("leader_steps", leader_steps, low=1, integer=True)
-        check_number("follower_steps", follower_steps, low=1, integer=True)
-        check_number("cg_iterations", cg_iterations, low=1, integer=True)
-        check_number("damping", damping, low=0)
-        check_choice("generator", generator, GENERATORS)
-        box = check_box(box)
-        if batch_size is not None:
-            check_number("batch_size", batch_size, low=1, integer=True)
-        check_number("pretrain_follower", pretrain_follower, low=0, integer=True)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        if progress is not None and not isinstance(progress, bool):
-            raise PoisonReachError(f"progress must be True, False or None, got {progress!r}")
-        self.epochs = epochs
-        self.leader_lr = float(leader_lr)
-        self.follower_lr = float(follower_lr)
-        self.leader_steps = leader_steps
-        self.follower_steps = follower_steps
-        self.cg_iterations = cg_iterations
-        self.damping = float(damping)
-        self.generator = generator
-        self.box = box
-        self.batch_size = batch_size
-        self.pretrain_follower = pretrain_follower
-        self.chunk_size = chunk_size
-        self.progress = progress
+        self._set_params(locals())
 
     def poison(
         self, model: nn.Module, X: Tensor, y: Tensor, loss=None, *, validation: Part | None = None

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..estimator import Estimator
 from ..gradients import select_parameters
 from ..losses import resolve
-from ..validation import check_model_data, check_number
+from ..validation import Choice, Number, check_model_data, check_number
 
 
 @dataclass
@@ -41,6 +41,7 @@ class Filter(Estimator):
     """
 
     name = "filter"
+    constraints = {"fraction": Number(low=0, high=1), "parameters": Choice(("all", "last"))}
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         raise NotImplementedError

@@ -59,7 +59,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from .. import losses, training
 from ..errors import PoisonReachError
 from ..estimator import Estimator
-from ..validation import check_choice, check_inputs, check_labels, check_number, num_outputs
+from ..validation import Number, check_inputs, check_labels, check_number, num_outputs
 
 # float32 holds every integer below 2**24 exactly, so vote counts stay exact as floats.
 MAX_MODELS = 2**24
@@ -286,6 +286,12 @@ class DeepPartitionAggregation(Estimator):
     """
 
     name = "dpa"
+    constraints = {
+        "num_partitions": Number(low=1, high=MAX_MODELS, integer=True),
+        **training.HYPERPARAMETERS,
+        "group_size": Number(low=1, integer=True),
+        "seed": Number(low=0, integer=True),
+    }
 
     def __init__(
         self,
@@ -304,32 +310,7 @@ class DeepPartitionAggregation(Estimator):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        check_number("num_partitions", num_partitions, low=1, high=MAX_MODELS, integer=True)
-        check_number("epochs", epochs, low=1, integer=True)
-        check_number("lr", lr, low=0, low_open=True)
-        check_number("batch_size", batch_size, low=1, integer=True)
-        check_choice("optimizer", optimizer, training.OPTIMIZERS)
-        check_number("gamma", gamma, low=0, high=1, low_open=True)
-        check_number("momentum", momentum, low=0, high=1, high_open=True)
-        check_number("weight_decay", weight_decay, low=0)
-        check_number("group_size", group_size, low=1, integer=True)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, low=0, integer=True)
-        if progress is not None and not isinstance(progress, bool):
-            raise PoisonReachError(f"progress must be True, False or None, got {progress!r}")
-        self.num_partitions = num_partitions
-        self.epochs = epochs
-        self.lr = float(lr)
-        self.batch_size = batch_size
-        self.optimizer = optimizer
-        self.gamma = float(gamma)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.group_size = group_size
-        self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
-        self.progress = progress
+        self._set_params(locals())
 
     # -- partitions and base models ---------------------------------------------------------------
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import PoisonReachError
 from ..gradients import chunks, conjugate_gradient, hessian_vector_products, per_sample_gradients
-from ..validation import check_choice, check_number
+from ..validation import Choice, Number
 from .base import Filter, FilterResult, removal_count
 
 SOLVERS = ("auto", "cg", "lissa", "exact")
@@ -81,6 +81,17 @@ class Influence(Filter):
     """
 
     name = "influence"
+    constraints = {
+        "solver": Choice(SOLVERS),
+        "damping": Number(low=0),
+        "cg_iterations": Number(low=1, integer=True),
+        "cg_tolerance": Number(low=0, low_open=True),
+        "lissa_depth": Number(low=1, integer=True),
+        "lissa_scale": Number(low=0, low_open=True),
+        "lissa_repeats": Number(low=1, integer=True),
+        "lissa_batch_size": Number(low=1, integer=True),
+        "block_size": Number(low=1, integer=True),
+    }
 
     def __init__(
         self,
@@ -101,34 +112,7 @@ class Influence(Filter):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        check_number("fraction", fraction, low=0, high=1)
-        check_choice("solver", solver, SOLVERS)
-        check_number("damping", damping, low=0)
-        check_choice("parameters", parameters, ("all", "last"))
-        check_number("cg_iterations", cg_iterations, low=1, integer=True)
-        check_number("cg_tolerance", cg_tolerance, low=0, low_open=True)
-        check_number("lissa_depth", lissa_depth, low=1, integer=True)
-        check_number("lissa_scale", lissa_scale, low=0, low_open=True)
-        check_number("lissa_repeats", lissa_repeats, low=1, integer=True)
-        check_number("lissa_batch_size", lissa_batch_size, low=1, integer=True)
-        check_number("block_size", block_size, low=1, integer=True)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, integer=True)
-        self.fraction = float(fraction)
-        self.solver = solver
-        self.damping = float(damping)
-        self.parameters = parameters
-        self.cg_iterations = cg_iterations
-        self.cg_tolerance = float(cg_tolerance)
-        self.lissa_depth = lissa_depth
-        self.lissa_scale = float(lissa_scale)
-        self.lissa_repeats = lissa_repeats
-        self.lissa_batch_size = lissa_batch_size
-        self.block_size = block_size
-        self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
-        self.progress = progress
+        self._set_params(locals())
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         """Score the points of (X, y) by self-influence at ``model``'s parameters; drop ``fraction``."""

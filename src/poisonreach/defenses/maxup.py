@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import training
 from ..errors import PoisonReachError
 from ..estimator import Estimator
-from ..validation import check_choice, check_number
+from ..validation import Choice, Number, check_number
 
 AUGMENTATIONS = ("noise", "shift")
 
@@ -33,14 +33,11 @@ class MaxUp(Estimator):
     """
 
     name = "maxup"
+    constraints = {"m": Number(low=1, integer=True), "augmentation": Choice(AUGMENTATIONS)}
 
     def __init__(self, m: int = 4, *, augmentation: str = "noise", strength: float = 0.1):
-        check_number("m", m, low=1, integer=True)
-        check_choice("augmentation", augmentation, AUGMENTATIONS)
-        check_number("strength", strength, low=0, integer=augmentation == "shift")
-        self.m = m
-        self.augmentation = augmentation
-        self.strength = strength
+        self._set_params(locals())
+        check_number("strength", strength, low=0, integer=augmentation == "shift")  # shifts are whole pixels
 
     def augment(self, x: Tensor, generator: torch.Generator) -> Tensor:
         """One random augmentation of every row of the (CPU) batch x."""

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from ..errors import PoisonReachError
 from ..gradients import per_sample_gradients
 from ..losses import task_of
-from ..validation import check_choice, check_number
+from ..validation import Number, strict_flag
 from .base import Filter, FilterResult, removal_count
 
 
@@ -73,6 +73,14 @@ class Sever(Filter):
     """
 
     name = "sever"
+    constraints = {
+        "rounds": Number(low=1, integer=True),
+        "per_class": strict_flag,
+        "power_block": Number(low=1, integer=True),
+        "power_iterations": Number(low=1, integer=True),
+        "power_tol": Number(low=0, low_open=True),
+        "cache_mb": Number(low=0),
+    }
 
     def __init__(
         self,
@@ -90,29 +98,7 @@ class Sever(Filter):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        check_number("fraction", fraction, low=0, high=1)
-        check_number("rounds", rounds, low=1, integer=True)
-        check_choice("parameters", parameters, ("all", "last"))
-        if not isinstance(per_class, bool):
-            raise PoisonReachError(f"per_class must be True or False, got {per_class!r}")
-        check_number("power_block", power_block, low=1, integer=True)
-        check_number("power_iterations", power_iterations, low=1, integer=True)
-        check_number("power_tol", power_tol, low=0, low_open=True)
-        check_number("cache_mb", cache_mb, low=0)
-        check_number("chunk_size", chunk_size, low=1, integer=True)
-        check_number("seed", seed, integer=True)
-        self.fraction = float(fraction)
-        self.rounds = rounds
-        self.parameters = parameters
-        self.per_class = per_class
-        self.power_block = power_block
-        self.power_iterations = power_iterations
-        self.power_tol = float(power_tol)
-        self.cache_mb = cache_mb
-        self.chunk_size = chunk_size
-        self.seed = seed
-        self.device = device
-        self.progress = progress
+        self._set_params(locals())
 
     def filter(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> FilterResult:
         """Score the points of (X, y) at ``model``'s parameters and drop ``fraction`` of them."""

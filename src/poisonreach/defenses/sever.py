@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from ..errors import PoisonReachError
 from ..gradients import per_sample_gradients
 from ..losses import task_of
+from ..rounding import largest_remainder
 from ..validation import Number, strict_flag
 from .base import Filter, FilterResult, removal_count
 
@@ -190,12 +191,4 @@ class Sever(Filter):
 def allocate(count: int, sizes: list[int]) -> list[int]:
     """Split ``count`` removals over groups of the given sizes in proportion to the sizes (largest
     remainders, ties to the earlier group). With count < Σ sizes no group gets more than its size."""
-    total = sum(sizes)
-    if total == 0:
-        return [0] * len(sizes)
-    exact = [count * s / total for s in sizes]
-    quotas = [int(e) for e in exact]
-    order = sorted(range(len(sizes)), key=lambda i: quotas[i] - exact[i])
-    for i in order[: count - sum(quotas)]:
-        quotas[i] += 1
-    return quotas
+    return largest_remainder(sizes, count).tolist()

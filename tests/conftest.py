@@ -2,6 +2,8 @@
 
 import pytest
 
+pytest.register_assert_rewrite("contract")  # the shared checks of the contract tests report like the tests' own asserts
+
 from poisonreach import data, models, training
 
 

@@ -9,7 +9,9 @@
   one with ``training.train`` on the same partitions and seeds, for Adadelta, SGD and Adam, with
   partitions of different step counts and unequal batch sizes within a step;
 - the ensemble's votes, its tie-break through ``training.accuracy``, saving and loading, seeds,
-  validation, and a DPA on digits with k = 5.
+  validation of the data, and a DPA on digits with k = 5.
+
+Constructor validation, repr and get_params: ``test_defense_contract.py``.
 """
 
 from __future__ import annotations
@@ -386,46 +388,8 @@ def test_dpa_on_digits_is_accurate_and_its_certified_accuracy_falls_with_the_rad
 
 
 # --------------------------------------------------------------------------------------------------
-# validation and repr
+# validation of the data
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"num_partitions": 0},
-        {"num_partitions": 2.5},
-        {"num_partitions": True},
-        {"num_partitions": 2**24 + 1},
-        {"epochs": 0},
-        {"lr": 0.0},
-        {"lr": float("nan")},
-        {"batch_size": 0},
-        {"optimizer": "rmsprop"},
-        {"gamma": 0.0},
-        {"gamma": 1.5},
-        {"momentum": 1.0},
-        {"momentum": -0.1},
-        {"weight_decay": -1e-4},
-        {"group_size": 0},
-        {"chunk_size": 0},
-        {"seed": -1},
-        {"seed": 1.5},
-        {"progress": "yes"},
-    ],
-)
-def test_check_params(kwargs):
-    kwargs = {"num_partitions": 10, **kwargs}
-    with pytest.raises(PoisonReachError):
-        DeepPartitionAggregation(**kwargs)
-
-
-def test_repr_and_get_params():
-    assert repr(DeepPartitionAggregation(1200)) == "DeepPartitionAggregation(num_partitions=1200)"
-    dpa = DeepPartitionAggregation(3000, epochs=5, optimizer="sgd", lr=0.1, seed=2)
-    assert repr(dpa) == "DeepPartitionAggregation(num_partitions=3000, epochs=5, lr=0.1, optimizer='sgd', seed=2)"
-    assert repr(DeepPartitionAggregation(**dpa.get_params())) == repr(dpa)
-    assert DeepPartitionAggregation.name == "dpa"
 
 
 def test_train_and_certify_reject_bad_input(digits):

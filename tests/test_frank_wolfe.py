@@ -9,7 +9,9 @@
 - the bookkeeping of the running g(ν_t), checked where the rounding to m points is exact;
 - the OR data (appendix C.1): a reachable target (τ < ε_d) is driven to ‖g‖ ≈ 0, an unreachable one
   plateaus above the Cauchy–Schwarz bound and no m-point PGD solution beats the FW measure;
-- the box, seed determinism, constructor validation.
+- the box, seed determinism.
+
+Constructor validation, repr and get_params: ``test_attack_contract.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from poisonreach.attacks import FrankWolfeCanceling, GradientCanceling
 from poisonreach.attacks.frank_wolfe import exact_step, linear_minimization
 from poisonreach.gradients import cancel_gradient
 from poisonreach.rounding import largest_remainder
-from poisonreach.errors import PoisonReachError
 from poisonreach.losses import cross_entropy, logistic, squared
 from poisonreach.reachability import W_1_OVER_E, threshold
 from poisonreach.targets import scale_target
@@ -355,32 +356,3 @@ def test_nonlinear_model_and_soft_clean_labels():
     h = r.grad_norm_history
     assert h[-1] < h[1]
 
-
-# --------------------------------------------------------------------------------------------------
-# 4. parameters
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(step="2/(t+2)"),
-        dict(starts=0),
-        dict(starts=2.5),
-        dict(start_steps=-1),
-        dict(start_steps=True),
-        dict(box=None),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    with pytest.raises(PoisonReachError):
-        FrankWolfeCanceling(0.1, **kwargs)
-
-
-def test_params_repr_and_config():
-    a = FrankWolfeCanceling(0.1, step="open-loop", starts=3, start_steps=0, box="data-range")
-    assert repr(a) == "FrankWolfeCanceling(eps_d=0.1, step='open-loop', starts=3, start_steps=0, box='data-range')"
-    b = FrankWolfeCanceling(**a.get_params())
-    assert b.get_params() == a.get_params() and b.config() == a.config()
-    assert a.config()["attack"] == "gc-fw" and GradientCanceling(0.1).config()["attack"] == "gc"

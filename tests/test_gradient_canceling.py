@@ -6,7 +6,9 @@
 - GC on the OR data with logistic regression (appendix C.1, Figure 1): it reaches a 0 %-accuracy
   target when ε_d ≥ τ and fails when ε_d < τ;
 - determinism, checkpoint/resume, projection onto Γ, the poison budget, replacement, label
-  optimisation, block mode, parameter selection, constructor validation, PoisonResult files.
+  optimisation, block mode, parameter selection, presets, PoisonResult files.
+
+Constructor validation, repr and get_params: ``test_attack_contract.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from reference import TinyMLP, ce_loss, central_differences, logistic_loss
 
 from poisonreach import data, models, training
 from poisonreach.attacks import GradientCanceling, PoisonResult
@@ -31,21 +34,6 @@ from poisonreach.targets import parameter_distance, scale_target
 # --------------------------------------------------------------------------------------------------
 # helpers computed without the library
 # --------------------------------------------------------------------------------------------------
-
-
-def ce_loss(outputs, y):
-    """Per-sample cross-entropy written out (indices or probabilities)."""
-    logp = torch.log_softmax(outputs, dim=1)
-    if y.is_floating_point():
-        return -(y * logp).sum(dim=1)
-    return -logp.gather(1, y.reshape(-1, 1)).reshape(-1)
-
-
-def logistic_loss(outputs, y):
-    """Per-sample logistic loss with labels (or probabilities) p of class 1: −p log σ(h) − (1−p) log σ(−h)."""
-    h = outputs.reshape(-1)
-    p = y.reshape(-1).to(h.dtype)
-    return -(p * F.logsigmoid(h) + (1 - p) * F.logsigmoid(-h))
 
 
 def mean_grad(model, params, X, y, loss):
@@ -80,26 +68,6 @@ def residual_norm(model, X, y, Z, yz, eps_d, loss, which="all"):
     return math.sqrt(2 * gc_objective(model, params, g_mu, Z, yz, eps_d, loss)[0])
 
 
-def central_differences(f, Z, h=1e-6):
-    out = torch.zeros_like(Z)
-    flat = out.reshape(-1)
-    for i in range(Z.numel()):
-        e = torch.zeros_like(Z)
-        e.reshape(-1)[i] = h
-        flat[i] = (f(Z + e) - f(Z - e)) / (2 * h)
-    return out
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d, hidden, out, act):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(d, hidden), act, nn.Linear(hidden, hidden), act)
-        self.head = nn.Linear(hidden, out)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 def build(name):
     """(model in float64 eval mode, input shape, classes, one logit?)"""
     torch.manual_seed(0)
@@ -108,9 +76,9 @@ def build(name):
     if name == "lr2-logistic":
         return models.create("lr", (2,), 2, seed=1).double().eval(), (2,), 2, True
     if name == "mlp-tanh":
-        return TinyMLP(3, 6, 4, nn.Tanh()).double().eval(), (3,), 4, False
+        return TinyMLP(3, 6, 4, nn.Tanh(), layers=2).double().eval(), (3,), 4, False
     if name == "mlp-softplus-logistic":
-        return TinyMLP(3, 5, 1, nn.Softplus()).double().eval(), (3,), 2, True
+        return TinyMLP(3, 5, 1, nn.Softplus(), layers=2).double().eval(), (3,), 2, True
     if name == "nn":
         return models.create("nn", (2,), 3, seed=1).double().eval(), (2,), 3, False
     if name == "cnn":
@@ -576,67 +544,8 @@ def test_poison_leaves_the_target_untouched(or2d):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. constructor validation
+# 6. presets and the learning-rate schedule
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(epochs=-1),
-        dict(epochs=2.5),
-        dict(lr=0),
-        dict(lr=-1.0),
-        dict(lr=math.nan),
-        dict(lr=math.inf),
-        dict(momentum=2),
-        dict(momentum=-0.1),
-        dict(momentum=math.nan),
-        dict(schedule="linear"),
-        dict(block_size=0),
-        dict(block_size=1.5),
-        dict(chunk_size=0),
-        dict(box=(1, 0)),
-        dict(box=(0.5, 0.5)),
-        dict(box=(0, math.nan)),
-        dict(box=(0, 1, 2)),
-        dict(box="range"),
-        dict(parameters="middle"),
-        dict(seed=1.5),
-        dict(seed="0"),
-        dict(checkpoint_every=0),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    kwargs = {"eps_d": 0.1, **kwargs}
-    with pytest.raises(PoisonReachError):
-        GradientCanceling(**kwargs)
-
-
-def test_valid_edge_values_are_accepted():
-    GradientCanceling(1e-6, epochs=0, momentum=0.0, block_size=1, chunk_size=1, box=[-1, 1], seed=0)
-    assert GradientCanceling(0.1, box=[-1, 1]).box == (-1, 1)
-
-
-def test_repr_shows_the_non_default_parameters():
-    assert repr(GradientCanceling(0.1)) == "GradientCanceling(eps_d=0.1)"
-    assert repr(GradientCanceling(0.1, lr=0.3, box=None)) == "GradientCanceling(eps_d=0.1, lr=0.3, box=None)"
-
-
-def test_get_params_round_trips_into_the_constructor(tmp_path):
-    a = GradientCanceling(
-        0.2, epochs=7, lr=0.3, momentum=0.5, schedule="constant", backtrack=False, block_size=4, chunk_size=9, box="data-range",
-        optimize_labels=True, replace=True, parameters="last", seed=3, device="cpu", progress=False,
-        checkpoint=tmp_path / "x.ckpt", checkpoint_every=5,
-    )
-    params = a.get_params()
-    assert params["eps_d"] == 0.2 and params["parameters"] == "last" and params["checkpoint_every"] == 5
-    b = GradientCanceling(**params)
-    assert b.get_params() == params
-    assert repr(b) == repr(a)
-    assert a.config() == b.config()
-    assert "checkpoint" not in a.config() and a.config()["box"] == "data-range"
 
 
 def test_paper_preset():

@@ -6,7 +6,9 @@
   independent autograd computation and central finite differences in float64;
 - one signed-Adam step, the schedule, the admissible set, the budget, restarts, determinism;
 - GM lowers the test accuracy of a logistic regression retrained on digits ∪ poisons;
-- constructor validation.
+- a GM target that would need a target itself is refused.
+
+Constructor validation, repr and get_params: ``test_attack_contract.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from reference import TinyMLP, ce_loss, central_differences, flat, logistic_loss, squared_loss
 
 from poisonreach import data, models, training
 from poisonreach.attacks import PoisonResult
@@ -47,47 +49,10 @@ def naive_reversed_logistic(outputs, y):
     return -(y * torch.log(1 - s) + (1 - y) * torch.log(s))
 
 
-def ce_loss(outputs, y):
-    return -torch.log_softmax(outputs, dim=1).gather(1, y.reshape(-1, 1)).reshape(-1)
-
-
-def squared_loss(outputs, y):
-    return 0.5 * (outputs.reshape(-1) - y) ** 2
-
-
-def logistic_loss(outputs, y):
-    h = outputs.reshape(-1)
-    p = y.reshape(-1).to(h.dtype)
-    return -(p * F.logsigmoid(h) + (1 - p) * F.logsigmoid(-h))
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
 def objective(model, params, target, Z, yz, loss):
     """S = 1 − cos(t, Σ_j ∇_w ℓ(z_j; w)) with a differentiable graph, from torch's cosine similarity."""
     grads = torch.autograd.grad(loss(model(Z), yz).sum(), params, create_graph=True)
     return 1 - F.cosine_similarity(flat(target), flat(grads), dim=0)
-
-
-def central_differences(f, Z, h=1e-6):
-    out = torch.zeros_like(Z)
-    for i in range(Z.numel()):
-        e = torch.zeros_like(Z)
-        e.reshape(-1)[i] = h
-        out.reshape(-1)[i] = (f(Z + e) - f(Z - e)) / (2 * h)
-    return out
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, d, hidden, out):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(d, hidden), nn.Tanh())
-        self.head = nn.Linear(hidden, out)
-
-    def forward(self, x):
-        return self.head(self.body(x))
 
 
 def build(name):
@@ -467,56 +432,8 @@ def test_gm_lowers_the_accuracy_of_a_retrained_logistic_regression(digits_lr):
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. constructor validation
+# 6. GM as the target of a run
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(objective="negated"),
-        dict(objective=None),
-        dict(steps=-1),
-        dict(steps=2.5),
-        dict(lr=0),
-        dict(lr=-1.0),
-        dict(lr=math.nan),
-        dict(optimizer="rmsprop"),
-        dict(schedule="cosine"),
-        dict(restarts=0),
-        dict(restarts=1.5),
-        dict(restarts=2),  # restarts need a ball to start in
-        dict(eps_perturbation=0),
-        dict(eps_perturbation=-0.1),
-        dict(eps_perturbation=math.inf),
-        dict(box=(1, 0)),
-        dict(box=(0.5, 0.5)),
-        dict(box=(0, 1, 2)),
-        dict(box="range"),
-        dict(parameters="middle"),
-        dict(chunk_size=0),
-        dict(seed=1.5),
-        dict(seed="0"),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    kwargs = {"eps_d": 0.1, **kwargs}
-    with pytest.raises(PoisonReachError):
-        GradientMatching(**kwargs)
-
-
-def test_repr_get_params_and_config():
-    assert repr(GradientMatching(0.1)) == "GradientMatching(eps_d=0.1)"
-    a = GradientMatching(0.1, steps=20, restarts=3, eps_perturbation=0.05, box=[-1, 1], optimizer="adam", device="cpu", progress=False)
-    assert repr(a) == (
-        "GradientMatching(eps_d=0.1, steps=20, optimizer='adam', restarts=3, eps_perturbation=0.05, box=(-1, 1), "
-        "device='cpu', progress=False)"
-    )
-    b = GradientMatching(**a.get_params())
-    assert b.get_params() == a.get_params() and repr(b) == repr(a)
-    config = a.config()
-    assert config["attack"] == "gm" and config["box"] == [-1, 1] and "device" not in config and "progress" not in config
 
 
 def test_a_gm_target_cannot_itself_need_a_target():

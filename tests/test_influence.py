@@ -6,7 +6,9 @@
   agree with ``exact``;
 - score/n predicts the change of a point's own loss under leave-one-out retraining of an
   L2-regularised logistic regression trained to convergence by Newton's method;
-- the defense removes planted mislabelled outliers; seeds, errors, constructor validation.
+- the defense removes planted mislabelled outliers; seeds, errors.
+
+Constructor validation, repr and get_params: ``test_defense_contract.py``.
 """
 
 from __future__ import annotations
@@ -263,47 +265,3 @@ def test_lissa_divergence_is_an_error(lr3):
     model, X, y = lr3
     with pytest.raises(PoisonReachError, match="raise lissa_scale"):
         Influence(0.1, solver="lissa", damping=1.0, lissa_scale=0.01, lissa_depth=200, progress=False).filter(model, X, y)
-
-
-def test_the_model_and_its_modes_are_left_as_they_were(lr3):
-    model, X, y = lr3
-    model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    Influence(0.1, progress=False).filter(model, X, y)
-    assert all(m.training for m in model.modules())
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    model.eval()
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(fraction=-0.1),
-        dict(fraction=2),
-        dict(solver="newton"),
-        dict(damping=-1e-3),
-        dict(damping=float("nan")),
-        dict(parameters="first"),
-        dict(cg_iterations=0),
-        dict(cg_tolerance=0),
-        dict(lissa_depth=0),
-        dict(lissa_scale=0),
-        dict(lissa_repeats=0),
-        dict(lissa_batch_size=0),
-        dict(block_size=0),
-        dict(chunk_size=2.5),
-        dict(seed="1"),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    kwargs = {"fraction": 0.1, **kwargs}
-    with pytest.raises(PoisonReachError):
-        Influence(**kwargs)
-
-
-def test_repr_and_get_params_round_trip():
-    assert repr(Influence(0.1)) == "Influence(fraction=0.1)"
-    a = Influence(0.2, solver="lissa", damping=0.5, parameters="last", cg_iterations=3, cg_tolerance=1e-3, lissa_depth=5, lissa_scale=3.0, lissa_repeats=2, lissa_batch_size=8, block_size=4, chunk_size=9, seed=2, device="cpu", progress=False)
-    assert Influence(**a.get_params()).get_params() == a.get_params()
-    assert repr(a).startswith("Influence(fraction=0.2, solver='lissa', damping=0.5")

@@ -1,5 +1,8 @@
 """The label-flip baseline: budget, valid wrong labels, both strategies against independent
-computations, repetitions when m > n, determinism, the effect of retraining, validation."""
+computations, repetitions when m > n, determinism, the effect of retraining.
+
+Constructor validation, repr and get_params: ``test_attack_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -24,22 +27,25 @@ def top_wrong_class(row, label):
     return max((c for c in range(len(row)) if c != label), key=lambda c: (row[c], -c))
 
 
+def untrained_lr(n, d, classes, seed, draw):
+    """An untrained logistic regression (model seed ``seed + 1``: distinct losses) and n points of d
+    features drawn by ``draw`` (torch.rand or torch.randn) with random labels, seeded by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    X = draw(n, d, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return models.create("lr", (d,), classes, seed=seed + 1).eval(), X, y
+
+
 @pytest.fixture(scope="module")
 def three_class():
-    """A three-class logistic regression on 30 random 4-d points (untrained: distinct losses)."""
-    g = torch.Generator().manual_seed(0)
-    X = torch.rand(30, 4, generator=g)
-    y = torch.randint(0, 3, (30,), generator=g)
-    return models.create("lr", (4,), 3, seed=1).eval(), X, y
+    """A three-class logistic regression on 30 random 4-d points."""
+    return untrained_lr(30, 4, 3, seed=0, draw=torch.rand)
 
 
 @pytest.fixture(scope="module")
 def binary():
     """A one-logit logistic regression (the paper's binary LR) on 40 random 3-d points."""
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(40, 3, generator=g)
-    y = torch.randint(0, 2, (40,), generator=g)
-    return models.create("lr", (3,), 2, seed=2).eval(), X, y
+    return untrained_lr(40, 3, 2, seed=1, draw=torch.randn)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,37 +189,3 @@ def test_loss_strategy_lowers_the_accuracy_of_a_retrained_logistic_regression(di
 
     r = LabelFlip(0.5, strategy="loss").poison(digits_lr[1], X, y)
     assert retrain(*r.mixed(X, y)) < retrain(X, y) - 2.0
-
-
-# --------------------------------------------------------------------------------------------------
-# validation
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(eps_d=-0.5),
-        dict(eps_d=None),
-        dict(strategy="margin"),
-        dict(strategy=None),
-        dict(chunk_size=0),
-        dict(chunk_size=2.5),
-        dict(seed=0.5),
-        dict(seed="1"),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    kwargs = {"eps_d": 0.1, **kwargs}
-    with pytest.raises(PoisonReachError):
-        LabelFlip(**kwargs)
-
-
-def test_repr_and_get_params():
-    assert repr(LabelFlip(0.1)) == "LabelFlip(eps_d=0.1)"
-    a = LabelFlip(0.3, strategy="loss", chunk_size=10, seed=3, device="cpu")
-    assert repr(a) == "LabelFlip(eps_d=0.3, strategy='loss', chunk_size=10, seed=3, device='cpu')"
-    b = LabelFlip(**a.get_params())
-    assert b.get_params() == a.get_params() and b.config() == a.config()
-    assert "device" not in a.config()

@@ -1,4 +1,7 @@
-"""MaxUp: the worst-of-m objective, its augmentations, and equality with ordinary training."""
+"""MaxUp: the worst-of-m objective, its augmentations, and equality with ordinary training.
+
+Constructor validation, repr and get_params: ``test_defense_contract.py``.
+"""
 
 import pytest
 import torch
@@ -80,24 +83,7 @@ def test_shift_needs_images():
         MaxUp(2, augmentation="shift", strength=1).augment(torch.zeros(3, 4), torch.Generator())
 
 
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(m=0), "m must be >= 1"),
-        (dict(m=1.5), "m must be an integer"),
-        (dict(augmentation="cutmix"), "augmentation must be one of"),
-        (dict(strength=-0.1), "strength must be >= 0"),
-        (dict(augmentation="shift", strength=1.5), "strength must be an integer"),
-    ],
-)
-def test_check_params(kwargs, match):
-    with pytest.raises(PoisonReachError, match=match):
-        MaxUp(**kwargs)
-
-
-def test_repr_and_train_arguments():
-    assert repr(MaxUp()) == "MaxUp()"
-    assert repr(MaxUp(2, strength=0.2)) == "MaxUp(m=2, strength=0.2)"
+def test_train_refuses_the_arguments_maxup_sets_itself():
     with pytest.raises(PoisonReachError, match="MaxUp sets worst_of"):
         MaxUp().train(torch.nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), worst_of=2)
 

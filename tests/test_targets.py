@@ -3,6 +3,8 @@ to a target, and the selection procedure of appendix D.
 
 Expected values are computed here from the definitions: perturbation norms from the parameters
 themselves, the first GradPC step from an autograd gradient, τ of a scaled LR from its logits.
+
+Constructor validation, repr and config: ``test_generator_contract.py``.
 """
 
 from __future__ import annotations
@@ -122,22 +124,6 @@ def test_gradpc_is_deterministic_per_seed(digits_lr):
     assert not torch.equal(flat(a), flat(c))
 
 
-@pytest.mark.parametrize("kwargs", [dict(eps_w=0), dict(eps_w=-1.0), dict(eps_w=math.nan), dict(eps_w=math.inf),
-                                    dict(eps_w="1"), dict(eps_w=True), dict(eps_w=1.0, eps_w_mode="percent"),
-                                    dict(eps_w=1.0, batch_size=0), dict(eps_w=1.0, epochs=0), dict(eps_w=1.0, step_size=0),
-                                    dict(eps_w=1.0, seed=0.5)],
-                         ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()))
-def test_gradpc_rejects_bad_parameters(kwargs):
-    with pytest.raises(PoisonReachError):
-        GradPC(**kwargs)
-
-
-@pytest.mark.parametrize("eps_w", [0, -0.5, math.nan, math.inf])
-def test_randompc_rejects_bad_eps_w(eps_w):
-    with pytest.raises(PoisonReachError):
-        RandomPC(eps_w)
-
-
 # --------------------------------------------------------------------------------------------------
 # RandomPC
 # --------------------------------------------------------------------------------------------------
@@ -158,13 +144,6 @@ def test_randompc_norm_and_determinism(digits_lr):
     # the same direction for both modes and seeds: only the radius differs
     da, dr = flat(a) - flat(model), flat(rel) - flat(model)
     torch.testing.assert_close(da / da.norm(), dr / dr.norm(), rtol=1e-4, atol=1e-6)
-
-
-def test_corruptions_repr_and_config():
-    g = GradPC(0.5, batch_size=8)
-    assert "eps_w=0.5" in repr(g) and "batch_size=8" in repr(g)
-    assert g.config()["generator"] == "gradpc" and "progress" not in g.config()
-    assert RandomPC(0.5).config() == {"generator": "randompc", "eps_w": 0.5, "eps_w_mode": "absolute", "seed": 0}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,8 +274,6 @@ def test_fixed_target_sets_the_last_layer_and_keeps_the_rest():
     assert all(torch.equal(dict(target.named_parameters())[n], dict(model.named_parameters())[n]) for n in body)
     with pytest.raises(PoisonReachError, match="the target weight has 3 values"):
         FixedTarget([1.0, 2.0, 3.0]).generate(model)
-    with pytest.raises(PoisonReachError, match="weight must be finite"):
-        FixedTarget([float("nan")])
 
 
 def test_fixed_target_from_the_command_line(tmp_path, capsys):

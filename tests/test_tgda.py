@@ -7,7 +7,9 @@
   follower's problem to optimality by Newton's method (implicit function theorem);
 - one epoch is the documented leader ascent step followed by the follower's descent step;
 - on digits with LR, TGDA lowers the test accuracy of a model retrained on clean ∪ poisons;
-- budget, box, labels, determinism, the caller's model left alone, validation of the arguments.
+- budget, box, labels, determinism, the caller's model left alone, validation of the data.
+
+Constructor validation, repr and get_params: ``test_attack_contract.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from reference import ce_loss, flat, logistic_loss
 
 from poisonreach import data, models, training
 from poisonreach.attacks.tgda import (
@@ -37,22 +40,6 @@ CPU = torch.device("cpu")
 # --------------------------------------------------------------------------------------------------
 # helpers computed without the library
 # --------------------------------------------------------------------------------------------------
-
-
-def ce_loss(outputs, y):
-    """Per-sample cross-entropy written out."""
-    return -torch.log_softmax(outputs, dim=1).gather(1, y.reshape(-1, 1)).reshape(-1)
-
-
-def logistic_loss(outputs, y):
-    """Per-sample logistic loss −y log σ(h) − (1−y) log σ(−h)."""
-    h = outputs.reshape(-1)
-    p = y.reshape(-1).to(h.dtype)
-    return -(p * F.logsigmoid(h) + (1 - p) * F.logsigmoid(-h))
-
-
-def flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def unflatten(vector, like):
@@ -473,44 +460,8 @@ def test_regression_targets():
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. validation
+# 6. validation of the data, defaults, result files
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        dict(epochs=-1),
-        dict(epochs=2.5),
-        dict(leader_lr=0),
-        dict(leader_lr=math.inf),
-        dict(follower_lr=-1.0),
-        dict(follower_lr=math.nan),
-        dict(leader_steps=0),
-        dict(follower_steps=0),
-        dict(follower_steps=1.5),
-        dict(cg_iterations=0),
-        dict(damping=-0.1),
-        dict(damping=math.inf),
-        dict(generator="gan"),
-        dict(box=(1, 0)),
-        dict(box=(0.5, 0.5)),
-        dict(box=(0, math.nan)),
-        dict(box=(0, 1, 2)),
-        dict(box="range"),
-        dict(batch_size=0),
-        dict(batch_size=10.5),
-        dict(pretrain_follower=-1),
-        dict(chunk_size=0),
-        dict(seed=1.5),
-        dict(progress="yes"),
-    ],
-    ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
-)
-def test_check_params(kwargs):
-    kwargs = {"eps_d": 0.1, **kwargs}
-    with pytest.raises(PoisonReachError):
-        TGDA(**kwargs)
 
 
 def test_poison_validates_its_data():
@@ -531,20 +482,6 @@ def test_poison_validates_its_data():
     X[3, 0, 0, 0] = math.nan
     with pytest.raises(PoisonReachError, match="NaN"):
         attack.poison(model, X, y)
-
-
-def test_repr_params_and_config():
-    assert repr(TGDA(0.1)) == "TGDA(eps_d=0.1)"
-    assert repr(TGDA(0.1, leader_lr=0.5, box=None)) == "TGDA(eps_d=0.1, leader_lr=0.5, box=None)"
-    a = TGDA(0.2, epochs=7, leader_lr=0.3, follower_lr=0.2, leader_steps=2, follower_steps=5, cg_iterations=8, damping=0.1,
-             generator="points", box=[-1, 1], batch_size=None, pretrain_follower=3, chunk_size=9, seed=3, device="cpu",
-             progress=False)
-    assert a.box == (-1, 1)
-    b = TGDA(**a.get_params())
-    assert b.get_params() == a.get_params() and repr(a) == repr(b)
-    config = a.config()
-    assert config["attack"] == "tgda" and config["box"] == [-1, 1] and config["generator"] == "points"
-    assert "device" not in config and "progress" not in config
 
 
 def test_defaults_follow_the_tgda_paper():

@@ -14,7 +14,7 @@ from poisonreach.attacks import PoisonResult
 from poisonreach.cli import main
 
 # Small but real: 300 digits, short training and GC, so a run takes a few seconds.
-FAST = ["--train-size", "300", "--train-epochs", "3", "--gc-epochs", "5", "--eps-w", "0.3"]
+FAST = ["--train-size", "300", "--train-epochs", "3", "--attack-option", "epochs=5", "--eps-w", "0.3"]
 
 
 def run_cli(capsys, *argv):
@@ -100,7 +100,7 @@ def test_tau_from_a_saved_target_matches_the_run(demo_run, capsys):
         (["run", "--model", "nope"], ["model", "lr"]),
         (["run", "--eps-d", "0"], ["eps_d", "> 0"]),
         (["run", "--eps-d", "-1"], ["eps_d"]),
-        (["run", "--gc-lr", "0"], ["lr"]),
+        (["run", "--attack-option", "lr=0"], ["lr"]),
         (["run", "--dataset", "or2d", "--model", "cnn"], ["cnn"]),
         (["run", "--device", "cuda:7"] if not torch.cuda.is_available() else ["run", "--eps-w", "0"], ["cuda" if not torch.cuda.is_available() else "eps_w"]),
         (["tau", "--eps-w", "-1"], ["eps_w"]),
@@ -167,7 +167,8 @@ def test_plot_needs_a_finished_folder(tmp_path, capsys):
 
 
 def test_a_run_without_budgets_stops_after_the_target(tmp_path):
-    from poisonreach.experiments.run import RunConfig, run
+    from poisonreach.experiments.config import RunConfig
+    from poisonreach.experiments.run import run
 
     config = RunConfig(eps_d=[], train_size=200, eps_w=0.3, training={"epochs": 2})
     metrics = run(config, tmp_path / "target-only", log=lambda *a: None)
@@ -180,8 +181,8 @@ def test_plot_and_report_of_a_fixed_target_grid(tmp_path, capsys):
     """Figure 1's view: τ and the accuracy change over a grid of fixed targets w ∈ R²."""
     import csv
 
-    from poisonreach.experiments.config import parse_sweep
     from poisonreach.experiments.sweep import run_sweep
+    from poisonreach.experiments.sweep_file import parse_sweep
 
     grid = [{"weight": [[a, b]], "bias": [0.1]} for a in (-0.6, -0.15) for b in (-0.6, -0.15)]
     doc = {"name": "or-grid", "run": {"dataset": "or2d", "target": "fixed", "eps_d": [0.5], "attack_options": {"epochs": 3},
@@ -200,9 +201,23 @@ def test_plot_and_report_of_a_fixed_target_grid(tmp_path, capsys):
     assert report.count("\n| target_options=") == 4  # one table row per cell
 
 
+def test_tau_makes_the_runs_target(tmp_path):
+    """``tau`` builds the clean model and the target as ``run`` does, the target's scale included."""
+    from poisonreach.experiments.config import RunConfig
+    from poisonreach.experiments.run import run, tau
+
+    config = RunConfig(eps_d=[], train_size=200, eps_w=1.0, target_scale=0.5, training={"epochs": 2})
+    metrics = run(config, tmp_path / "scaled", log=lambda *a: None)
+    record = tau(config)
+    assert record["tau"] == metrics["tau"] and record["eps_w"] == 1.0
+    # observed: τ 0.19 at scale 1/2, 0.87 unscaled (a less confident target is easier to reach)
+    assert 0 < record["tau"] < tau(RunConfig(eps_d=[], train_size=200, eps_w=1.0, training={"epochs": 2}))["tau"]
+
+
 def test_eps_d_tau_is_skipped_for_a_target_with_tau_zero(tmp_path):
     """τ = 0: any ε_d > 0 reaches the target, so 'tau' is no budget; the other budgets still run."""
-    from poisonreach.experiments.run import RunConfig, run
+    from poisonreach.experiments.config import RunConfig
+    from poisonreach.experiments.run import run
 
     config = RunConfig(target="fixed", target_options={"weight": [[0.0]], "bias": [0.1]}, dataset="toy",
                        eps_d=[0.1, "tau"], training={"epochs": 2}, attack_options={"epochs": 2})

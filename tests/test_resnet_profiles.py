@@ -21,8 +21,8 @@ import fakedata
 from poisonreach import data, io
 from poisonreach.attacks import PoisonResult
 from poisonreach.cli import main
-from poisonreach.experiments.config import load_sweep
-from poisonreach.experiments.run import cell_name
+from poisonreach.experiments.config import cell_name
+from poisonreach.experiments.sweep_file import load_sweep
 
 SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
 N_TRAIN = 8  # GC makes max(1, round(n·ε_d)) poisons: one per budget here

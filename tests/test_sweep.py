@@ -1,4 +1,4 @@
-"""The sweep engine (poisonreach.experiments.config and .sweep).
+"""The sweep engine (poisonreach.experiments.sweep_file and .sweep).
 
 - sweep files: every unknown key is named with its place (top level, run, grid, profile, defenses,
   override); grid axes must be lists; layers resolve as defaults < file < profile < overrides, with
@@ -26,10 +26,11 @@ import yaml
 
 from poisonreach import io
 from poisonreach.errors import PoisonReachError
-from poisonreach.experiments.config import cell_id
-from poisonreach.experiments.run import RunConfig, run
+from poisonreach.experiments.config import RunConfig
+from poisonreach.experiments.run import run
 from poisonreach.experiments.sweep import (
     COLUMNS, SweepFailed, add_arguments, command, describe, format_results, load_sweep, run_sweep)
+from poisonreach.experiments.sweep_file import cell_id
 
 SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -381,7 +382,7 @@ def test_paper_keys_of_dpa_and_target_only_rows(tmp_path):
     doc = {"paper": {"table": 4, "k": 1200}, "run": {"eps_d": [0.008]}, "defenses": [{"name": "maxup"}]}
     sweep = load_sweep(write(tmp_path, doc), lookup=paper)
     sweep.defenses.append({"name": "dpa", "options": {"num_partitions": 3000}, "id": "dpa,num_partitions=3000"})
-    from poisonreach.experiments.config import paper_keys, row_specs
+    from poisonreach.experiments.sweep_file import paper_keys, row_specs
 
     config = sweep.cells[0][1]
     keys = [paper_keys(config, sweep.paper, e, d) for e, _, d in row_specs(config, sweep.defenses)]
@@ -588,7 +589,7 @@ def test_shipped_config_loads_and_validates(path, profile):
 
 
 def test_a_joint_grid_axis_sets_its_fields_together(tmp_path):
-    from poisonreach.experiments.config import parse_sweep
+    from poisonreach.experiments.sweep_file import parse_sweep
 
     doc = {"name": "joint", "run": {"dataset": "digits", "eps_d": [0.1]},
            "grid": {"model+eps_w": [["lr", 1.0], ["nn", 0.5]], "seed": [0, 1]}}
@@ -604,7 +605,7 @@ def test_a_joint_grid_axis_sets_its_fields_together(tmp_path):
 
 
 def test_a_joint_axis_is_named_by_its_scalar_parts_when_they_tell_its_values_apart():
-    from poisonreach.experiments.config import parse_sweep
+    from poisonreach.experiments.sweep_file import parse_sweep
 
     lookup = lambda *a, **k: None  # noqa: E731
     doc = {"name": "joint", "run": {"dataset": "digits", "eps_d": [0.1]},

@@ -1,40 +1,33 @@
-"""The ``poisonreach`` command: a thin layer over the library.
+"""The ``poisonreach`` command: a thin layer over :mod:`poisonreach.experiments`.
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
-    poisonreach run ... --attack gm|tgda|labelflip [--attack-option KEY=VALUE ...]
+    poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
 
+Each command parses its arguments and calls one function of the experiments: ``run.run``,
+``defend.defend``, ``sweep.command``, ``plots.plot_folder``, ``report.write_report``, ``run.tau``.
 Bad input prints one line on stderr and exits with status 2; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
 import yaml
 
-from . import data, io, models
-from .attacks import GradientCanceling
-from .attacks.gradient_canceling import SCHEDULES
-from .gradients import PARAMETER_SETS
-from .errors import PoisonReachError
-from .defenses import DEFENSES
+from .experiments import defend as defend_module
 from .experiments import plots
 from .experiments import sweep as sweep_module
-from .experiments.report import write_report
-from .experiments import defend as defend_module
+from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, TARGETS, PoisonReachError, RunConfig,
+                                 dataset_names, model_names, set_threads)
 from .experiments.defend import defend, format_defense_table
-from .experiments.run import ATTACKS, POISONED_TARGETS, TARGET_GENERATORS, RunConfig, format_table, run
-from .reachability import threshold
-from .targets import EPS_W_MODES
+from .experiments.report import write_report
+from .experiments.run import format_table, format_tau, run, tau
 
 
 def _box(text: str):
@@ -71,11 +64,11 @@ def _option(text: str) -> tuple[str, object]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a clean model and a target."""
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data.names())} (default: digits)")
-    p.add_argument("--model", default="lr", help=f"one of {', '.join(models.names())} (default: lr)")
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())} (default: digits)")
+    p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())} (default: lr)")
     p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
     p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
-    p.add_argument("--target", choices=sorted([*TARGET_GENERATORS, *POISONED_TARGETS]), default="gradpc",
+    p.add_argument("--target", choices=sorted(TARGETS), default="gradpc",
                    help="target generator (default: gradpc); fixed: last-layer parameters given with --target-option weight=[[...]]; "
                         "tgda, labelflip, gm: the model retrained on that attack's poisons (ε_d = 1 unless --target-option eps_d=...)")
     p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
@@ -91,6 +84,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch-size", type=int, default=None, help="training batch size (default: 64)")
 
 
+# The documented shortcuts for attack options (the README tour and the Makefile use them): flag →
+# (the option of the gc attack it sets, add_argument's keywords). Any other option, of any attack,
+# is --attack-option KEY=VALUE.
+SHORTCUT_ATTACK = "gc"
+SHORTCUTS = {
+    "--box": ("box", dict(type=_box, metavar="LOW,HIGH|data-range|none", help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")),
+    "--optimize-labels": ("optimize_labels", dict(action="store_true", help="also optimise the poison labels")),
+    "--replace": ("replace", dict(action="store_true", help="replace clean points instead of adding (appendix C.10)")),
+    "--parameters": ("parameters", dict(choices=PARAMETER_SETS, help="parameters whose gradient is cancelled (default: all)")),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poisonreach", description="Model-targeted indiscriminate data poisoning: the threshold τ, Gradient Canceling, baselines, defenses, and the paper's experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,22 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
-    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gm (Gradient Matching), tgda or labelflip")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gc-fw (its Frank-Wolfe solver), gm (Gradient Matching), tgda or labelflip")
     p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable)")
-    p.add_argument("--preset", choices=sorted(GradientCanceling.presets), default=None, help="named GC setting ('paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
-    # GC options are left out of the namespace unless given, so the preset's or the class's defaults apply
-    gc = p.add_argument_group("Gradient Canceling", "unset options keep GradientCanceling's defaults")
-    unset = argparse.SUPPRESS
-    gc.add_argument("--gc-epochs", dest="gc.epochs", type=int, default=unset, help="GC epochs")
-    gc.add_argument("--gc-lr", dest="gc.lr", type=float, default=unset, help="GC step size per point")
-    gc.add_argument("--gc-momentum", dest="gc.momentum", type=float, default=unset)
-    gc.add_argument("--schedule", dest="gc.schedule", choices=SCHEDULES, default=unset)
-    gc.add_argument("--block-size", dest="gc.block_size", type=int, default=unset, help="poisons per GC step (default: all at once)")
-    gc.add_argument("--box", dest="gc.box", type=_box, default=unset, help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")
-    gc.add_argument("--optimize-labels", dest="gc.optimize_labels", action="store_true", default=unset, help="also optimise the poison labels")
-    gc.add_argument("--replace", dest="gc.replace", action="store_true", default=unset, help="replace clean points instead of adding (appendix C.10)")
-    gc.add_argument("--parameters", dest="gc.parameters", choices=PARAMETER_SETS, default=unset, help="parameters whose gradient is cancelled (default: all)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of the attack (its presets; gc's 'paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
+    # shortcuts are left out of the namespace unless given, so the preset's or the class's defaults apply
+    group = p.add_argument_group("Gradient Canceling shortcuts", f"each sets one option of --attack {SHORTCUT_ATTACK}, as --attack-option KEY=VALUE does")
+    for flag, (key, kwargs) in SHORTCUTS.items():
+        group.add_argument(flag, dest=f"{SHORTCUT_ATTACK}.{key}", default=argparse.SUPPRESS, **kwargs)
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
     p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend_module.__doc__,
@@ -170,11 +167,13 @@ def _config(args, **extra) -> RunConfig:
 
 
 def _cmd_run(args) -> int:
-    gc_options = {k.removeprefix("gc."): v for k, v in vars(args).items() if k.startswith("gc.")}
-    if gc_options and args.attack != "gc":
-        given = ", ".join("--" + k.replace("_", "-") for k in gc_options)
+    prefix = SHORTCUT_ATTACK + "."
+    shortcuts = {k.removeprefix(prefix): v for k, v in vars(args).items() if k.startswith(prefix)}  # in command-line order
+    if shortcuts and args.attack != SHORTCUT_ATTACK:
+        flags = {key: flag for flag, (key, _) in SHORTCUTS.items()}
+        given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
-    config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**gc_options, **dict(args.attack_option)}, preset=args.preset)
+    config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset)
     out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)
@@ -192,9 +191,7 @@ def _cmd_defend(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    folder = Path(args.folder)
-    written = plots.plot_sweep(folder) if (folder / "cells").is_dir() else plots.plot_run(folder)
-    print("\n".join(str(p) for p in written))
+    print("\n".join(str(p) for p in plots.plot_folder(args.folder)))
     return 0
 
 
@@ -204,24 +201,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_tau(args) -> int:
-    config = _config(args)
-    config.validate()
-    splits = data.load(args.dataset, root=args.data_root, seed=args.seed).subset(args.train_size, seed=args.seed)
-    X, y = splits.x_train, splits.y_train
-    device = torch.device(args.device)
-    if args.target_file:
-        target = models.load_model(args.target_file).to(device)
-    else:
-        from .training import train
-
-        clean = train(models.create(args.model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=args.seed).to(device), X, y, seed=args.seed, device=device, **config.training)
-        target = config.make_generator().generate(clean, X, y)
-    thr = threshold(target, X, y)
-    record = {"dataset": args.dataset, "model": args.model, "eps_w": None if args.target_file else args.eps_w, **thr.to_dict()}
-    if args.json:
-        print(json.dumps(io.plain(record), indent=2))
-    else:
-        print(f"tau = {thr.tau:.6g}   (tau(c) = {thr.tau_multiclass if thr.tau_multiclass is None else f'{thr.tau_multiclass:.6g}'}, <W, G(mu)> = {thr.inner:.6g}, lambda = {thr.lam:.6g})")
+    print(format_tau(tau(_config(args), args.target_file), as_json=args.json))
     return 0
 
 
@@ -237,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads < 1:
             print("poisonreach: error: --threads must be at least 1", file=sys.stderr)
             return 2
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     try:
         return {"run": _cmd_run, "defend": _cmd_defend, "sweep": sweep_module.command, "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau}[args.command](args)
     except PoisonReachError as e:

@@ -1,4 +1,4 @@
-"""Target parameters: GradPC, RandomPC, scaling, and the selection procedure of appendix D.
+"""Target parameters: GradPC, RandomPC, FixedTarget (:data:`TARGET_GENERATORS`), scaling, distances.
 
 A target generator answers ``generate(model, X, y) -> nn.Module``: a corrupted copy of the clean
 model, never the model itself. Parameter corruption (Sun et al. 2020) perturbs the parameters
@@ -12,8 +12,6 @@ the tables; ``"relative"`` uses the radius ε_w·‖w‖.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +21,7 @@ from .gradients import flat_norm
 from .errors import PoisonReachError
 from .estimator import Estimator
 from .losses import resolve
+from .models import last_linear
 
 EPS_W_MODES = ("absolute", "relative")
 
@@ -91,8 +90,6 @@ class FixedTarget(Estimator):
         return {"generator": "fixed", "weight": self.weight, "bias": self.bias}
 
     def generate(self, model: nn.Module, X: Tensor | None = None, y: Tensor | None = None) -> nn.Module:
-        from .models import last_linear
-
         target = copy.deepcopy(model).eval()
         head = last_linear(target)
         with torch.no_grad():
@@ -174,14 +171,16 @@ class GradPC(_Corruption):
         return target
 
 
+# The target generators by name (RunConfig's ``target``; the experiments add the poisoned targets).
+TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
+
+
 def scale_target(model: nn.Module, factor: float) -> nn.Module:
     """A copy whose last linear layer (weight and bias) is multiplied by ``factor`` (appendix C.6).
 
     The logits scale by ``factor``: predictions, hence accuracy, are unchanged for factor > 0, while
     the threshold τ changes (it tends to 0 as factor → 0: less confident models are easier to reach).
     """
-    from .models import last_linear
-
     check_number("factor", factor, low=0, low_open=True)
     target = copy.deepcopy(model).eval()
     with torch.no_grad():
@@ -196,72 +195,3 @@ def parameter_distance(a: nn.Module, b: nn.Module) -> float:
     if [p.shape for p in pa] != [p.shape for p in pb]:
         raise PoisonReachError("the two models have different parameter shapes")
     return flat_norm([x.detach() - y.detach().to(x.device) for x, y in zip(pa, pb)]) / max(flat_norm(pb), 1e-30)
-
-
-@dataclass
-class Candidate:
-    """One target considered by :func:`select_target`."""
-
-    eps_w: float
-    tau: float
-    val_acc: float
-    loss_ratio: float | None = None  # final / initial GC objective; None when ruled out by τ
-    kept: bool = False
-    reason: str = ""
-
-
-@dataclass
-class Selection:
-    """The outcome of the appendix D procedure: the chosen target and every candidate's record."""
-
-    model: nn.Module | None
-    eps_w: float | None
-    candidates: list[Candidate] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"eps_w": self.eps_w, "candidates": [asdict(c) for c in self.candidates]}
-
-
-def select_target(
-    model: nn.Module,
-    X: Tensor,
-    y: Tensor,
-    X_val: Tensor,
-    y_val: Tensor,
-    *,
-    eps_w_list: list[float],
-    eps_d: float,
-    make_generator: Callable[[float], GradPC] = GradPC,
-    make_attack: Callable[[float], object] | None = None,
-    loss_margin: float = 0.1,
-) -> Selection:
-    """Appendix D: choose the strongest target that GC can reach with budget ε_d.
-
-    For each ε_w: generate the target, compute τ and rule it out if τ > ε_d; run GC and keep it if
-    its final objective is below ``loss_margin`` (one tenth) of the initial one; among those kept,
-    pick the one with the lowest accuracy on the *validation* split (the largest drop). The test
-    split is never used.
-    """
-    from .attacks import GradientCanceling
-    from .reachability import threshold
-    from .training import accuracy
-
-    make_attack = make_attack or (lambda e: GradientCanceling(e))
-    candidates, models = [], []
-    for eps_w in eps_w_list:
-        target = make_generator(eps_w).generate(model, X, y)
-        cand = Candidate(eps_w=eps_w, tau=threshold(target, X, y).tau, val_acc=accuracy(target, X_val, y_val))
-        if cand.tau > eps_d:
-            cand.reason = f"tau {cand.tau:.3g} > eps_d {eps_d:g}"
-        else:
-            result = make_attack(eps_d).poison(target, X, y)
-            cand.loss_ratio = result.grad_norm_ratio**2
-            cand.kept = cand.loss_ratio <= loss_margin
-            cand.reason = "" if cand.kept else f"GC loss ratio {cand.loss_ratio:.3g} > {loss_margin:g}"
-        candidates.append(cand)
-        models.append(target)
-    kept = [i for i, c in enumerate(candidates) if c.kept]
-    if not kept:
-        return Selection(model=None, eps_w=None, candidates=candidates)
-    best = min(kept, key=lambda i: candidates[i].val_acc)
-    return Selection(model=models[best], eps_w=candidates[best].eps_w, candidates=candidates)

@@ -24,11 +24,12 @@ import torch
 
 from .. import io, models
 from ..attacks import PoisonResult
-from ..defenses import DEFENSES, Filter
+from ..defenses import DEFENSES, Filter, certify
 from ..errors import PoisonReachError
 from ..training import accuracy, train
 from ..validation import check_choice, check_options
-from .run import RunConfig, cell_name, fresh_model, load_data, text_table
+from .config import RunConfig, cell_name, fresh_model, load_data
+from .run import text_table
 
 
 def make_defense(name: str, options: dict | None, config: RunConfig, *, poison_share: float = 0.0):
@@ -147,8 +148,6 @@ def _filter(defense: Filter, folder: Path, X_mix, y_mix, n_clean: int, fit, spli
 
 
 def _dpa(defense, config: RunConfig, spec: dict, X_train, y_train, splits, num_poisons: int) -> dict:
-    from ..defenses.dpa import certify
-
     ensemble = defense.train(fresh_model(config, spec), X_train, y_train)
     cert = certify(ensemble, splits.x_test, splits.y_test)
     return {

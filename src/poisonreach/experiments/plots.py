@@ -1,5 +1,8 @@
 """Figures of a run folder or a sweep folder, as PNG and PDF (matplotlib, no display needed).
 
+They are drawn from what the folders hold (metrics, poisons, saved models and config.yaml, read
+back with :mod:`poisonreach.experiments.config`); :func:`plot_folder` tells the two kinds apart.
+
 Run folder (``poisonreach run``):
     gc_history      ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for each ε_d (Figures 3 and 7)
     eps_d_curves    accuracy drop and ‖g(χ)‖ against ε_d, τ marked (Figure 1 middle/right, Figure 2)
@@ -19,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .. import io
+from .. import io, models
 from ..attacks import PoisonResult
 from ..errors import PoisonReachError
+from .config import RunConfig, load_data
 
 
 def _pyplot():
@@ -70,6 +74,12 @@ def plot_gc_history(ax, run_dir: Path, metrics: dict, *, prefix: str = "") -> bo
     return drawn
 
 
+def plot_folder(folder: str | Path) -> list[Path]:
+    """The figures of a sweep folder (one holding ``cells/``) or else of a run folder, written into it."""
+    folder = Path(folder)
+    return plot_sweep(folder) if (folder / "cells").is_dir() else plot_run(folder)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """All figures of one run folder, written into ``out`` (default: the run folder)."""
     run_dir = Path(run_dir)
@@ -109,9 +119,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
 def _regression_lines(run_dir: Path, metrics: dict, out: Path) -> list[Path]:
     """Figure 5: one panel per ε_d with the clean data, the poisons, and the clean, target and
     retrained lines (GC reaches the target line at every ε_d for least squares, Example 1)."""
-    from .. import models
-    from .run import RunConfig, load_data
-
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
     splits, _ = load_data(config)
     cells = _cells(run_dir, metrics)
@@ -174,8 +181,6 @@ def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
 
 def _poison_grid(result: PoisonResult, run_dir: Path, metrics: dict, out: Path, title: str, count: int = 8) -> list[Path]:
     """Rows: the clean image each poison started from, the poison, and their difference."""
-    from .run import RunConfig, load_data
-
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
     splits, _ = load_data(config)
     count = min(count, len(result.x))

@@ -16,147 +16,34 @@ One run writes one self-contained folder:
                           poisons (image data)
 
 A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
+:func:`tau` makes the same clean model and target and stops at τ, writing nothing.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .. import data, io, models
-from ..attacks import ATTACKS, Attack, PoisonResult
+from .. import io, models
+from ..attacks import Attack, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve, task_of
-from ..validation import evaluating, check_choice, check_number, check_options
+from ..validation import evaluating
 from ..errors import PoisonReachError
 from ..reachability import threshold
-from ..targets import FixedTarget, GradPC, RandomPC, parameter_distance, scale_target
+from ..targets import parameter_distance, scale_target
 from ..training import accuracy, mean_squared_error, train
-
-TARGET_GENERATORS = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}
-# Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
-# targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
-POISONED_TARGETS = ("tgda", "labelflip", "gm")
-
-
-@dataclass
-class RunConfig:
-    """Everything that determines a run. ``attack`` names the attack (:data:`ATTACKS`);
-    ``attack_options`` and ``training`` are keyword arguments of its class and of
-    :func:`poisonreach.training.train`. ``preset`` names a setting of the attack class (its
-    ``presets``, e.g. GC's ``paper``), under ``attack_options``."""
-
-    dataset: str = "digits"
-    model: str = "lr"
-    eps_w: float = 1.0
-    eps_w_mode: str = "absolute"
-    target: str = "gradpc"
-    target_scale: float = 1.0
-    target_options: dict = field(default_factory=dict)  # fixed: {weight, bias}; gradpc: {step_size, ...}
-    # "tau": ε_d = τ (Table 2); an empty list stops after the target and τ (Tables 1 and 5)
-    eps_d: list[float | str] = field(default_factory=lambda: [0.03, 0.1, 1.0])
-    seed: int = 0
-    train_size: int | None = None
-    data_root: str | None = None
-    attack: str = "gc"
-    preset: str | None = None
-    attack_options: dict = field(default_factory=dict)
-    training: dict = field(default_factory=dict)
-    device: str = "cpu"
-
-    def validate(self) -> None:
-        check_choice("dataset", self.dataset, data.names())
-        check_choice("model", self.model, models.names())
-        check_choice("target", self.target, [*TARGET_GENERATORS, *POISONED_TARGETS])
-        check_choice("attack", self.attack, ATTACKS)
-        presets = getattr(ATTACKS[self.attack], "presets", {})
-        if self.preset is not None and self.preset not in presets:
-            raise PoisonReachError(
-                f"preset {self.preset!r} is not a setting of the {self.attack} attack: "
-                + (f"choose one of {sorted(presets)}" if presets else "it has none, drop the preset")
-            )
-        check_number("target_scale", self.target_scale, low=0, low_open=True)
-        for key in ("device", "progress", "seed"):
-            if key in self.attack_options or key in self.training:
-                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/training")
-        self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
-        self.make_generator()
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PoisonReachError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
-
-    def make_generator(self):
-        """The target generator (an attack for the poisoned targets); ``eps_w`` and ``eps_w_mode``
-        apply to the corruption generators."""
-        if self.target in POISONED_TARGETS:
-            cls = ATTACKS[self.target]
-            check_options(cls, self.target_options, f"{self.target} target")
-            generator = cls(**{"eps_d": 1.0, **self.target_options, "seed": self.seed, "device": self.device})
-            if generator.model_targeted:
-                raise PoisonReachError(
-                    f"a {self.target} target is made by attacking the clean model; {generator!r} needs a target "
-                    "itself: drop the option that makes it model-targeted from target_options"
-                )
-            return generator
-        cls = TARGET_GENERATORS[self.target]
-        check_options(cls, self.target_options, f"{self.target} target")
-        if cls is FixedTarget:
-            return cls(**self.target_options)
-        kwargs = {"eps_w_mode": self.eps_w_mode, "seed": self.seed, **self.target_options}
-        if cls is GradPC:
-            kwargs.update(device=self.device, progress=None)
-        return cls(self.eps_w, **kwargs)
-
-    def budgets(self, tau: float = 1.0) -> list[float]:
-        """The ε_d values, with "tau" replaced by the target's τ (a stand-in before τ is known, or
-        when τ is 0 or infinite, which are no budgets: ``run`` skips those)."""
-        return [(tau if 0 < tau < math.inf else 1.0) if e == "tau" else e for e in self.eps_d]
-
-    def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[Attack]:
-        """One attack per ε_d, built from ``attack_options`` (validated by the attack's constructor)."""
-        cls = ATTACKS[self.attack]
-        check_options(cls, self.attack_options, f"{self.attack} attack")
-        attacks = []
-        for eps_d in self.budgets(tau):
-            preset = cls.presets[self.preset] if self.preset is not None else {}
-            kwargs = dict(preset, **self.attack_options, seed=self.seed, device=self.device)
-            if checkpoint_dir is not None and "checkpoint" in inspect.signature(cls).parameters:
-                kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "checkpoint.pt"
-            attacks.append(cls(eps_d, **kwargs))
-        return attacks
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise PoisonReachError(f"unknown configuration key(s) {unknown}: known keys are {sorted(known)}")
-        return cls(**d)
-
-
-def load_data(config: RunConfig) -> tuple[data.Splits, dict]:
-    """The run's data splits and the model specification (``models.create``'s arguments)."""
-    splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
-    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
-    return splits, spec
-
-
-def fresh_model(config: RunConfig, spec: dict) -> nn.Module:
-    """The untrained model every training of the run starts from (the same seed each time)."""
-    return models.create(**spec, seed=config.seed).to(torch.device(config.device))
-
-
-def cell_name(eps_d: float) -> str:
-    return f"eps_d={eps_d:g}"
+from .config import RunConfig, cell_name, fresh_model, load_data
+# still importable from here by older code; they live in poisonreach.attacks and poisonreach.targets
+from .config import ATTACKS, TARGET_GENERATORS  # noqa: F401
+from .plots import plot_run
 
 
 def _load_or(path: Path, make):
@@ -182,31 +69,21 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
 
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
-    fresh = lambda: fresh_model(config, spec)
-    fit = lambda X_fit, y_fit: train(fresh(), X_fit, y_fit, seed=config.seed, device=device, **config.training)
+    fit = _fitter(config, spec)
 
     def save(model: nn.Module, path: Path) -> nn.Module:
         models.save_model(model, path, **spec)
         return model
 
-    fresh()  # fail on a model that does not fit the data before any output or work
+    fresh_model(config, spec)  # fail on a model that does not fit the data before any output or work
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
 
-    def make_target() -> nn.Module:
-        generator = config.make_generator()
-        if isinstance(generator, Attack):  # the victim's model after this attack (Table 7)
-            result = _poison(generator, clean, X, y, splits)
-            result.save(out / "target_poisons")
-            target = fit(*result.mixed(X, y, num_outputs=models.last_linear(clean).out_features))
-        else:
-            target = generator.generate(clean, X, y)
-        if config.target_scale != 1.0:
-            target = scale_target(target, config.target_scale)
-        return save(target, out / "target_model.pt")
+    def new_target() -> nn.Module:
+        return save(make_target(config, clean, X, y, splits, fit, poisons_dir=out / "target_poisons"), out / "target_model.pt")
 
-    target = _load_or(out / "target_model.pt", make_target).to(device)
+    target = _load_or(out / "target_model.pt", new_target).to(device)
     target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
     thr = threshold(target, X, y)
     io.write_json(out / "threshold.json", thr.to_dict())
@@ -241,11 +118,58 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "wall_time_s": time.perf_counter() - started,
     }
     io.write_json(out / "metrics.json", metrics)
-    from .plots import plot_run  # plots reads run folders through this module
-
     plot_run(out)
     log(format_table(metrics))
     return metrics
+
+
+def _fitter(config: RunConfig, spec: dict):
+    """``fit(X, y)``: train a fresh model of the run from scratch (the same seed and protocol each time)."""
+    device = torch.device(config.device)
+    return lambda X_fit, y_fit: train(fresh_model(config, spec), X_fit, y_fit, seed=config.seed, device=device, **config.training)
+
+
+def make_target(config: RunConfig, clean: nn.Module, X, y, splits, fit, *, poisons_dir: Path | None = None) -> nn.Module:
+    """The run's target from the clean model: the generator's corrupted copy, or for a poisoned
+    target the model ``fit`` trains on clean ∪ the baseline attack's poisons (Table 7; the poisons
+    are saved into ``poisons_dir`` when given); scaled by ``target_scale`` (appendix C.6)."""
+    generator = config.make_generator()
+    if isinstance(generator, Attack):  # the victim's model after this attack (Table 7)
+        result = _poison(generator, clean, X, y, splits)
+        if poisons_dir is not None:
+            result.save(poisons_dir)
+        target = fit(*result.mixed(X, y, num_outputs=models.last_linear(clean).out_features))
+    else:
+        target = generator.generate(clean, X, y)
+    if config.target_scale != 1.0:
+        target = scale_target(target, config.target_scale)
+    return target
+
+
+def tau(config: RunConfig, target_file: str | os.PathLike | None = None) -> dict:
+    """The reachability threshold of the run's target, without any attack (``poisonreach tau``): the
+    clean model and the target as :func:`run` makes them, or the saved model ``target_file``.
+    Returns dataset, model, eps_w (None for a saved target) and the threshold's fields
+    (:meth:`poisonreach.reachability.Threshold.to_dict`)."""
+    config.validate()
+    splits, spec = load_data(config)
+    X, y = splits.x_train, splits.y_train
+    if target_file:
+        target = models.load_model(target_file).to(torch.device(config.device))
+    else:
+        fit = _fitter(config, spec)
+        target = make_target(config, fit(X, y), X, y, splits, fit)
+    thr = threshold(target, X, y)
+    return {"dataset": config.dataset, "model": config.model, "eps_w": None if target_file else config.eps_w, **thr.to_dict()}
+
+
+def format_tau(record: dict, *, as_json: bool = False) -> str:
+    """A :func:`tau` record as one line for the terminal, or as JSON."""
+    if as_json:
+        return json.dumps(io.plain(record), indent=2)
+    multiclass = record["tau_multiclass"]
+    return (f"tau = {record['tau']:.6g}   (tau(c) = {multiclass if multiclass is None else f'{multiclass:.6g}'}, "
+            f"<W, G(mu)> = {record['inner']:.6g}, lambda = {record['lam']:.6g})")
 
 
 def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:

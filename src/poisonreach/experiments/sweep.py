@@ -3,7 +3,7 @@
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run]
 
 The file format and its layers (defaults, file, profile, overrides) are those of
-:mod:`poisonreach.experiments.config`. A sweep folder (default ``sweeps/<name>``, or
+:mod:`poisonreach.experiments.sweep_file`. A sweep folder (default ``sweeps/<name>``, or
 ``sweeps/<name>-<profile>``) holds:
 
     sweep.yaml              the resolved sweep; a folder holding other settings (run, grid,
@@ -54,8 +54,10 @@ import torch
 from .. import io
 from ..errors import CorruptFileError, PoisonReachError
 from ..validation import check_number
-from .config import SETTINGS, Sweep, load_sweep, target_label
-from .run import RunConfig, run, text_table
+from .config import RunConfig
+from .defend import defend
+from .run import run, text_table
+from .sweep_file import SETTINGS, Sweep, load_sweep, target_label
 
 __all__ = ["COLUMNS", "HEADERS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "show", "shown_columns", "write_results"]
@@ -165,17 +167,6 @@ def _claim(out: Path, sweep: Sweep) -> None:
     io.write_yaml(saved, sweep.resolved)
 
 
-def _resolve_defender(sweep: Sweep, defender, log):
-    if not sweep.defenses or defender is not None:
-        return sweep.defenses, defender
-    try:
-        from .defend import defend
-    except ImportError:
-        log("defenses skipped: poisonreach.experiments.defend is not available")
-        return [], None
-    return sweep.defenses, defend
-
-
 def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print, runner=run, defender=None) -> list[dict]:
     """Run every unfinished cell of ``sweep`` into ``out/cells/<cell_id>`` and return the rows of the
     results table (also written to ``out/results.csv``), in grid order.
@@ -188,7 +179,9 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print,
     check_number("jobs", jobs, low=1, integer=True)
     out = Path(out)
     _claim(out, sweep)
-    defenses, defender = _resolve_defender(sweep, defender, log)
+    defenses = sweep.defenses
+    if defenses and defender is None:
+        defender = defend
     defense_ids = [d["id"] for d in defenses]
     outputs, failures = {}, {}
 

@@ -3,7 +3,7 @@ and ``experiments/table2-tinyimagenet.yaml``, ResNet-34) run end to end with the
 on full-size data sets, and how long each sweep takes.
 
 The real CIFAR-10 and TinyImageNet cannot be fetched here, so the script first writes synthetic
-ones of the original sizes and formats into ``--data-root`` (``tests/fakedata.py``: CIFAR-10's
+ones of the original sizes and formats into ``--data-root`` (``poisonreach.data.fake_files``: CIFAR-10's
 five pickle batches of 10,000 images and a test batch of 10,000; TinyImageNet's
 tiny-imagenet-200/ tree of 64x64 JPEGs, 200 classes of 500 training and 50 validation images).
 The images have class structure (a colour pattern per class plus noise), so the models learn
@@ -41,10 +41,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # fakedata lives beside the tests that use it
+from poisonreach.data import fake_files
 
-import fakedata  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIGS = {"cifar10": REPO / "experiments" / "table2-cifar10.yaml",
            "tinyimagenet": REPO / "experiments" / "table2-tinyimagenet.yaml"}
@@ -58,13 +57,13 @@ def write_data(name: str, root: Path, args: argparse.Namespace) -> float:
     if name == "cifar10":
         folder = root / "cifar10" / "cifar-10-batches-py"
         sizes = {"per_batch": args.cifar_per_batch, "test_size": args.cifar_test, "seed": args.seed, "noise": args.noise}
-        write = lambda: fakedata.write_cifar(folder, args.cifar_per_batch, test_size=args.cifar_test, seed=args.seed,  # noqa: E731
+        write = lambda: fake_files.write_cifar(folder, args.cifar_per_batch, test_size=args.cifar_test, seed=args.seed,  # noqa: E731
                                              noise=args.noise)
     else:
         folder = root / "tinyimagenet" / "tiny-imagenet-200"
         sizes = {"wnids": args.tin_classes, "train_per_class": args.tin_train, "val_per_class": args.tin_val, "seed": args.seed,
                  "noise": args.noise}
-        write = lambda: fakedata.write_tinyimagenet(folder, wnids=args.tin_classes, train_per_class=args.tin_train,  # noqa: E731
+        write = lambda: fake_files.write_tinyimagenet(folder, wnids=args.tin_classes, train_per_class=args.tin_train,  # noqa: E731
                                                     val_per_class=args.tin_val, seed=args.seed, noise=args.noise)
     record = folder.parent / SIZES_FILE
     if record.is_file() and json.loads(record.read_text()) == sizes:

@@ -27,8 +27,8 @@ from poisonreach.data import cifar, idx, tinyimagenet
 from poisonreach.data.files import Known
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError, PoisonReachError
 
-import fakedata
-from fakedata import write_cifar
+from poisonreach.data import fake_files as fakedata
+from poisonreach.data.fake_files import write_cifar
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -98,6 +98,6 @@ def test_gc_results_are_bit_identical_to_the_snapshot(name, cache):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    cache = targets()
-    SNAPSHOT.write_text(json.dumps({name: compute(name, cache) for name in sorted(CASES)}, indent=1) + "\n")
+    made = targets()
+    SNAPSHOT.write_text(json.dumps({name: compute(name, made) for name in sorted(CASES)}, indent=1) + "\n")
     print(f"wrote {SNAPSHOT}", file=sys.stderr)

@@ -16,7 +16,7 @@ from contract import bad_cases, check_estimator, examples
 from torch import nn
 
 from poisonreach.errors import PoisonReachError
-from poisonreach.experiments.run import TARGET_GENERATORS
+from poisonreach.targets import TARGET_GENERATORS
 from poisonreach.targets import FixedTarget, GradPC, RandomPC
 
 NAMES = {"gradpc": GradPC, "randompc": RandomPC, "fixed": FixedTarget}

@@ -439,7 +439,7 @@ def test_gm_lowers_the_accuracy_of_a_retrained_logistic_regression(digits_lr):
 def test_a_gm_target_cannot_itself_need_a_target():
     """Table 7's ``target: gm`` attacks the clean model to make the target; a model-targeted GM there
     would need the target it is making."""
-    from poisonreach.experiments.run import RunConfig
+    from poisonreach.experiments.config import RunConfig
 
     RunConfig(target="gm", target_options={"steps": 2}).validate()
     with pytest.raises(PoisonReachError, match="needs a target itself"):

@@ -2,7 +2,7 @@
 
 ``experiments/table2-cifar10.yaml`` (ResNet-18) and ``experiments/table2-tinyimagenet.yaml``
 (ResNet-34) go through ``poisonreach sweep FILE --profile cpu`` (the CLI, in this process) on tiny
-synthetic data sets written in the original on-disk formats (``fakedata``), read by the real
+synthetic data sets written in the original on-disk formats (``poisonreach.data.fake_files``), read by the real
 loaders. Overrides shrink sizes only (training points, epochs, batch sizes); the data set, model,
 target, attack, ε_d and every other setting are the shipped profile's, which the test checks
 against the run's saved config. About 10 s for CIFAR-10 and 30 s for TinyImageNet at one thread.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import fakedata
+from poisonreach.data import fake_files as fakedata
 from poisonreach import data, io
 from poisonreach.attacks import PoisonResult
 from poisonreach.cli import main

@@ -1,5 +1,5 @@
-"""Target parameters: GradPC and RandomPC (Sun et al. 2020), scaling (appendix C.6), the distance
-to a target, and the selection procedure of appendix D.
+"""Target parameters: GradPC and RandomPC (Sun et al. 2020), scaling (appendix C.6) and the
+distance to a target (appendix D's selection: ``test_selection.py``).
 
 Expected values are computed here from the definitions: perturbation norms from the parameters
 themselves, the first GradPC step from an autograd gradient, τ of a scaled LR from its logits.
@@ -19,7 +19,6 @@ import torch
 from scipy.special import lambertw
 
 from poisonreach import data, models, training
-from poisonreach.attacks import GradientCanceling
 from poisonreach.errors import PoisonReachError
 from poisonreach.losses import cross_entropy
 from poisonreach.reachability import threshold

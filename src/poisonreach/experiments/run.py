@@ -41,8 +41,6 @@ from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, mean_squared_error, train
 from .config import RunConfig, cell_name, fresh_model, load_data
-# still importable from here by older code; they live in poisonreach.attacks and poisonreach.targets
-from .config import ATTACKS, TARGET_GENERATORS  # noqa: F401
 from .plots import plot_run
 
 

@@ -6,8 +6,8 @@ layout, file formats and naming, any number of images, seeded. The images carry 
 (each class has its own blocky colour pattern, plus Gaussian pixel noise), so a model trained on them
 learns something; they say nothing about the real data sets.
 
-Imported by the tests (``tests/`` is on ``sys.path`` under pytest) and by
-``bench/run_resnet_profiles.py`` (which puts ``tests/`` on the path itself).
+Used by the tests and by ``bench/run_resnet_profiles.py``, and by anyone who wants to try a
+pipeline on these formats before the real files are at hand.
 
     write_cifar(root / "cifar10" / "cifar-10-batches-py", per_batch=10_000)        # full size
     write_tinyimagenet(root / "tinyimagenet" / "tiny-imagenet-200", wnids=200, train_per_class=500,

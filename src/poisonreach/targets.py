@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .validation import check_choice, check_model_data, check_number
+from .validation import Choice, Number, check_model_data, check_number
 from .gradients import flat_norm
 from .errors import PoisonReachError
 from .estimator import Estimator
@@ -47,15 +47,12 @@ def _apply(model: nn.Module, delta: list[Tensor]) -> nn.Module:
 
 
 class _Corruption(Estimator):
-    """Shared constructor validation for the parameter-corruption generators."""
+    """The parameter-corruption generators: a radius ε_w, absolute or relative, and a seed."""
+
+    constraints = {"eps_w": Number(low=0, low_open=True), "eps_w_mode": Choice(EPS_W_MODES)}
 
     def __init__(self, eps_w: float, *, eps_w_mode: str = "absolute", seed: int = 0):
-        check_number("eps_w", eps_w, low=0, low_open=True)
-        check_choice("eps_w_mode", eps_w_mode, EPS_W_MODES)
-        check_number("seed", seed, integer=True)
-        self.eps_w = float(eps_w)
-        self.eps_w_mode = eps_w_mode
-        self.seed = seed
+        self._set_params(locals())
 
     def config(self) -> dict:
         return {"generator": type(self).__name__.lower(), **{k: v for k, v in vars(self).items() if k != "device"}}
@@ -114,6 +111,12 @@ class GradPC(_Corruption):
     ten steps and the rest of the pass moves along its surface.
     """
 
+    constraints = {
+        "step_size": Number(low=0, low_open=True, optional=True),
+        "batch_size": Number(low=1, integer=True),
+        "epochs": Number(low=1, integer=True),
+    }
+
     def __init__(
         self,
         eps_w: float,
@@ -126,16 +129,7 @@ class GradPC(_Corruption):
         device: str | torch.device | None = None,
         progress: bool | None = None,
     ):
-        super().__init__(eps_w, eps_w_mode=eps_w_mode, seed=seed)
-        if step_size is not None:
-            check_number("step_size", step_size, low=0, low_open=True)
-        check_number("batch_size", batch_size, low=1, integer=True)
-        check_number("epochs", epochs, low=1, integer=True)
-        self.step_size = step_size
-        self.batch_size = batch_size
-        self.epochs = epochs
-        self.device = device
-        self.progress = progress
+        self._set_params(locals())
 
     def config(self) -> dict:
         cfg = super().config()

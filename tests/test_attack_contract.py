@@ -15,10 +15,12 @@ import pytest
 import torch
 from contract import bad_cases, check_estimator, examples, kwargs_id
 
-from poisonreach.attacks import ATTACKS, TGDA, Attack, FrankWolfeCanceling, GradientCanceling, GradientMatching, LabelFlip, PoisonResult
+from poisonreach.attacks import (
+    ATTACKS, TGDA, Attack, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip, PoisonResult,
+)
 from poisonreach.errors import PoisonReachError
 
-NAMES = {"gc": GradientCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA}
+NAMES = {"gc": GradientCanceling, "gc-gn": GaussNewtonCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA}
 REQUIRED = {"eps_d": 0.1}  # the bad arguments below are tried on top of these
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")  # never part of config()
 BAD_BUDGETS = [0, -0.1, math.nan, math.inf, "0.1", True]  # every attack rejects these as eps_d
@@ -36,6 +38,20 @@ BAD_PARAMS = {
         dict(parameters="middle"),
         dict(seed=1.5), dict(seed="0"),
         dict(checkpoint_every=0),
+    ],
+    GaussNewtonCanceling: [
+        dict(iterations=-1), dict(iterations=1.5),
+        dict(cg_iterations=0),
+        dict(cg_tolerance=0), dict(cg_tolerance=2),
+        dict(damping=0), dict(damping=math.nan),
+        dict(active_set_rounds=-1),
+        dict(labels="soft"),
+        dict(tolerance=-1e-3),
+        dict(box=(1, 0)), dict(box="range"),
+        dict(parameters="middle"),
+        dict(chunk_size=0),
+        dict(seed="0"),
+        dict(progress="yes"),
     ],
     FrankWolfeCanceling: [
         dict(step="2/(t+2)"),
@@ -87,6 +103,7 @@ for _cls in NAMES.values():
 EDGE_VALUES = {
     GradientCanceling: [dict(eps_d=1e-6, epochs=0, momentum=0.0, block_size=1, chunk_size=1, box=[-1, 1], seed=0)],
     FrankWolfeCanceling: [dict(start_steps=0)],
+    GaussNewtonCanceling: [dict(iterations=0, active_set_rounds=0, tolerance=0, box=None)],
 }
 
 # Instances with non-default arguments, and their repr: only the arguments that differ from the defaults.
@@ -99,6 +116,8 @@ EXAMPLES = [
      "GradientCanceling(eps_d=0.2, epochs=7, lr=0.3, momentum=0.5, schedule='constant', backtrack=False, block_size=4, chunk_size=9, "
      "box='data-range', optimize_labels=True, replace=True, parameters='last', seed=3, device='cpu', progress=False, "
      "checkpoint=PosixPath('x.ckpt'), checkpoint_every=5)"),
+    (GaussNewtonCanceling, dict(eps_d=0.1, iterations=5, labels="fixed", box=None),
+     "GaussNewtonCanceling(eps_d=0.1, iterations=5, labels='fixed', box=None)"),
     (FrankWolfeCanceling, dict(eps_d=0.1, step="open-loop", starts=3, start_steps=0, box="data-range"),
      "FrankWolfeCanceling(eps_d=0.1, step='open-loop', starts=3, start_steps=0, box='data-range')"),
     (GradientMatching,
@@ -169,7 +188,7 @@ def test_the_one_verb_is_poison(cls):
 def test_every_attack_adds_round_n_eps_d_poisons(name, digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:100], s.y_train[:100]
-    quick = {"gc": dict(epochs=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points")}
+    quick = {"gc": dict(epochs=1), "gc-gn": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points")}
     attack = ATTACKS[name](0.25, **quick.get(name, {}), **({"progress": False} if "progress" in inspect.signature(ATTACKS[name]).parameters else {}))
     result = attack.poison(model, X, y)
     assert len(result.x) == 25 and result.x.shape[1:] == X.shape[1:]

@@ -116,6 +116,40 @@ def cancel_gradient(
     return Bracket(values, gx, gy, grad_sum)
 
 
+def gradient_jvp(
+    model: nn.Module,
+    params: Params,
+    X: Tensor,
+    y: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    D: Tensor,
+    *,
+    chunk_size: int,
+    device: torch.device | None = None,
+) -> list[Tensor]:
+    """Σ_j (∂/∂x_j ∇_w ℓ(x_j, y_j; w))·d_j: the change of the gradient sum Σ_j ∇_w ℓ(z_j; w) when
+    every row x_j moves along d_j (the rows of D, shaped like X), to first order. This is the
+    Jacobian–vector product of GC's residual (up to its factor ε_d/m), the transpose of
+    :func:`cancel_gradient`'s bracket.
+
+    By reverse mode only, chunk by chunk: the bracket b(u) = ∇_x⟨∇_w ℓ, u⟩ is linear in u, so
+    Jd = ∇_u ⟨b(u), d⟩ (at u = 0): three backward passes. On logistic regression (1,000 MNIST-sized
+    rows, one thread) this took 0.008 s where forward mode (``torch.func.jvp`` of ``torch.func.grad``)
+    took 0.14 s."""
+    device = X.device if device is None else device
+    total = [torch.zeros_like(p) for p in params]
+    for sl in chunks(len(X), chunk_size):
+        xc = X[sl].to(device).detach().requires_grad_(True)
+        grads = torch.autograd.grad(loss_fn(model(xc), y[sl].to(device)).sum(), params, create_graph=True)
+        u = [torch.zeros_like(p, requires_grad=True) for p in params]
+        (bracket,) = torch.autograd.grad(inner(grads, u), xc, create_graph=True)
+        # allow_unused: a parameter whose gradient does not depend on x has no path to u
+        for acc, t in zip(total, torch.autograd.grad((bracket * D[sl].to(device)).sum(), u, allow_unused=True)):
+            if t is not None:
+                acc += t
+    return total
+
+
 def inner(a: Params, b: Params, *, dtype: torch.dtype | None = None) -> Tensor:
     """⟨a, b⟩ of two lists of tensors taken as one vector each, computed in ``dtype`` when given
     (float64 where many terms are summed)."""

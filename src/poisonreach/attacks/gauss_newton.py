@@ -1,0 +1,217 @@
+"""Gradient Canceling solved as the nonlinear least-squares problem it is (section 4, equation (18)).
+
+The poisons z = (x_j, y_j) enter the residual r(z) = g(µ) + ε_d·g(ν̂(z)) ∈ R^P (P parameters) and
+GC minimises ½‖r(z)‖² over the box Γ. Its Jacobian J (P × the poisons' pixels) is available in both
+directions at the cost of a pass over the poisons: Jᵀu is the bracket of equation (19) with v = u
+(:func:`poisonreach.gradients.cancel_gradient`), Jd a forward-mode product
+(:func:`poisonreach.gradients.gradient_jvp`). Each iteration:
+
+1. **labels** (``labels="greedy"``): every poison takes, one after the other, the class that most
+   lowers ‖r‖². When the cancelled parameters are the last linear layer h = Wφ + b (logistic
+   regression, or ``parameters="last"``) and the loss is the cross-entropy or the logistic loss,
+   ∇_(W,b) ℓ = (∇_h l) ⊗ (φ, 1) with ∇_h l = p − e_y, so relabelling poison j from a to c changes r
+   by (ε_d/m)·(e_a − e_c) ⊗ (φ_j, 1): exact, closed form, no pass over the data;
+2. **a Gauss–Newton step in the residual space**: with D the pixels free to move (a pixel at a bound
+   that the gradient Jᵀr pushes outwards is held), solve (J D Jᵀ + λI) u = r by conjugate gradient
+   (P unknowns, however many pixels) and step d = −D Jᵀu — the minimum-norm solution of the damped
+   linearised problem. Pixels the step would carry out of the box are held at the bound they reach
+   and the step is solved again for the others (an active set updated inside the step, up to
+   ``active_set_rounds`` times), so the step is not clipped after it was computed;
+3. **Levenberg–Marquardt**: the step is kept if ‖r‖ fell (λ shrinks), else undone and λ grows.
+
+The labels are real classes throughout: every poison is an image in the box with one integer label.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PoisonReachError
+from ..gradients import cancel_gradient, conjugate_gradient, flat_norm, flatten, gradient_jvp, unflatten
+from ..losses import cross_entropy, logistic
+from ..models import features, last_linear
+from ..validation import Choice, Number, evaluating, flag
+from .base import Attack, PoisonResult, clamp_box
+from .canceling import CancelingProblem, canceling_problem
+
+LABELS = ("greedy", "fixed")
+
+
+def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple[Tensor, list[Tensor], int]:
+    """One coordinate pass of hard-label reassignment for a last-layer residual (module docstring,
+    step 1): poison after poison, the class c minimising ‖r + (ε_d/m)(e_{y_j} − e_c) ⊗ (φ_j, 1)‖²,
+    the residual updated exactly after each change. Returns the labels, the residual and the number
+    of labels changed."""
+    alpha = p.eps_d / p.m
+    one_logit = p.num_outputs == 1
+    phi = torch.cat([torch.cat([features(p.model, x[sl]).detach().flatten(1) for sl in _slices(len(x), p.chunk_size)]),
+                     torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+    R = torch.cat([r[0].reshape(p.num_outputs, -1), r[1].reshape(p.num_outputs, 1)], dim=1).double()
+    # e(c): the label's part of ∇_h l = p − e(y), a one-hot row, or the label itself for one logit
+    codes = torch.eye(2 if one_logit else p.num_outputs, dtype=R.dtype, device=R.device)
+    codes = codes[:, 1:] if one_logit else codes
+    y = y.clone()
+    changed = 0
+    for j in range(len(x)):
+        f = phi[j].double()
+        s = R @ f  # ⟨R, e ⊗ φ̃_j⟩ = e·s
+        diff = codes[y[j]] - codes  # e(a) − e(c) for every candidate c
+        gain = 2 * alpha * (diff @ s) + alpha**2 * (diff**2).sum(1) * (f @ f)
+        c = int(torch.argmin(gain))
+        if gain[c] < 0:
+            R += alpha * torch.outer(diff[c], f)
+            y[j] = c
+            changed += 1
+    W, b = R[:, :-1].to(r[0].dtype), R[:, -1].to(r[1].dtype)
+    return y, [W.reshape(r[0].shape), b.reshape(r[1].shape)], changed
+
+
+def _slices(n: int, size: int):
+    return (slice(i, min(i + size, n)) for i in range(0, n, size))
+
+
+class GaussNewtonCanceling(Attack):
+    """Gradient Canceling by bound-aware Gauss–Newton / Levenberg–Marquardt steps with hard labels
+    (see the module docstring).
+
+    Parameters
+    ----------
+    eps_d: the poison budget ε_d = m / n (> 0); m = round(n·ε_d) poisons, at least one.
+    iterations: Gauss–Newton steps (each one label pass, one CG solve, one trial per LM retry).
+    cg_iterations: most conjugate-gradient iterations per solve (two passes over the poisons each).
+    cg_tolerance: CG stops once ‖(J D Jᵀ + λI)u − r‖ ≤ cg_tolerance·‖r‖.
+    damping: the first λ, relative to the curvature ‖Jᵀr‖²/‖r‖² along r.
+    active_set_rounds: re-solves per step after holding the pixels the step would carry out of Γ.
+    labels: ``greedy`` (each poison takes the class that most lowers ‖r‖², at the start and after
+        every step; needs the cancelled parameters to be the last linear layer and the
+        cross-entropy or logistic loss) or ``fixed`` (the labels of the clean points they start from).
+    tolerance: stop once ‖r‖ / ‖r_0‖ ≤ tolerance.
+    box, replace, parameters, chunk_size, seed, device, progress: as in :class:`GradientCanceling`.
+    """
+
+    name = "gc-gn"
+    model_targeted = True
+    constraints = {
+        "iterations": Number(low=0, integer=True),
+        "cg_iterations": Number(low=1, integer=True),
+        "cg_tolerance": Number(low=0, low_open=True, high=1),
+        "damping": Number(low=0, low_open=True),
+        "active_set_rounds": Number(low=0, integer=True),
+        "labels": Choice(LABELS),
+        "tolerance": Number(low=0),
+        "replace": flag,
+    }
+
+    def __init__(
+        self,
+        eps_d: float,
+        *,
+        iterations: int = 100,
+        cg_iterations: int = 40,
+        cg_tolerance: float = 0.1,
+        damping: float = 1e-3,
+        active_set_rounds: int = 2,
+        labels: str = "greedy",
+        tolerance: float = 1e-4,
+        chunk_size: int = 1024,
+        box: tuple[float, float] | str | None = (0.0, 1.0),
+        replace: bool = False,
+        parameters: str = "all",
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        progress: bool | None = None,
+    ):
+        self._set_params(locals())
+
+    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
+        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y).
+
+        ``extra`` holds per iteration the wall time since the start (``time_history``, s, the first
+        entry after setting up), the labels changed by each pass and the LM damping."""
+        device = self._device(model)
+        with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
+            started = time.perf_counter()
+            problem = canceling_problem(self, model, X, y, loss, device)
+            self._check_labels(problem, loss)
+            x, py, history, extra = self._solve(problem, started)
+        return self._result(x, py, problem.source, history=history, tau=problem.tau, kept=problem.kept,
+                            num_clean=problem.n, num_poisons=problem.m, **extra)
+
+    def _solve(self, p: CancelingProblem, started: float):
+        x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
+        y = p.y[p.source].to(p.device)
+        r = p.residual(p.gradient_sum(x, y))
+        history, times, relabelled, dampings = [flat_norm(r)], [time.perf_counter() - started], [], []
+        lam = None
+        bar = self._progress(range(self.iterations), desc=f"GC-GN eps_d={self.eps_d:g}")
+        for _ in bar:
+            if self.labels == "greedy":
+                y, r, changed = relabel(p, x, y, r)
+                relabelled.append(changed)
+            x, r, lam = self._step(p, x, y, r, lam)
+            history.append(flat_norm(r))
+            times.append(time.perf_counter() - started)
+            dampings.append(lam)
+            bar.set_postfix(ratio=f"{history[-1] / max(history[0], 1e-30):.3g}")
+            if history[-1] <= self.tolerance * history[0] or lam == math.inf:
+                break
+        bar.close()
+        return x, y, history, {"time_history": times, "labels_changed": relabelled, "damping_history": dampings}
+
+    def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
+        """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""
+        alpha = p.eps_d / p.m
+        rf = flatten(r)
+        norm = float(rf.norm())
+        transpose = lambda u: alpha * cancel_gradient(p.model, p.params, x, y, p.loss_fn, unflatten(u, r), chunk_size=self.chunk_size).x  # noqa: E731
+        forward = lambda d: alpha * flatten(gradient_jvp(p.model, p.params, x, y, p.loss_fn, d, chunk_size=self.chunk_size))  # noqa: E731
+        g = transpose(rf)
+        free = torch.ones_like(x, dtype=torch.bool)
+        if p.low is not None:  # held: at a bound, pushed outwards by the descent direction −g
+            free &= ~(((x <= p.low) & (g > 0)) | ((x >= p.high) & (g < 0)))
+        if lam is None:
+            lam = self.damping * float((g * g).sum()) / max(norm**2, 1e-300)
+        for _ in range(8):
+            d = self._gauss_newton(p, x, rf, free, lam, transpose, forward)
+            x_new = clamp_box(x + d, p.low, p.high)
+            r_new = p.residual(p.gradient_sum(x_new, y))
+            if flat_norm(r_new) < norm:
+                return x_new, r_new, lam / 3
+            lam *= 4
+        return x, r, math.inf
+
+    def _gauss_newton(self, p, x, rf, free, lam, transpose, forward) -> Tensor:
+        """d = fixed − D Jᵀu, (J D Jᵀ + λI)u = r + J·fixed: pixels that would leave Γ are held at
+        the bound they reach (``fixed`` moves them there) and the rest re-solved."""
+        free = free.clone()
+        fixed = torch.zeros_like(x)
+        target = rf
+        for round_ in range(self.active_set_rounds + 1):
+            mask = free.to(x.dtype)
+            apply = lambda V: torch.stack([forward(mask * transpose(v)) for v in V]) + lam * V  # noqa: E731
+            u, _ = conjugate_gradient(apply, target[None], iterations=self.cg_iterations, tolerance=self.cg_tolerance, truncate=True)
+            d = fixed - mask * transpose(u[0])
+            if p.low is None or round_ == self.active_set_rounds:
+                return d
+            out = free & ((x + d < p.low) | (x + d > p.high))
+            if not out.any():
+                return d
+            free &= ~out
+            fixed = torch.where(out, clamp_box(x + d, p.low, p.high) - x, fixed)
+            target = rf + forward(fixed)
+        return d
+
+    def _check_labels(self, p: CancelingProblem, loss) -> None:
+        if self.labels != "greedy":
+            return
+        head = list(last_linear(p.model).parameters())
+        if [id(t) for t in p.params] != [id(t) for t in head] or p.loss_fn not in (cross_entropy, logistic) or loss is not None:
+            raise PoisonReachError(
+                "labels='greedy' relabels in closed form, which needs the cancelled parameters to be the last linear "
+                "layer (logistic regression, or parameters='last') and the cross-entropy or logistic loss: "
+                "use parameters='last' or labels='fixed'"
+            )

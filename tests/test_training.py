@@ -215,3 +215,112 @@ def test_momentum_bound_is_open_at_one():
     with pytest.raises(PoisonReachError, match="momentum must be < 1, got 1.0"):
         training.train(torch.nn.Linear(2, 2), X, y, epochs=1, optimizer="sgd", momentum=1.0, progress=False)
     training.train(torch.nn.Linear(2, 2), X, y, epochs=1, optimizer="sgd", momentum=0.99, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# the convergence check and prediction agreement
+# --------------------------------------------------------------------------------------------------
+
+
+def full_batch_norm(model, X, y, loss, weight_decay=0.0):
+    """‖∇_w mean loss + λw‖ from one autograd call over the whole batch, in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was = model.training
+    model.eval()
+    grads = torch.autograd.grad(loss(model(X), y), params)
+    model.train(was)
+    return torch.sqrt(sum(((g + weight_decay * p).double() ** 2).sum() for g, p in zip(grads, params))).item()
+
+
+@pytest.mark.parametrize("name", ["lr", "nn", "cnn"])
+def test_training_gradient_norm_is_the_full_batch_gradient_norm(name):
+    X, y = tiny(n=50, classes=4, seed=3)
+    model = fit(name, X, y, 4, epochs=1, batch_size=16, seed=0).train()  # train mode: the norm is taken in eval mode
+    expected = full_batch_norm(model, X, y, nn.functional.cross_entropy)
+    for chunk_size in (7, 50, 1000):
+        assert training.training_gradient_norm(model, X, y, chunk_size=chunk_size) == pytest.approx(expected, rel=1e-5)
+    decayed = full_batch_norm(model, X, y, nn.functional.cross_entropy, weight_decay=0.1)
+    assert training.training_gradient_norm(model, X, y, weight_decay=0.1, chunk_size=7) == pytest.approx(decayed, rel=1e-5)
+    assert decayed != pytest.approx(expected, rel=1e-3)
+    assert all(m.training for m in model.modules())  # the modes are restored
+
+
+def test_training_gradient_norm_of_one_logit_soft_labels_regression_and_a_custom_loss():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 2, generator=g)
+    y = (X[:, 0] > 0).long()
+    binary = models.create("lr", (2,), 2, seed=0)
+    bce = lambda out, t: nn.functional.binary_cross_entropy_with_logits(out.reshape(-1), t.float())  # noqa: E731
+    assert training.training_gradient_norm(binary, X, y, chunk_size=4) == pytest.approx(full_batch_norm(binary, X, y, bce), rel=1e-5)
+    three = models.create("lr", (2,), 3, seed=1)
+    soft = torch.softmax(torch.randn(30, 3, generator=g), 1)
+    soft_ce = lambda out, t: -(t * torch.log_softmax(out, 1)).sum(1).mean()  # noqa: E731
+    assert training.training_gradient_norm(three, X, soft, chunk_size=4) == pytest.approx(full_batch_norm(three, X, soft, soft_ce), rel=1e-5)
+    linreg = models.create("linreg", (2,), 1, seed=2)
+    target = X @ torch.tensor([1.0, -2.0])
+    half_mse = lambda out, t: 0.5 * ((out.reshape(-1) - t) ** 2).mean()  # noqa: E731
+    assert training.training_gradient_norm(linreg, X, target, chunk_size=4) == pytest.approx(full_batch_norm(linreg, X, target, half_mse), rel=1e-5)
+    hinge = lambda out, t: torch.relu(1 - (2 * t - 1) * out.reshape(-1))  # noqa: E731
+    assert training.training_gradient_norm(binary, X, y, hinge, chunk_size=4) == pytest.approx(
+        full_batch_norm(binary, X, y, lambda o, t: hinge(o, t).mean()), rel=1e-5)
+
+
+def test_training_gradient_norm_reaches_zero_when_training_converges():
+    """Full-batch gradient descent on an L2-regularised logistic regression (strongly convex)
+    converges; the norm says so only when it is told the weight decay of the objective."""
+    X, y = tiny(n=40, shape=(3,), classes=3, seed=1)
+    X = X - 0.5
+    protocol = dict(optimizer="sgd", lr=0.5, momentum=0.0, gamma=1.0, batch_size=40, weight_decay=0.05)
+    early = fit("lr", X, y, 3, epochs=1, **protocol)
+    late = fit("lr", X, y, 3, epochs=1500, **protocol)
+    assert training.training_gradient_norm(early, X, y, weight_decay=0.05) > 1e-2
+    assert training.training_gradient_norm(late, X, y, weight_decay=0.05) < 1e-5
+    # the data loss alone is not stationary there: its gradient is −λw
+    weights = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in late.parameters())).item()
+    assert training.training_gradient_norm(late, X, y) == pytest.approx(0.05 * weights, rel=1e-3)
+
+
+def test_training_gradient_norm_refuses_bad_input():
+    X, y = tiny()
+    model = models.create("lr", X.shape[1:], 3)
+    with pytest.raises(PoisonReachError, match="chunk_size"):
+        training.training_gradient_norm(model, X, y, chunk_size=0)
+    with pytest.raises(PoisonReachError, match="weight_decay"):
+        training.training_gradient_norm(model, X, y, weight_decay=-1)
+    with pytest.raises(PoisonReachError):
+        training.training_gradient_norm(model, X, y[:-1])
+
+
+def test_agreement_counts_equal_predictions():
+    X, y = tiny(n=60, classes=3, seed=2)
+    a = models.create("lr", X.shape[1:], 3, seed=0)
+    b = models.create("lr", X.shape[1:], 3, seed=1)
+    same_class = (training.predict_logits(a, X).argmax(1) == training.predict_logits(b, X).argmax(1)).float().mean().item()
+    assert training.agreement(a, b, X, chunk_size=7) == pytest.approx(100 * same_class)
+    assert 0 < training.agreement(a, b, X) < 100
+    assert training.agreement(a, a, X) == 100.0
+    # one logit: class 1 when the logit is positive; the negated model disagrees everywhere
+    binary = models.create("lr", X.shape[1:], 2, seed=0)
+    negated = models.create("lr", X.shape[1:], 2, seed=0)
+    with torch.no_grad():
+        for p in negated.parameters():
+            p.neg_()
+    assert training.agreement(binary, negated, X) == 0.0
+    with pytest.raises(PoisonReachError, match="same outputs"):
+        training.agreement(a, binary, X)
+
+
+def test_agreement_ignores_the_flat_directions_the_parameter_distance_sees():
+    """The rationale of target_agreement: a large move along a flat direction, a weight column of
+    an always-zero input plus a logit shift common to all classes, changes no prediction."""
+    X, y = tiny(n=60, shape=(5,), classes=3, seed=4)
+    X[:, 2] = 0  # an input that is zero everywhere (a border pixel)
+    model = fit("lr", X, y, 3, epochs=2, seed=0)
+    moved = fit("lr", X, y, 3, epochs=2, seed=0)
+    head = models.last_linear(moved)
+    with torch.no_grad():
+        head.weight[:, 2] += torch.tensor([5.0, -3.0, 7.0])
+        head.bias += 4.0
+    from poisonreach.targets import parameter_distance
+    assert parameter_distance(moved, model) > 5
+    assert training.agreement(moved, model, X) == 100.0

@@ -4,6 +4,9 @@ The defaults of :func:`train` are the protocol the paper's MNIST models were tra
 PyTorch MNIST example: Adadelta with learning rate 1.0, the rate multiplied by 0.7 after each epoch
 (StepLR), batches of 64, 14 epochs. Training is a function of ``seed`` alone, so the model trained
 on poisoned data can be compared with the clean one trained from the same start (Section 5).
+
+:func:`training_gradient_norm` checks that a training converged (the gradient of its objective at
+the final parameters); :func:`agreement` compares two classifiers by their predictions.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
+from .gradients import flat_norm, gradient_sum, select_parameters
 from .validation import Choice, Number, check_inputs, check_labels, check_number, evaluating, num_outputs
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
@@ -154,6 +158,65 @@ def accuracy(
     predicted = _classes(predict_logits(model, X, chunk_size=chunk_size, device=device), threshold=0.0)
     truth = y.long().cpu() if not y.is_floating_point() else _classes(y.cpu(), threshold=0.5)
     return 100.0 * (predicted == truth).sum().item() / n
+
+
+def agreement(
+    model: nn.Module, other: nn.Module, X: Tensor, *, chunk_size: int = 256, device: str | torch.device | None = None
+) -> float:
+    """Percentage (0–100) of X on which two classifiers predict the same class (the rule of
+    :func:`accuracy`: argmax, or logit > 0 for one output).
+
+    This is how close a retrained victim came to a target *in what it does*. The parameter distance
+    ‖w − w_t‖ misleads as a measure of that: flat directions move w without changing one
+    prediction, e.g. the weights of an input that is zero on every point (MNIST's border pixels, in
+    a model that does not shift its inputs), which no gradient ever touches, so they stay wherever
+    the initialisation put them, or a shift common to all classes' logits, which softmax ignores;
+    and a small step across a decision boundary changes many predictions.
+    """
+    n = check_inputs(X)
+    a = predict_logits(model, X, chunk_size=chunk_size, device=device).reshape(n, -1)
+    b = predict_logits(other, X, chunk_size=chunk_size, device=device).reshape(n, -1)
+    if a.shape != b.shape:
+        raise PoisonReachError(f"agreement needs two models with the same outputs, got {a.shape[1]} and {b.shape[1]} outputs")
+    return 100.0 * (_classes(a, threshold=0.0) == _classes(b, threshold=0.0)).sum().item() / n
+
+
+def training_gradient_norm(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    loss: str | losses.LossFn | None = None,
+    *,
+    weight_decay: float = 0.0,
+    chunk_size: int = 256,
+    device: str | torch.device | None = None,
+) -> float:
+    """‖∇_w (1/N) Σ_{z ∈ (X, y)} ℓ(z; w) + λw‖₂ at the model's parameters: how far a model trained on
+    (X, y) is from a stationary point of its training objective (0 at convergence).
+
+    Pass the data the model was trained on (for a victim, clean ∪ poisons) and the protocol's
+    ``weight_decay`` λ (the optimizers add λw to the gradient, so the objective is the mean loss plus
+    λ/2·‖w‖²). Every trainable parameter counts; the model is evaluated in eval mode, the fixed w
+    (dropout off, batch-norm running statistics), as everywhere the library takes gradients at w.
+    The sum runs over chunks of ``chunk_size`` rows (:func:`poisonreach.gradients.gradient_sum`), a
+    memory bound that changes the result only by rounding; the norm is taken in float64.
+
+    Why it matters: the paper's retrain-from-scratch protocol reads "the victim reached w" off the
+    model training returns, and a planted target (the victim of a known poison set) is reachable by
+    construction only if that training actually reached a minimiser. Adadelta with the rate decayed
+    by 0.7 per epoch stops wherever the schedule ends; this number says where that was.
+    """
+    n = check_inputs(X)
+    check_number("chunk_size", chunk_size, low=1, integer=True)
+    check_number("weight_decay", weight_decay, low=0)
+    device = _device(model, device)
+    outputs = num_outputs(model, X, device)
+    y = check_labels(y, n, outputs, strict=not callable(loss))
+    loss_fn = losses.resolve(outputs, y, loss)
+    params = select_parameters(model, "all")
+    with evaluating(model):
+        total = gradient_sum(model, params, X, y, loss_fn, chunk_size=chunk_size, device=device)
+    return flat_norm([g / n + weight_decay * p.detach() for g, p in zip(total, params)])
 
 
 def mean_squared_error(

@@ -1,4 +1,4 @@
-"""The label-flip baseline: budget, valid wrong labels, both strategies against independent
+"""The label-flip baseline: budget, valid wrong labels, the three strategies against independent
 computations, repetitions when m > n, determinism, the effect of retraining.
 
 Constructor validation, repr and get_params: ``test_attack_contract.py``.
@@ -53,7 +53,7 @@ def binary():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy", ["random", "loss"])
+@pytest.mark.parametrize("strategy", ["random", "loss", "least-likely"])
 @pytest.mark.parametrize("eps_d, expected", [(0.1, 3), (0.001, 1), (0.5, 15), (1.0, 30), (2.5, 75)])
 def test_budget_and_copies(three_class, strategy, eps_d, expected):
     model, X, y = three_class
@@ -66,7 +66,8 @@ def test_budget_and_copies(three_class, strategy, eps_d, expected):
     # each point is flipped ⌊m/n⌋ or ⌈m/n⌉ times: no repeats for m ≤ n, even repetitions beyond
     assert set(counts.values()) <= {expected // 30, math.ceil(expected / 30)}
     assert len(counts) == min(expected, 30)
-    assert r.extra == {"num_clean": 30, "num_poisons": expected, "num_classes": 3}
+    unchanged = {"num_unchanged": int((r.y == y[r.source_indices]).sum())} if strategy == "least-likely" else {}
+    assert r.extra == {"num_clean": 30, "num_poisons": expected, "num_classes": 3, **unchanged}
     assert r.grad_norm_history == [] and math.isnan(r.tau) and r.eps_d == eps_d
     assert r.config == {"attack": "labelflip", "eps_d": eps_d, "strategy": strategy, "chunk_size": 256, "seed": 0}
     Xm, ym = r.mixed(X, y)
@@ -83,6 +84,52 @@ def test_flipped_labels_are_other_valid_classes(three_class, binary, strategy):
         assert (r.y >= 0).all() and (r.y < classes).all()
         if classes == 2:
             assert torch.equal(r.y, 1 - original)
+
+
+def lowest_class(row):
+    """The lowest-scoring class, ties to the lower class."""
+    return min(range(len(row)), key=lambda c: (row[c], c))
+
+
+@pytest.mark.parametrize("eps_d", [0.3, 2.5])
+def test_least_likely_relabels_random_points_to_the_lowest_scoring_class(three_class, eps_d):
+    model, X, y = three_class
+    r = LabelFlip(eps_d, strategy="least-likely", seed=5).poison(model, X, y)
+    # the points: the seeded random choice of the random strategy, the same for the same seed
+    assert torch.equal(r.source_indices, LabelFlip(eps_d, seed=5).poison(model, X, y).source_indices)
+    assert not torch.equal(r.source_indices, LabelFlip(eps_d, strategy="least-likely", seed=6).poison(model, X, y).source_indices)
+    with torch.no_grad():
+        logits = model(X)
+    assert r.y.dtype == torch.int64
+    assert r.y.tolist() == [lowest_class(logits[i].tolist()) for i in r.source_indices.tolist()]
+    assert len(set(r.y.tolist())) > 1  # a per-point choice, not one class for all
+    assert r.extra["num_unchanged"] == int((r.y == y[r.source_indices]).sum())
+    assert r.config["strategy"] == "least-likely"
+
+
+def test_least_likely_for_one_logit_is_the_class_not_predicted(binary):
+    model, X, y = binary
+    r = LabelFlip(1.0, strategy="least-likely").poison(model, X, y)
+    with torch.no_grad():
+        h = model(X).reshape(-1)[r.source_indices]
+    assert torch.equal(r.y, (h < 0).long())  # class scores (0, h): class 1 is lowest iff h < 0
+    # for a misclassified point that is its true label: the copy keeps it, and is counted
+    kept = int((r.y == y[r.source_indices]).sum())
+    assert kept > 0 and r.extra["num_unchanged"] == kept
+
+
+def test_least_likely_flips_every_copy_of_a_trained_ten_class_model(digits_lr):
+    """Trained, the lowest class is never the true one here (the docstring's "practically never")."""
+    s, model = digits_lr
+    r = LabelFlip(0.5, strategy="least-likely").poison(model, s.x_train, s.y_train)
+    assert r.extra["num_unchanged"] == 0 and (r.y != s.y_train[r.source_indices]).all()
+    logits = training.predict_logits(model, r.x)
+    assert torch.equal(r.y, logits.argmin(1))
+    # and they are labels the model finds far less plausible than the loss strategy's
+    ll = torch.log_softmax(logits, 1)
+    loss_flip = LabelFlip(0.5, strategy="loss").poison(model, s.x_train, s.y_train)
+    ll_loss = torch.log_softmax(training.predict_logits(model, loss_flip.x), 1)
+    assert ll[torch.arange(len(r.y)), r.y].mean() < ll_loss[torch.arange(len(loss_flip.y)), loss_flip.y].mean() - 3
 
 
 def test_random_strategy_draws_the_other_classes_uniformly(digits_lr):

@@ -14,10 +14,21 @@ points and which labels:
   function of the margin, so both rankings agree; for several classes we rank by the loss, which
   honours a custom ``loss``. Flipped, these points sit where the model is least sure, so the victim
   can fit them by moving its decision boundary rather than by memorising outliers.
+- ``least-likely``: the seeded random subset of ``random`` (the same points for the same seed), each
+  copy relabelled to the class the given model scores *lowest* (the "least-likely class" of
+  Kurakin et al.; ties to the lower class). It is the most implausible label the model knows, so
+  it plants a target far from the clean model: ``poisonreach run --target labelflip
+  --target-option strategy=least-likely --target-option eps_d=E`` makes the victim of this flip at
+  ε_d = E the target, a target these very poisons reach at ε_d = E by construction, as far as
+  that victim's training converged (:func:`poisonreach.training.training_gradient_norm` says how
+  far; the run records it as ``target_grad_norm``). For C ≥ 3 classes the lowest
+  class of a trained model is practically never the true one; with two classes it is the class
+  the model does *not* predict, which is the true label of a misclassified point: such a copy
+  keeps its label (a clean duplicate). Their number is ``extra["num_unchanged"]``.
 
 When m > n the chosen order is repeated, so each point is flipped ⌊m/n⌋ or ⌈m/n⌉ times (Koh et al.'s
-repetitions). The attack is deterministic given ``seed`` and costs one forward pass (``loss``) or
-none (``random``), so it also serves as a cheap target generator.
+repetitions). The attack is deterministic given ``seed`` and costs one forward pass (``loss``,
+``least-likely``) or none (``random``), so it also serves as a cheap target generator.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from ..training import predict_logits
 from ..validation import Choice, check_model_data
 from .base import Attack, PoisonResult
 
-STRATEGIES = ("random", "loss")
+STRATEGIES = ("random", "loss", "least-likely")
 
 
 class LabelFlip(Attack):
@@ -42,9 +53,10 @@ class LabelFlip(Attack):
     Parameters
     ----------
     eps_d: the poison budget ε_d = m / n (> 0); m = round(n·ε_d) copies, at least one.
-    strategy: ``random`` or ``loss`` (see the module docstring).
-    chunk_size: rows per forward pass of the ``loss`` strategy; bounds memory, not the result.
-    seed: seeds the ``random`` choice of points and of wrong classes (``loss`` uses no randomness).
+    strategy: ``random``, ``loss`` or ``least-likely`` (see the module docstring).
+    chunk_size: rows per forward pass of ``loss`` and ``least-likely``; bounds memory, not the result.
+    seed: seeds the random choice of points (``random``, ``least-likely``) and of wrong classes
+        (``random``); ``loss`` uses no randomness.
     device: where the model's forward passes run; None: where its parameters are.
     """
 
@@ -77,7 +89,7 @@ class LabelFlip(Attack):
         m = self.num_poisons(n)
         gen = torch.Generator().manual_seed(self.seed)
 
-        if self.strategy == "random":
+        if self.strategy in ("random", "least-likely"):
             order = torch.randperm(n, generator=gen)
         else:
             logits = predict_logits(model, X, chunk_size=self.chunk_size, device=device)
@@ -86,6 +98,13 @@ class LabelFlip(Attack):
         source = order.repeat(math.ceil(m / n))[:m]
         original = y[source]
 
+        if self.strategy == "least-likely":
+            scores = predict_logits(model, X[source], chunk_size=self.chunk_size, device=device).reshape(m, -1)
+            if scores.shape[1] == 1:  # one logit h: class scores (0, h), so class 1 is lowest iff h < 0
+                scores = torch.cat([torch.zeros_like(scores), scores], dim=1)
+            flipped = scores.argmin(dim=1)  # ties: the first, i.e. the lower class
+            return self._result(X[source].clone(), flipped, source, num_clean=n, num_poisons=m, num_classes=classes,
+                                num_unchanged=int((flipped == original).sum()))
         if self.strategy == "random" or classes == 2:
             # an offset in 1..C−1 modulo C is a uniformly random other class
             flipped = (original + torch.randint(1, classes, (m,), generator=gen)) % classes

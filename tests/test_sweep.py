@@ -664,3 +664,46 @@ def test_overrides_may_follow_the_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sweep", str(path), "--dry-run", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_victim_seeds_in_a_sweep_reach_the_table_and_may_grow(tmp_path):
+    """run.victim_seeds: the mean ± std columns in results.csv and the table; a later invocation
+    with more seeds reuses the folder (and a sweep.yaml written before the field existed) and trains
+    only the new seeds."""
+    doc = {"name": "seeds", "run": {"train_size": 200, "eps_d": [0.1], "attack": "labelflip", "training": {"epochs": 2},
+                                    "victim_seeds": [0, 1]}, "grid": {"eps_w": [2.0]}}
+    path = write(tmp_path, doc)
+    out = tmp_path / "out"
+    (row,) = run_sweep(load_sweep(path, lookup=None), out, log=quiet)
+    (r,) = io.read_json(out / "cells" / "eps_w=2" / "metrics.json")["results"]
+    assert row["victim_seeds"] == "0 1"
+    for key in ("target_agreement", "victim_grad_norm", "acc_drop_mean", "acc_drop_std", "poisoned_acc_mean", "target_agreement_std"):
+        assert row[key] == r[key]
+    assert row["clean_grad_norm"] > 0 and row["target_grad_norm"] is None
+    with open(out / "results.csv", newline="") as f:
+        (read,) = list(csv.DictReader(f))
+    assert read["victim_seeds"] == "0 1" and float(read["acc_drop_std"]) == pytest.approx(r["acc_drop_std"])
+    table = format_results([row])
+    assert "drop (seeds)" in table and f"{-r['acc_drop_mean']:+.2f} ± {r['acc_drop_std']:.2f}" in table and "agree" in table
+
+    saved = io.read_yaml(out / "sweep.yaml")
+    del saved["run"]["victim_seeds"]  # as an earlier version wrote it
+    io.write_yaml(out / "sweep.yaml", saved)
+    cell = out / "cells" / "eps_w=2"
+    before = {p.name: p.stat().st_mtime_ns for p in cell.rglob("*.pt")}
+    (row,) = run_sweep(load_sweep(path, ["run.victim_seeds=[0, 1, 2]"], lookup=None), out, log=quiet)
+    after = {p.name: p.stat().st_mtime_ns for p in cell.rglob("*.pt")}
+    assert sorted(k for k in after if after[k] != before.get(k)) == ["clean_model_seed=2.pt", "retrained_model_seed=2.pt"]
+    assert row["victim_seeds"] == "0 1 2"
+    with pytest.raises(PoisonReachError, match="victim_seeds"):
+        load_sweep(path, ["run.victim_seeds=[0, 0]"], lookup=None)
+
+
+def test_mean_columns_show_their_spread_and_hide_without_seeds():
+    rows = [{"cell": "a", "eps_d": 0.1, "acc_drop": 3.0, "acc_drop_mean": 2.5, "acc_drop_std": 0.5, "poisoned_acc_mean": 80.0,
+             "poisoned_acc_std": 1.25, "victim_seeds": "0 1", "target_agreement": 91.0, "victim_grad_norm": 0.0123},
+            {"cell": "b", "eps_d": 0.1, "acc_drop": 1.0}]
+    lines = format_results(rows).splitlines()
+    assert "-2.50 ± 0.50" in lines[2] and "80.00 ± 1.25" in lines[2] and "0.0123" in lines[2] and "91.00" in lines[2]
+    assert "±" not in lines[3]
+    assert "seeds" not in format_results(rows[1:]) and "agree" not in format_results(rows[1:])

@@ -2,6 +2,7 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
+    poisonreach run ... [--victim-seeds 0 1 2]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
@@ -23,8 +24,8 @@ import yaml
 from .experiments import defend as defend_module
 from .experiments import plots
 from .experiments import sweep as sweep_module
-from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, TARGETS, PoisonReachError, RunConfig,
-                                 dataset_names, model_names, set_threads)
+from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, TARGETS, TRAINING_OPTIONS, PoisonReachError,
+                                 RunConfig, dataset_names, model_names, set_threads)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
 from .experiments.run import format_table, format_tau, run, tau
@@ -82,6 +83,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-epochs", type=int, default=None, help="training epochs (default: 14, the paper's protocol)")
     p.add_argument("--train-lr", type=float, default=None, help="training learning rate (default: Adadelta 1.0)")
     p.add_argument("--train-batch-size", type=int, default=None, help="training batch size (default: 64)")
+    p.add_argument("--train-option", dest="train_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="any option of the training protocol, e.g. gamma=1 (no learning-rate decay), optimizer=sgd, "
+                        f"weight_decay=0.0005 (repeatable; one of {', '.join(TRAINING_OPTIONS)})")
 
 
 # The documented shortcuts for attack options (the README tour and the Makefile use them): flag →
@@ -112,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_argument_group("Gradient Canceling shortcuts", f"each sets one option of --attack {SHORTCUT_ATTACK}, as --attack-option KEY=VALUE does")
     for flag, (key, kwargs) in SHORTCUTS.items():
         group.add_argument(flag, dest=f"{SHORTCUT_ATTACK}.{key}", default=argparse.SUPPRESS, **kwargs)
+    p.add_argument("--victim-seeds", dest="victim_seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
+                        "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
     p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend_module.__doc__,
@@ -145,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _training(args) -> dict:
     given = {"epochs": args.train_epochs, "lr": args.train_lr, "batch_size": args.train_batch_size}
-    return {k: v for k, v in given.items() if v is not None}
+    return {**dict(args.train_option), **{k: v for k, v in given.items() if v is not None}}
 
 
 def _config(args, **extra) -> RunConfig:
@@ -173,7 +180,8 @@ def _cmd_run(args) -> int:
         flags = {key: flag for flag, (key, _) in SHORTCUTS.items()}
         given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
-    config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset)
+    config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
+                     victim_seeds=args.victim_seeds)
     out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)

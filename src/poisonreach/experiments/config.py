@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import data, models
+from .. import data, io, models
 from ..attacks import ATTACKS, Attack
 from ..data import names as dataset_names
 from ..defenses import DEFENSES
@@ -24,10 +24,11 @@ from ..errors import PoisonReachError
 from ..gradients import PARAMETER_SETS
 from ..models import names as model_names
 from ..targets import EPS_W_MODES, TARGET_GENERATORS, FixedTarget, GradPC
+from ..training import HYPERPARAMETERS as TRAINING_OPTIONS
 from ..validation import check_choice, check_number, check_options
 
 __all__ = ["ATTACKS", "DEFENSES", "EPS_W_MODES", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "TARGETS",
-           "TARGET_GENERATORS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
+           "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
            "load_data", "model_names", "set_threads"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
@@ -67,6 +68,9 @@ class RunConfig:
     attack_options: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     device: str = "cpu"
+    # victim statistics: retrain the victim (and a clean model) from scratch with each seed (model
+    # initialisation and batch order) on the same poisons; None: only the run's own seed
+    victim_seeds: list[int] | None = None
 
     def validate(self) -> None:
         check_choice("dataset", self.dataset, data.names())
@@ -80,9 +84,21 @@ class RunConfig:
                 + (f"choose one of {sorted(presets)}" if presets else "it has none, drop the preset")
             )
         check_number("target_scale", self.target_scale, low=0, low_open=True)
+        if self.victim_seeds is not None:
+            if not isinstance(self.victim_seeds, (list, tuple)) or not self.victim_seeds:
+                raise PoisonReachError(f"victim_seeds must be a non-empty list of integer seeds (or null), got {self.victim_seeds!r}")
+            for seed in self.victim_seeds:
+                check_number("victim_seeds", seed, integer=True)
+            if len(set(self.victim_seeds)) != len(self.victim_seeds):
+                raise PoisonReachError(f"victim_seeds repeats a seed: {list(self.victim_seeds)}; each seed gives the same victim every time")
         for key in ("device", "progress", "seed"):
             if key in self.attack_options or key in self.training:
                 raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/training")
+        unknown = sorted(set(self.training) - set(TRAINING_OPTIONS))
+        if unknown:
+            raise PoisonReachError(f"unknown training option(s) {unknown}: the training protocol takes {sorted(TRAINING_OPTIONS)}")
+        for key, value in self.training.items():
+            TRAINING_OPTIONS[key](f"training option {key}", value)
         self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
         self.make_generator()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -131,6 +147,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def differing_keys(self, saved: dict) -> list[str]:
+        """The fields in which a saved configuration (a config.yaml read back) differs from this one.
+        A field the saved file lacks was written before the field existed and counts as its default."""
+        mine, defaults = io.plain(self.to_dict()), io.plain(RunConfig().to_dict())
+        if not isinstance(saved, dict):
+            return ["(the saved file is not a configuration)"]
+        return [k for k in mine if saved.get(k, defaults[k]) != mine[k]] + sorted(set(saved) - set(mine))
+
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         known = {f.name for f in fields(cls)}
@@ -147,9 +171,10 @@ def load_data(config: RunConfig) -> tuple[data.Splits, dict]:
     return splits, spec
 
 
-def fresh_model(config: RunConfig, spec: dict) -> nn.Module:
-    """The untrained model every training of the run starts from (the same seed each time)."""
-    return models.create(**spec, seed=config.seed).to(torch.device(config.device))
+def fresh_model(config: RunConfig, spec: dict, seed: int | None = None) -> nn.Module:
+    """The untrained model every training of the run starts from (the run's seed each time, or
+    ``seed``: a victim seed's initialisation)."""
+    return models.create(**spec, seed=config.seed if seed is None else seed).to(torch.device(config.device))
 
 
 def cell_name(eps_d: float) -> str:

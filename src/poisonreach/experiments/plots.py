@@ -149,7 +149,12 @@ def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
         eps = [r["eps_d"] for r in rows]
         # accuracy is undefined for regression: the change of the test MSE instead
         change = [r["poisoned_mse"] - metrics["clean_mse"] if regression else -r["acc_drop"] for r in rows]
-        line = axes[0].plot(eps, change, marker="o", label=label)[0]
+        if not regression and len(metrics.get("victim_seeds") or []) > 1 and all("acc_drop_mean" in r for r in rows):
+            # victim seeds: the mean change with ± one sample standard deviation
+            line = axes[0].errorbar(eps, [-r["acc_drop_mean"] for r in rows], yerr=[r["acc_drop_std"] for r in rows],
+                                    marker="o", capsize=3, label=label)[0]
+        else:
+            line = axes[0].plot(eps, change, marker="o", label=label)[0]
         target_change = metrics["target_mse"] - metrics["clean_mse"] if regression else metrics["target_acc"] - metrics["clean_acc"]
         axes[0].axhline(target_change, color=line.get_color(), linestyle=":", linewidth=1)  # the target's own (GradPC's)
         axes[1].plot(eps, [r["grad_norm_final"] for r in rows], marker="o", color=line.get_color(), label=label)

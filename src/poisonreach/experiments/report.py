@@ -17,7 +17,7 @@ import yaml
 from .. import io
 from ..errors import PoisonReachError
 from .plots import plot_sweep
-from .sweep import HEADERS, show, shown_columns
+from .sweep import HEADERS, show_cell, shown_columns
 
 # The report names the sweep's grid values as columns too, and says whose drop is whose.
 NAMES = {**HEADERS, "acc_drop": "drop (ours)", "paper_acc_drop": "drop (paper)"}
@@ -27,7 +27,7 @@ def markdown_table(rows: list[dict]) -> str:
     keys = shown_columns(rows, list(HEADERS))
     head = "| " + " | ".join(NAMES[k] for k in keys) + " |"
     rule = "|" + "|".join("---" for _ in keys) + "|"
-    body = ["| " + " | ".join(show(k, r.get(k)) for k in keys) + " |" for r in rows]
+    body = ["| " + " | ".join(show_cell(k, r) for k in keys) + " |" for r in rows]
     return "\n".join([head, rule, *body])
 
 

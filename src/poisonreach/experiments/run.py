@@ -7,16 +7,37 @@ clean model, as they know no target; τ and ‖g(µ) + ε_d·g(ν̂)‖ at the t
 One run writes one self-contained folder:
 
     config.yaml           the resolved configuration (read with yaml.safe_load)
-    metrics.json          clean_acc, target_acc, tau, grad_norm_clean (‖g(µ)‖ at the target), and one
-                          entry per ε_d under "results" (poisoned_acc, acc_drop, grad_norm_final, ...)
+    metrics.json          clean_acc, target_acc, tau, grad_norm_clean (‖g(µ)‖ at the target),
+                          clean_grad_norm (the clean model's training-gradient norm), and one entry
+                          per ε_d under "results" (poisoned_acc, acc_drop, target_agreement,
+                          victim_grad_norm, grad_norm_final, ...)
     clean_model.pt        the clean model and target_model.pt the target (poisonreach.models.load_model)
+    clean_model_seed=S.pt the clean model of victim seed S (``victim_seeds``; S ≠ the run's seed)
     threshold.json        the full reachability record of the target
-    eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json
+    eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json,
+                          retrained_model_seed=S.pt (victim seed S ≠ the run's seed)
     *.png, *.pdf          figures (poisonreach.experiments.plots.plot_run): gc_history, eps_d_curves,
                           poisons (image data)
 
+How close the victim came to the target is ``target_agreement``, the percentage of test points where
+the two predict the same class (:func:`poisonreach.training.agreement`; classification only): the
+parameter distance misleads, since flat directions (the weights of always-zero pixels, a shift
+common to all logits) move w without changing a prediction. Every trained model's convergence is
+recorded: its training-gradient norm
+(:func:`poisonreach.training.training_gradient_norm`) over the data it was trained on, clean data for
+the clean model, clean ∪ poisons for a victim, clean ∪ the target's own poisons for a poisoned target.
+
+Victim seeds (``RunConfig.victim_seeds``): the victim is retrained from scratch with each seed (its
+initialisation and batch order; the poisons, the target and the data split stay the run's), and
+so is a clean model, since a drop is measured against a clean model trained the same way. The
+per-seed lists and their mean and sample standard deviation go into each result; ``poisoned_acc``,
+``acc_drop`` and the other unsuffixed fields stay those of the run's own seed, so adding victim
+seeds changes no number a run without them reports. A seed equal to the run's seed reuses its
+models; another seed trains its own.
+
 A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
-:func:`tau` makes the same clean model and target and stops at τ, writing nothing.
+A different ``victim_seeds`` is not a different run: the seeds not yet trained are trained, the
+others read back. :func:`tau` makes the same clean model and target and stops at τ, writing nothing.
 """
 
 from __future__ import annotations
@@ -39,8 +60,8 @@ from ..validation import evaluating
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
-from ..training import accuracy, mean_squared_error, train
-from .config import RunConfig, cell_name, fresh_model, load_data
+from ..training import accuracy, agreement, mean_squared_error, train, training_gradient_norm
+from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data
 from .plots import plot_run
 
 
@@ -58,9 +79,14 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     saved = out / "config.yaml"
     if saved.is_file():
         previous = io.read_yaml(saved)
-        if previous != io.plain(config.to_dict()):
-            raise PoisonReachError(f"{out} holds a run with a different configuration: choose another --out folder")
+        differ = config.differing_keys(previous)
+        if [k for k in differ if k != "victim_seeds"]:
+            raise PoisonReachError(f"{out} holds a run with a different configuration ({', '.join(differ)} differ): "
+                                   "choose another --out folder")
         log(f"resuming the run in {out}")
+        if differ:
+            log(f"victim_seeds changed from {previous.get('victim_seeds')} to {config.victim_seeds}: "
+                "training the victims of new seeds, reading back the others")
     io.write_yaml(saved, config.to_dict())
     device = torch.device(config.device)
     started = time.perf_counter()
@@ -77,12 +103,17 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
+    clean_grad_norm = _grad_norm(config, clean, X, y)
 
     def new_target() -> nn.Module:
         return save(make_target(config, clean, X, y, splits, fit, poisons_dir=out / "target_poisons"), out / "target_model.pt")
 
     target = _load_or(out / "target_model.pt", new_target).to(device)
     target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
+    target_grad_norm = None  # a corrupted or given target was not trained: it has no training set
+    if config.target in POISONED_TARGETS and (out / "target_poisons" / "poisons.pt").is_file():  # trained on clean ∪ its poisons
+        target_poisons = PoisonResult.load(out / "target_poisons")
+        target_grad_norm = _grad_norm(config, target, *target_poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features))
     thr = threshold(target, X, y)
     io.write_json(out / "threshold.json", thr.to_dict())
     quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {target_mse:.4g}" if splits.task == "regression"
@@ -90,6 +121,11 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     log(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
     grad_norm_clean = mixed_grad_norm(target, X, y)
+    classification = splits.task != "regression"
+    seeds = _SeedPlan(config, spec, save, out, clean, (clean_acc, clean_mse, clean_grad_norm), splits) if config.victim_seeds else None
+    if seeds is not None:
+        log(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
+            else f"victim seeds {config.victim_seeds}: clean test MSE " + ", ".join(f"{m:.4g}" for m in seeds.clean_mse))
     results = []
     for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau, checkpoint_dir=out)):
         if budget == "tau" and not 0 < thr.tau < math.inf:
@@ -97,7 +133,9 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
             log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
-        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc, grad_norm_clean, log))
+        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc,
+                                 grad_norm_clean, log, grad_norm=lambda model, X_fit, y_fit: _grad_norm(config, model, X_fit, y_fit),
+                                 seeds=seeds))
 
     metrics = {
         "dataset": config.dataset,
@@ -111,6 +149,12 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "tau_multiclass": thr.tau_multiclass,
         "inner": thr.inner,
         "grad_norm_clean": grad_norm_clean,  # ‖g(µ)‖ at the target: the scale of the ratios
+        # convergence: training-gradient norms of the clean model (clean data) and of a trained
+        # target (clean ∪ its poisons; None for a corrupted or given target)
+        "clean_grad_norm": clean_grad_norm,
+        "target_grad_norm": target_grad_norm,
+        **({"target_clean_agreement": agreement(target, clean, splits.x_test)} if classification else {}),
+        **(seeds.summary() if seeds is not None else {}),
         "num_train": len(X),
         "results": results,
         "wall_time_s": time.perf_counter() - started,
@@ -121,10 +165,59 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     return metrics
 
 
-def _fitter(config: RunConfig, spec: dict):
-    """``fit(X, y)``: train a fresh model of the run from scratch (the same seed and protocol each time)."""
+def _fitter(config: RunConfig, spec: dict, seed: int | None = None):
+    """``fit(X, y)``: train a fresh model of the run from scratch (the same seed and protocol each
+    time); ``seed`` replaces the run's seed for the initialisation and the batch order."""
     device = torch.device(config.device)
-    return lambda X_fit, y_fit: train(fresh_model(config, spec), X_fit, y_fit, seed=config.seed, device=device, **config.training)
+    seed = config.seed if seed is None else seed
+    return lambda X_fit, y_fit: train(fresh_model(config, spec, seed), X_fit, y_fit, seed=seed, device=device, **config.training)
+
+
+def _grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
+    """The training-gradient norm of a model of the run trained on (X, y), with the protocol's weight decay."""
+    return training_gradient_norm(model, X, y, weight_decay=config.training.get("weight_decay", 0.0), device=torch.device(config.device))
+
+
+class _SeedPlan:
+    """The victim seeds of a run: one clean model per seed (the run's own for the run's seed, else
+    ``clean_model_seed=S.pt``, trained once and loaded after), its test accuracy (or MSE) and its
+    training-gradient norm, and the victims' file names."""
+
+    def __init__(self, config: RunConfig, spec: dict, save, out: Path, clean: nn.Module, clean_stats: tuple, splits):
+        self.config, self.spec, self.save, self.seeds = config, spec, save, list(config.victim_seeds)
+        device = torch.device(config.device)
+        X, y = splits.x_train, splits.y_train
+        self.clean_acc, self.clean_mse, self.clean_grad_norm = [], [], []
+        for seed in self.seeds:
+            if seed == config.seed:
+                acc, mse, norm = clean_stats
+            else:
+                path = out / f"clean_model_seed={seed}.pt"
+                model = _load_or(path, lambda: save(self.fit(seed)(X, y), path)).to(device)
+                (acc, mse), norm = _evaluate(model, splits.x_test, splits.y_test), _grad_norm(config, model, X, y)
+            self.clean_acc.append(acc)
+            self.clean_mse.append(mse)
+            self.clean_grad_norm.append(norm)
+
+    def fit(self, seed: int):
+        return _fitter(self.config, self.spec, seed)
+
+    def victim_file(self, cell: Path, seed: int) -> Path:
+        return cell / ("retrained_model.pt" if seed == self.config.seed else f"retrained_model_seed={seed}.pt")
+
+    def summary(self) -> dict:
+        """The clean models' fields of metrics.json."""
+        regression = self.clean_mse[0] is not None
+        return {"victim_seeds": self.seeds,
+                **({"clean_mse_per_seed": self.clean_mse, **_mean_std("clean_mse", self.clean_mse)} if regression
+                   else {"clean_acc_per_seed": self.clean_acc, **_mean_std("clean_acc", self.clean_acc)}),
+                "clean_grad_norm_per_seed": self.clean_grad_norm}
+
+
+def _mean_std(name: str, values: list[float]) -> dict:
+    """``name_mean`` and ``name_std`` (the sample standard deviation, ddof = 1; 0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
 
 
 def make_target(config: RunConfig, clean: nn.Module, X, y, splits, fit, *, poisons_dir: Path | None = None) -> nn.Module:
@@ -176,39 +269,120 @@ def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
     return attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
 
 
-def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, log) -> dict:
-    """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate."""
+def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, log, *,
+              grad_norm, seeds: "_SeedPlan | None" = None) -> dict:
+    """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate; with
+    victim ``seeds``, retrain once per seed too. What a finished result.json holds is read back;
+    fields it lacks (written by an earlier version, or new victim seeds) are computed from the saved
+    models, training only the victims that have no model file."""
     done = cell / "result.json"
-    if done.is_file():
-        return io.read_json(done)
-    cell.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    if (cell / "poisons.pt").is_file():
-        result = PoisonResult.load(cell)
-    else:
-        result = _poison(attack, model, X, y, splits)
-        result.save(cell)
-    attack_time = time.perf_counter() - started
-    X_mix, y_mix = result.mixed(X, y, num_outputs=models.last_linear(target).out_features)
-    retrained = save(fit(X_mix, y_mix), cell / "retrained_model.pt")
-    poisoned_acc, poisoned_mse = _evaluate(retrained, splits.x_test, splits.y_test)
-    entry = {
-        "eps_d": attack.eps_d,
-        "num_poisons": len(result.x),
-        "poisoned_acc": poisoned_acc,
-        "acc_drop": clean_acc - poisoned_acc,
-        **({"poisoned_mse": poisoned_mse} if poisoned_mse is not None else {}),
-        # ‖g(χ)‖ of the target on clean ∪ poisons, whatever attack made them (GC tracks it already)
-        **_grad_norms(result, target, X, y, grad_norm_clean),
-        "param_distance": parameter_distance(retrained, target),
-        "attack_time_s": attack_time,
-    }
-    io.write_json(done, entry)
+    entry = io.read_json(done) if done.is_file() else None
+    poisons = None
+
+    def mixed():  # clean ∪ poisons, the victims' training set (the poisons read only when needed)
+        nonlocal poisons
+        poisons = PoisonResult.load(cell) if poisons is None else poisons
+        return poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features)
+
+    classification = splits.task != "regression"
+    changed = entry is None
+    retrained = None
+    if entry is None:
+        cell.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        if (cell / "poisons.pt").is_file():
+            poisons = PoisonResult.load(cell)
+        else:
+            poisons = _poison(attack, model, X, y, splits)
+            poisons.save(cell)
+        attack_time = time.perf_counter() - started
+        X_mix, y_mix = mixed()
+        retrained = _load_or(cell / "retrained_model.pt", lambda: save(fit(X_mix, y_mix), cell / "retrained_model.pt"))
+        poisoned_acc, poisoned_mse = _evaluate(retrained, splits.x_test, splits.y_test)
+        entry = {
+            "eps_d": attack.eps_d,
+            "num_poisons": len(poisons.x),
+            "poisoned_acc": poisoned_acc,
+            "acc_drop": clean_acc - poisoned_acc,
+            **({"poisoned_mse": poisoned_mse} if poisoned_mse is not None else {}),
+            # ‖g(χ)‖ of the target on clean ∪ poisons, whatever attack made them (GC tracks it already)
+            **_grad_norms(poisons, target, X, y, grad_norm_clean),
+            "param_distance": parameter_distance(retrained, target),
+            "attack_time_s": attack_time,
+        }
+    missing = [k for k in ("target_agreement", "victim_grad_norm") if k not in entry and (classification or k != "target_agreement")]
+    if missing:  # a fresh result, or one written before these fields existed: the run seed's victim
+        if retrained is None:
+            retrained = models.load_model(cell / "retrained_model.pt").to(next(target.parameters()).device)
+        if "target_agreement" in missing:
+            entry["target_agreement"] = agreement(retrained, target, splits.x_test)
+        if "victim_grad_norm" in missing:
+            entry["victim_grad_norm"] = grad_norm(retrained, *mixed())
+        changed = True
+    if seeds is not None and (entry.get("victim_seeds") != seeds.seeds or not _seed_fields(classification) <= set(entry)):
+        entry.update(_seed_statistics(entry, seeds, cell, target, splits, mixed(), grad_norm, classification))
+        changed = True
+    elif seeds is None and "victim_seeds" in entry:  # seeds dropped from the configuration: so are their fields
+        entry = {k: v for k, v in entry.items() if k != "victim_seeds" and not k.endswith(("_per_seed", "_mean", "_std"))}
+        changed = True
+    if changed:
+        io.write_json(done, entry)
     if getattr(attack, "checkpoint", None) is not None:
         Path(attack.checkpoint).unlink(missing_ok=True)  # the poisons are saved: the checkpoint is spent
-    quality = f"test MSE {poisoned_mse:.4g}" if poisoned_mse is not None else f"poisoned accuracy {poisoned_acc:.2f}% (drop {entry['acc_drop']:.2f})"
-    log(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}")
+    quality = (f"test MSE {entry['poisoned_mse']:.4g}" if not classification else
+               f"poisoned accuracy {entry['poisoned_acc']:.2f}% (drop {entry['acc_drop']:.2f}), agreement with the target "
+               f"{entry['target_agreement']:.2f}%")
+    if seeds is not None and classification:
+        quality += (f"; over victim seeds {seeds.seeds}: poisoned {entry['poisoned_acc_mean']:.2f} ± {entry['poisoned_acc_std']:.2f}%, "
+                    f"drop {entry['acc_drop_mean']:.2f} ± {entry['acc_drop_std']:.2f}")
+    log(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}, "
+        f"victim ‖∇L‖ {entry['victim_grad_norm']:.3g}")
     return entry
+
+
+# the per-seed lists of a result, in the order of its victim seeds
+_PER_SEED = ("clean_acc", "poisoned_acc", "acc_drop", "target_agreement", "victim_grad_norm", "param_distance",
+             "clean_mse", "poisoned_mse")
+
+
+def _seed_fields(classification: bool) -> set[str]:
+    """The keys :func:`_seed_statistics` writes."""
+    names = ["clean_acc", "poisoned_acc", "acc_drop", "target_agreement"] if classification else ["clean_mse", "poisoned_mse"]
+    return ({"victim_seeds"} | {f"{k}_per_seed" for k in [*names, "victim_grad_norm", "param_distance"]}
+            | {f"{k}_{s}" for k in [*names[1:], "victim_grad_norm", "param_distance"] for s in ("mean", "std")})
+
+
+def _seed_statistics(entry: dict, seeds: "_SeedPlan", cell: Path, target, splits, mixed, grad_norm, classification: bool) -> dict:
+    """The victim-seed fields of one result: per-seed lists and their means and standard deviations.
+    A seed already in ``entry`` is read back from it; the run's seed is the entry's own victim;
+    any other seed's victim is loaded from its file or, when there is none, trained and saved."""
+    X_mix, y_mix = mixed
+    known = {}
+    for i, seed in enumerate(entry.get("victim_seeds") or []):
+        known[seed] = {k: entry[f"{k}_per_seed"][i] for k in _PER_SEED if f"{k}_per_seed" in entry}
+    records = []
+    for seed, clean_acc, clean_mse in zip(seeds.seeds, seeds.clean_acc, seeds.clean_mse):
+        if seed in known:
+            record = known[seed]
+        elif seed == seeds.config.seed:
+            record = {k: entry[k] for k in ("poisoned_acc", "target_agreement", "victim_grad_norm", "param_distance", "poisoned_mse") if k in entry}
+        else:
+            path = seeds.victim_file(cell, seed)
+            victim = _load_or(path, lambda: seeds.save(seeds.fit(seed)(X_mix, y_mix), path)).to(next(target.parameters()).device)
+            poisoned_acc, poisoned_mse = _evaluate(victim, splits.x_test, splits.y_test)
+            record = {"poisoned_acc": poisoned_acc, "victim_grad_norm": grad_norm(victim, X_mix, y_mix),
+                      "param_distance": parameter_distance(victim, target),
+                      **({"target_agreement": agreement(victim, target, splits.x_test)} if classification else {"poisoned_mse": poisoned_mse})}
+        record = {**record, **({"clean_acc": clean_acc, "acc_drop": clean_acc - record["poisoned_acc"]} if classification
+                               else {"clean_mse": clean_mse})}
+        records.append(record)
+    names = ["clean_acc", "poisoned_acc", "acc_drop", "target_agreement"] if classification else ["clean_mse", "poisoned_mse"]
+    out = {"victim_seeds": seeds.seeds}
+    for name in [*names, "victim_grad_norm", "param_distance"]:
+        out[f"{name}_per_seed"] = [r[name] for r in records]
+    for name in [*names[1:], "victim_grad_norm", "param_distance"]:
+        out.update(_mean_std(name, out[f"{name}_per_seed"]))
+    return out
 
 
 def mixed_grad_norm(model: nn.Module, X, y, poisons: PoisonResult | None = None, *, chunk_size: int = 256) -> float:
@@ -254,17 +428,54 @@ def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = F
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+def _pm(mean: float, std: float, fmt: str = ".2f") -> str:
+    """"mean ± std" (the sign, if ``fmt`` asks for one, on the mean only)."""
+    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
+
+
 def format_table(metrics: dict) -> str:
-    """The run's results as a fixed-width table for the terminal."""
+    """The run's results as a fixed-width table for the terminal. With several victim seeds the
+    accuracy, drop, agreement and distance columns are mean ± sample std over them (and the header
+    says so), the victims' ‖∇L‖ the largest over them; otherwise the run seed's values."""
     regression = "clean_mse" in metrics  # accuracy is undefined: the test MSE instead (Figure 5)
-    quality = (f"clean test MSE {metrics['clean_mse']:.4g}, target {metrics['target_mse']:.4g}" if regression
-               else f"clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%")
+    seeds = metrics.get("victim_seeds") or []
+    several = len(seeds) > 1
+    if regression:
+        quality = f"clean test MSE {metrics['clean_mse']:.4g}, target {metrics['target_mse']:.4g}"
+    elif several:
+        quality = f"clean {_pm(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {metrics['target_acc']:.2f}%"
+    else:
+        quality = f"clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%"
     head = f"{metrics['dataset']} / {metrics['model']}: {quality}, tau {_fmt(metrics['tau'])}"
-    cols = ["eps_d", "poisons", *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), "‖g‖ final/initial", "param dist"]
-    rows = [
-        [f"{r['eps_d']:g}", str(r["num_poisons"]),
-         *([f"{r['poisoned_mse']:.4g}"] if regression else [f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}"]),
-         f"{r['grad_norm_ratio']:.3g}", f"{r['param_distance']:.3g}"]
-        for r in metrics["results"]
-    ]
-    return "\n".join([head, text_table(cols, rows)])
+    norms = []
+    if "clean_grad_norm" in metrics:
+        norms.append(f"clean {max(metrics.get('clean_grad_norm_per_seed') or [metrics['clean_grad_norm']]):.3g}"
+                     + (" (max over the seeds)" if several else ""))
+    if metrics.get("target_grad_norm") is not None:
+        norms.append(f"target {metrics['target_grad_norm']:.3g}")
+    if norms:
+        head += "\ntraining-gradient norms ‖∇L‖ (0 at convergence): " + ", ".join(norms)
+    if several:
+        head += f"\nmean ± std over victim seeds {' '.join(map(str, seeds))}"
+    agree = not regression and all("target_agreement" in r for r in metrics["results"])
+    converged = all("victim_grad_norm" in r for r in metrics["results"])
+    cols = ["eps_d", "poisons", *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), *(["agree %"] if agree else []),
+            "‖g‖ final/initial", "param dist", *(["victim ‖∇L‖" + (" max" if several else "")] if converged else [])]
+
+    def row(r: dict) -> list[str]:
+        multi = several and "victim_seeds" in r
+        if regression:
+            quality = [_pm(r["poisoned_mse_mean"], r["poisoned_mse_std"], ".4g") if multi else f"{r['poisoned_mse']:.4g}"]
+        elif multi:
+            quality = [_pm(r["poisoned_acc_mean"], r["poisoned_acc_std"]), _pm(-r["acc_drop_mean"], r["acc_drop_std"], "+.2f")]
+        else:
+            quality = [f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}"]
+        if agree:
+            quality.append(_pm(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
+        distance = _pm(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"
+        cells = [f"{r['eps_d']:g}", str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
+        if converged:
+            cells.append(f"{max(r['victim_grad_norm_per_seed']) if multi else r['victim_grad_norm']:.3g}")
+        return cells
+
+    return "\n".join([head, text_table(cols, [row(r) for r in metrics["results"]])])

@@ -7,7 +7,8 @@ The file format and its layers (defaults, file, profile, overrides) are those of
 ``sweeps/<name>-<profile>``) holds:
 
     sweep.yaml              the resolved sweep; a folder holding other settings (run, grid,
-                            defenses) is refused, as ``run`` refuses a folder of another run
+                            defenses; run.victim_seeds excepted) is refused, as ``run`` refuses a
+                            folder of another run
     cells/<cell_id>/        one run folder per cell (:func:`poisonreach.experiments.run.run`), named
                             by its grid values, e.g. ``cells/model=lr,attack=gc``
     results.csv             one row per cell, ε_d and defense (:data:`COLUMNS`), rewritten atomically
@@ -16,7 +17,8 @@ The file format and its layers (defaults, file, profile, overrides) are those of
 
 Resuming: a cell whose folder holds metrics.json and the cell's own config.yaml (and the results of
 every defense of the sweep) is read back, not rerun; any other cell is handed to the runner, which
-resumes a half-written run folder itself. Running the same command again therefore continues a
+resumes a half-written run folder itself. ``run.victim_seeds`` may change between invocations: the
+cells' runs then train the victims of the new seeds only. Running the same command again therefore continues a
 killed sweep and retries its failed cells.
 
 Parallel cells (``jobs`` > 1) run in worker processes started with "spawn" (torch does not survive
@@ -28,7 +30,10 @@ prefixed with the cell id. A failing cell is reported and the others go on; the 
 Rows: the cell id, the grid axes not among the fixed columns, dataset, model, eps_w, attack, defense,
 eps_d (as configured: a number or "tau"), clean_acc, target_acc, tau, poisoned_acc, acc_drop
 (clean − poisoned, percentage points), defended_acc, recovered, grad_norm_ratio
-(‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), wall_time_s and paper_acc_drop (the paper's number,
+(‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), param_distance, target_agreement (% of test points
+where the victim predicts as the target does), the training-gradient norms clean_grad_norm,
+target_grad_norm and victim_grad_norm, with victim seeds their list and poisoned_acc, acc_drop and
+target_agreement as _mean and _std over them, wall_time_s and paper_acc_drop (the paper's number,
 negative as printed, or empty). In a defense row acc_drop is the drop after the defense and
 paper_acc_drop the paper's drop after it (Tables 3, 4 and 8); poisoned_acc stays undefended. A run
 without ε_d has one row about its target: attack is the target's name and acc_drop its drop.
@@ -59,14 +64,19 @@ from .defend import defend
 from .run import run, text_table
 from .sweep_file import SETTINGS, Sweep, load_sweep, target_label
 
-__all__ = ["COLUMNS", "HEADERS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
-           "format_results", "load_sweep", "run_sweep", "show", "shown_columns", "write_results"]
+__all__ = ["COLUMNS", "HEADERS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
+           "format_results", "load_sweep", "run_sweep", "show", "show_cell", "shown_columns", "write_results"]
 
 # accuracies are NaN for regression, which reports test MSE instead (Figure 5); param_distance is
-# ‖w_retrained − w_target‖, how close the victim came to the target
+# ‖w_retrained − w_target‖ and target_agreement the % of test points where victim and target predict
+# alike, how close the victim came to the target; *_grad_norm are training-gradient norms (the
+# convergence check); victim_seeds ("0 1 2") and the *_mean/*_std over them when the run has them
+SEED_COLUMNS = ["victim_seeds", "poisoned_acc_mean", "poisoned_acc_std", "acc_drop_mean", "acc_drop_std",
+                "target_agreement_mean", "target_agreement_std"]
 COLUMNS = ["dataset", "model", "eps_w", "attack", "defense", "eps_d", "clean_acc", "target_acc", "clean_mse", "target_mse",
            "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
-           "param_distance", "wall_time_s", "paper_acc_drop"]
+           "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
+           "wall_time_s", "paper_acc_drop"]
 
 
 class SweepFailed(PoisonReachError):
@@ -90,7 +100,7 @@ def default_out(sweep: Sweep) -> Path:
 def _complete_metrics(cell_dir: Path, config: RunConfig) -> dict | None:
     """The metrics of a finished run of exactly ``config`` in ``cell_dir``, else None."""
     try:
-        if (cell_dir / "metrics.json").is_file() and io.read_yaml(cell_dir / "config.yaml") == io.plain(config.to_dict()):
+        if (cell_dir / "metrics.json").is_file() and not config.differing_keys(io.read_yaml(cell_dir / "config.yaml")):
             return io.read_json(cell_dir / "metrics.json")
     except (CorruptFileError, PoisonReachError):  # damaged or missing: the runner redoes or reports it
         pass
@@ -156,12 +166,22 @@ def _pump(queue, log) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _comparable(settings: dict, key: str):
+    """A setting as the refusal compares it: ``run`` with the fields a file written before they
+    existed lacks taken as their defaults, and without ``victim_seeds``, which a sweep may change
+    (its runs train the new seeds' victims and keep the others, as ``run`` does)."""
+    value = settings.get(key)
+    if key != "run" or not isinstance(value, dict):
+        return value
+    return {k: v for k, v in {**io.plain(RunConfig().to_dict()), **value}.items() if k != "victim_seeds"}
+
+
 def _claim(out: Path, sweep: Sweep) -> None:
     """Write sweep.yaml, refusing a folder that holds a sweep with other settings."""
     saved = out / "sweep.yaml"
     if saved.is_file():
         previous = io.read_yaml(saved)
-        differ = [key for key in SETTINGS if previous.get(key) != sweep.settings[key]]
+        differ = [key for key in SETTINGS if _comparable(previous, key) != _comparable(sweep.settings, key)]
         if differ:
             raise PoisonReachError(f"{out} holds a sweep with other settings ({', '.join(differ)} differ): choose another --out folder or delete {out}")
     io.write_yaml(saved, sweep.resolved)
@@ -277,7 +297,8 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
             "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
             "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "clean_mse": m.get("clean_mse"),
-            "target_mse": m.get("target_mse"), "tau": m["tau"]}
+            "target_mse": m.get("target_mse"), "tau": m["tau"], "clean_grad_norm": m.get("clean_grad_norm"),
+            "target_grad_norm": m.get("target_grad_norm")}
     paper = lambda eps_d, did: sweep.paper_values.get((cid, eps_d, did))
     if not config.eps_d:
         return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
@@ -287,7 +308,8 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     done = [(e, by_eps_d[v]) for e in config.eps_d if (v := m["tau"] if e == "tau" else e) in by_eps_d]
     rows = [
         {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
-         "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "wall_time_s": m["wall_time_s"],
+         "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "target_agreement": r.get("target_agreement"),
+         "victim_grad_norm": r.get("victim_grad_norm"), **_seed_values(r), "wall_time_s": m["wall_time_s"],
          "paper_acc_drop": paper(eps_d, None)}
         for eps_d, r in done
     ]
@@ -300,6 +322,13 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
             for (eps_d, r), s in zip(done, summary["results"])
         ]
     return rows
+
+
+def _seed_values(result: dict) -> dict:
+    """The victim-seed columns of a result (none without victim seeds)."""
+    if not result.get("victim_seeds"):
+        return {}
+    return {"victim_seeds": " ".join(map(str, result["victim_seeds"])), **{k: result.get(k) for k in SEED_COLUMNS[1:]}}
 
 
 def _rows(sweep: Sweep, outputs: dict, defenses: list[dict]) -> list[dict]:
@@ -331,8 +360,8 @@ def _present(value) -> bool:
 
 
 def show(key: str, value) -> str:
-    """One results value as text: accuracies in %, drops negative as the paper prints them, "-" for
-    a missing value or the NaN of an undefined accuracy."""
+    """One results value as text: accuracies and agreements in %, drops negative as the paper prints
+    them, "-" for a missing value or the NaN of an undefined accuracy."""
     x = _number(value)
     if x is None:
         return "-" if value in (None, "") else str(value)
@@ -342,11 +371,24 @@ def show(key: str, value) -> str:
         return f"{-x:+.2f}"  # printed as the paper prints drops: negative
     if key == "paper_acc_drop":
         return f"{x:+.2f}"  # the paper's number, already negative
-    if key.endswith("acc") or key == "recovered":
+    if key.endswith("acc") or key in ("recovered", "target_agreement"):
         return f"{x:.2f}"
     if key == "wall_time_s":
         return f"{x:.0f}"
+    if key.endswith("grad_norm"):
+        return f"{x:.3g}"
     return f"{x:.4g}"
+
+
+def show_cell(key: str, row: dict) -> str:
+    """``row[key]`` as :func:`show` prints it; a ``*_mean`` column as "mean ± std" with its ``*_std``
+    (a drop negative, as the paper prints it)."""
+    if key.endswith("_mean") and _present(row.get(key)):
+        base, std = key.removesuffix("_mean"), _number(row.get(key.removesuffix("_mean") + "_std"))
+        mean = _number(row[key])
+        text = f"{-mean:+.2f}" if base == "acc_drop" else f"{mean:.2f}"
+        return text if std is None or math.isnan(std) else f"{text} ± {std:.2f}"
+    return show(key, row.get(key))
 
 
 # The columns of the printed table and the report, in order, with their headers; the optional ones
@@ -356,9 +398,12 @@ HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "attack": "at
            "eps_d": "eps_d", "clean_acc": "clean", "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
            "tau": "tau", "poisoned_acc": "poisoned", "poisoned_mse": "poisoned MSE", "acc_drop": "drop", "paper_acc_drop": "paper",
            "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
+           "target_agreement": "agree", "victim_grad_norm": "victim ‖∇L‖", "victim_seeds": "victim seeds",
+           "poisoned_acc_mean": "poisoned (seeds)", "acc_drop_mean": "drop (seeds)", "target_agreement_mean": "agree (seeds)",
            "wall_time_s": "time (s)"}
 _OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "defended_acc", "recovered", "clean_acc", "target_acc",
-             "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse"}
+             "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse", "target_agreement", "victim_grad_norm",
+             "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean"}
 TERMINAL = [k for k in HEADERS if k not in ("dataset", "model", "attack", "eps_w")]  # the cell id names those
 
 
@@ -370,7 +415,7 @@ def shown_columns(rows: list[dict], keys=TERMINAL) -> list[str]:
 def format_results(rows: list[dict]) -> str:
     """The rows as a fixed-width table for the terminal."""
     keys = shown_columns(rows)
-    return text_table([HEADERS[k] for k in keys], [[show(k, r.get(k)) for k in keys] for r in rows], left_first=True)
+    return text_table([HEADERS[k] for k in keys], [[show_cell(k, r) for k in keys] for r in rows], left_first=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ BAD_PARAMS = {
         dict(chunk_size=0),
         dict(seed="0"),
         dict(progress="yes"),
+        dict(checkpoint_every=0),
     ],
     FrankWolfeCanceling: [
         dict(step="2/(t+2)"),

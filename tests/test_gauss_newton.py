@@ -164,3 +164,31 @@ def test_greedy_labels_need_the_last_layer():
     assert r.grad_norm_history[-1] < r.grad_norm_history[0]
     fixed = GaussNewtonCanceling(0.1, iterations=2, labels="fixed", progress=False).poison(model, s.x_train[:50], s.y_train[:50])
     assert torch.equal(fixed.y, s.y_train[:50][fixed.source_indices])
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, digits_planted):
+    from poisonreach.attacks import gauss_newton
+
+    s, _, target = digits_planted
+    X, y = s.x_train, s.y_train
+    config = dict(iterations=4, progress=False, seed=3)
+    full = GaussNewtonCanceling(0.1, **config).poison(target, X, y)
+    path = tmp_path / "gn.ckpt"
+    original, saves = gauss_newton.save_checkpoint, []
+
+    def save_then_die(*args):
+        original(*args)
+        saves.append(args[-1]["iteration"])
+        raise KeyboardInterrupt  # killed right after the checkpoint of step 2
+
+    monkeypatch.setattr(gauss_newton, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        GaussNewtonCanceling(0.1, checkpoint=path, checkpoint_every=2, **config).poison(target, X, y)
+    monkeypatch.setattr(gauss_newton, "save_checkpoint", original)
+    assert saves == [2] and path.is_file()
+    resumed = GaussNewtonCanceling(0.1, checkpoint=path, checkpoint_every=2, **config).poison(target, X, y)
+    assert torch.equal(resumed.x, full.x) and torch.equal(resumed.y, full.y)
+    assert resumed.grad_norm_history == full.grad_norm_history
+    assert resumed.extra["labels_changed"] == full.extra["labels_changed"]
+    with pytest.raises(PoisonReachError, match="different configuration"):
+        GaussNewtonCanceling(0.1, checkpoint=path, iterations=5, progress=False, seed=3).poison(target, X, y)

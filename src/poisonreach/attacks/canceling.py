@@ -13,12 +13,17 @@ C.10, the seeded start points, the box Γ, the threshold τ and g(µ), an explic
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .. import io
+from ..errors import PoisonReachError
 from ..gradients import gradient_sum, select_parameters
 from ..losses import LossFn, resolve
 from ..reachability import threshold
@@ -62,6 +67,30 @@ class CancelingProblem:
     def residual(self, g_nu_sum: list[Tensor]) -> list[Tensor]:
         """v = g(µ) + ε_d·g(ν̂) from Σ_j ∇_w ℓ(z_j; w) (g(ν̂) is that sum over m)."""
         return [gm + self.eps_d / self.m * gs for gm, gs in zip(self.g_mu, g_nu_sum)]
+
+    def fingerprint(self, attack: Attack) -> str:
+        """What a checkpoint must have been written by: the attack's configuration (its schedule
+        depends on all of it) and these data."""
+        data = [len(self.X), self.m, float(self.X.double().sum()), float(self.y.double().sum())]
+        return json.dumps({"config": attack.config(), "data": data}, sort_keys=True)
+
+
+def load_checkpoint(path: str | os.PathLike | None, fingerprint: str, device: torch.device) -> dict | None:
+    """The state saved at ``path`` by :func:`save_checkpoint` with this fingerprint (tensors on
+    ``device``), None when there is no file; a file from another configuration is refused."""
+    if path is None or not Path(path).is_file():
+        return None
+    saved = io.load_tensors(path)
+    if saved.get("fingerprint") != fingerprint:
+        raise PoisonReachError(
+            f"checkpoint {path} was written by a different configuration or data set: delete it or choose another checkpoint path"
+        )
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in saved["state"].items()}
+
+
+def save_checkpoint(path: str | os.PathLike, fingerprint: str, state: dict) -> None:
+    """Write a solver's state (tensors and plain values) atomically, on the CPU."""
+    io.save_tensors(path, {"fingerprint": fingerprint, "state": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}})
 
 
 def canceling_problem(attack: Attack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:

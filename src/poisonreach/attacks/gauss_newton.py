@@ -25,7 +25,9 @@ The labels are real classes throughout: every poison is an image in the box with
 from __future__ import annotations
 
 import math
+import os
 import time
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +38,28 @@ from ..losses import cross_entropy, logistic
 from ..models import features, last_linear
 from ..validation import Choice, Number, evaluating, flag
 from .base import Attack, PoisonResult, clamp_box
-from .canceling import CancelingProblem, canceling_problem
+from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
 
 LABELS = ("greedy", "fixed")
+
+
+@dataclass
+class Iterate:
+    """Where the solver is after ``iteration`` steps (what a checkpoint holds): the poisons, their
+    labels, the Levenberg–Marquardt damping (None before the first step, inf when no step helped),
+    and per step ‖r‖, the seconds since the start, the labels changed and the damping."""
+
+    iteration: int
+    x: Tensor
+    y: Tensor
+    damping: float | None
+    history: list[float]
+    time_history: list[float]
+    labels_changed: list[int] = field(default_factory=list)
+    damping_history: list[float] = field(default_factory=list)
+
+    def finished(self, tolerance: float) -> bool:
+        return self.history[-1] <= tolerance * self.history[0] or self.damping == math.inf
 
 
 def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple[Tensor, list[Tensor], int]:
@@ -91,6 +112,8 @@ class GaussNewtonCanceling(Attack):
         cross-entropy or logistic loss) or ``fixed`` (the labels of the clean points they start from).
     tolerance: stop once ‖r‖ / ‖r_0‖ ≤ tolerance.
     box, replace, parameters, chunk_size, seed, device, progress: as in :class:`GradientCanceling`.
+    checkpoint: a file to save the state to every ``checkpoint_every`` steps; a checkpoint written
+        with the same configuration and data is resumed.
     """
 
     name = "gc-gn"
@@ -104,6 +127,7 @@ class GaussNewtonCanceling(Attack):
         "labels": Choice(LABELS),
         "tolerance": Number(low=0),
         "replace": flag,
+        "checkpoint_every": Number(low=1, integer=True),
     }
 
     def __init__(
@@ -124,6 +148,8 @@ class GaussNewtonCanceling(Attack):
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool | None = None,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int = 5,
     ):
         self._set_params(locals())
 
@@ -137,30 +163,43 @@ class GaussNewtonCanceling(Attack):
             started = time.perf_counter()
             problem = canceling_problem(self, model, X, y, loss, device)
             self._check_labels(problem, loss)
-            x, py, history, extra = self._solve(problem, started)
-        return self._result(x, py, problem.source, history=history, tau=problem.tau, kept=problem.kept,
-                            num_clean=problem.n, num_poisons=problem.m, **extra)
+            s = self._solve(problem, started)
+        return self._result(s.x, s.y, problem.source, history=s.history, tau=problem.tau, kept=problem.kept, num_clean=problem.n,
+                            num_poisons=problem.m, time_history=s.time_history, labels_changed=s.labels_changed,
+                            damping_history=s.damping_history)
 
-    def _solve(self, p: CancelingProblem, started: float):
-        x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        y = p.y[p.source].to(p.device)
-        r = p.residual(p.gradient_sum(x, y))
-        history, times, relabelled, dampings = [flat_norm(r)], [time.perf_counter() - started], [], []
-        lam = None
-        bar = self._progress(range(self.iterations), desc=f"GC-GN eps_d={self.eps_d:g}")
+    def _solve(self, p: CancelingProblem, started: float) -> Iterate:
+        fingerprint = p.fingerprint(self)
+        saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
+        state = Iterate(**saved) if saved is not None else self._start(p, started)
+        started = time.perf_counter() - state.time_history[-1]  # a resumed run continues its clock
+        bar = self._progress(range(state.iteration, self.iterations), desc=f"GC-GN eps_d={self.eps_d:g}")
         for _ in bar:
+            if state.finished(self.tolerance):
+                break
+            # one pass for the residual at the current poisons, so a checkpoint need not hold it
+            x, y, r = state.x, state.y, p.residual(p.gradient_sum(state.x, state.y))
             if self.labels == "greedy":
                 y, r, changed = relabel(p, x, y, r)
-                relabelled.append(changed)
-            x, r, lam = self._step(p, x, y, r, lam)
-            history.append(flat_norm(r))
-            times.append(time.perf_counter() - started)
-            dampings.append(lam)
-            bar.set_postfix(ratio=f"{history[-1] / max(history[0], 1e-30):.3g}")
-            if history[-1] <= self.tolerance * history[0] or lam == math.inf:
-                break
+                state.labels_changed.append(changed)
+            state.x, r, state.damping = self._step(p, x, y, r, state.damping)
+            state.y = y
+            state.iteration += 1
+            state.history.append(flat_norm(r))
+            state.time_history.append(time.perf_counter() - started)
+            state.damping_history.append(state.damping)
+            bar.set_postfix(ratio=f"{state.history[-1] / max(state.history[0], 1e-30):.3g}")
+            if self.checkpoint is not None and state.iteration % self.checkpoint_every == 0:
+                save_checkpoint(self.checkpoint, fingerprint, asdict(state))
         bar.close()
-        return x, y, history, {"time_history": times, "labels_changed": relabelled, "damping_history": dampings}
+        return state
+
+    def _start(self, p: CancelingProblem, started: float) -> Iterate:
+        """The start points (clean points projected onto Γ) with their labels."""
+        x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
+        y = p.y[p.source].to(p.device)
+        norm = flat_norm(p.residual(p.gradient_sum(x, y)))
+        return Iterate(iteration=0, x=x, y=y, damping=None, history=[norm], time_history=[time.perf_counter() - started])
 
     def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
         """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""

@@ -18,22 +18,18 @@ each step is projected onto the admissible set Γ (``box``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .. import io
-from ..errors import PoisonReachError
 from ..gradients import cancel_gradient, flat_norm
 from ..losses import task_of, to_probabilities
 from ..validation import Choice, Number, evaluating, flag
 from .base import Attack, PoisonResult, clamp_box
-from .canceling import CancelingProblem, canceling_problem
+from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
 
 SCHEDULES = ("cosine", "constant")
 
@@ -247,22 +243,15 @@ class GradientCanceling(Attack):
             self._save_checkpoint(fingerprint, state)
 
     def _save_checkpoint(self, fingerprint: str, state: Descent) -> None:
-        cpu = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in asdict(state).items()}
-        io.save_tensors(self.checkpoint, {"fingerprint": fingerprint, "state": cpu})
+        save_checkpoint(self.checkpoint, fingerprint, asdict(state))
 
     def _start(self, p: CancelingProblem) -> tuple[Descent, int | None, str]:
         """The state to descend from: the checkpoint's when one was written by this configuration
         on these data (with the epoch it resumes), else the start points; and the fingerprint."""
-        # the schedule depends on epochs, so a checkpoint resumes only the very same configuration
-        fingerprint = json.dumps({"config": self.config(), "data": [len(p.X), p.m, float(p.X.double().sum()), float(p.y.double().sum())]}, sort_keys=True)
-        if self.checkpoint is not None and Path(self.checkpoint).is_file():
-            saved = io.load_tensors(self.checkpoint)
-            if saved.get("fingerprint") != fingerprint:
-                raise PoisonReachError(
-                    f"checkpoint {self.checkpoint} was written by a different configuration or data set: "
-                    "delete it or choose another checkpoint path"
-                )
-            state = Descent(**{k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved["state"].items()})
+        fingerprint = p.fingerprint(self)
+        saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
+        if saved is not None:
+            state = Descent(**saved)
             return state, state.epoch, fingerprint
         x = p.X[p.source].to(device=p.device, dtype=torch.float32).clone()
         py = p.y[p.source].to(p.device).clone()

@@ -20,7 +20,7 @@ from ..errors import PoisonReachError
 from ..estimator import Estimator
 from ..losses import to_probabilities
 from ..gradients import PARAMETER_SETS
-from ..validation import Choice, Number, check_number
+from ..validation import Choice, Number, check_number, flag
 
 # Constructor arguments that change where or how visibly an attack runs, never its result.
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")
@@ -73,6 +73,8 @@ class Attack(Estimator):
         "eps_d": Number(low=0, low_open=True),
         "box": lambda name, value: check_box(value),
         "parameters": Choice(PARAMETER_SETS),
+        "replace": flag,
+        "checkpoint_every": Number(low=1, integer=True),
     }
 
     def num_poisons(self, n: int) -> int:

@@ -16,7 +16,7 @@ from ..errors import PoisonReachError
 from ..gradients import cancel_gradient, flat_norm, inner
 from ..losses import task_of, to_probabilities
 from ..rounding import largest_remainder
-from ..validation import Choice, Number, evaluating, flag
+from ..validation import Choice, Number, evaluating
 from .base import Attack, PoisonResult, clamp_box
 from .canceling import CancelingProblem, canceling_problem
 
@@ -137,7 +137,6 @@ class FrankWolfeCanceling(Attack):
         "step": Choice(STEPS),
         "starts": Number(low=1, integer=True),
         "start_steps": Number(low=0, integer=True),
-        "replace": flag,
     }
 
     def __init__(

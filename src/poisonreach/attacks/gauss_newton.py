@@ -36,7 +36,7 @@ from ..errors import PoisonReachError
 from ..gradients import cancel_gradient, conjugate_gradient, flat_norm, flatten, gradient_jvp, unflatten
 from ..losses import cross_entropy, logistic
 from ..models import features, last_linear
-from ..validation import Choice, Number, evaluating, flag
+from ..validation import Choice, Number, evaluating
 from .base import Attack, PoisonResult, clamp_box
 from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
 
@@ -126,8 +126,6 @@ class GaussNewtonCanceling(Attack):
         "active_set_rounds": Number(low=0, integer=True),
         "labels": Choice(LABELS),
         "tolerance": Number(low=0),
-        "replace": flag,
-        "checkpoint_every": Number(low=1, integer=True),
     }
 
     def __init__(

@@ -117,8 +117,6 @@ class GradientCanceling(Attack):
         "backtrack": flag,
         "block_size": Number(low=1, integer=True, optional=True),
         "optimize_labels": flag,
-        "replace": flag,
-        "checkpoint_every": Number(low=1, integer=True),
     }
 
     def __init__(

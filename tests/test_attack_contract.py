@@ -16,11 +16,13 @@ import torch
 from contract import bad_cases, check_estimator, examples, kwargs_id
 
 from poisonreach.attacks import (
-    ATTACKS, TGDA, Attack, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip, PoisonResult,
+    ATTACKS, TGDA, Attack, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip,
+    OfficialGradientCanceling, PoisonResult,
 )
 from poisonreach.errors import PoisonReachError
 
-NAMES = {"gc": GradientCanceling, "gc-gn": GaussNewtonCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA}
+NAMES = {"gc": GradientCanceling, "gc-gn": GaussNewtonCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA,
+         "gc-official": OfficialGradientCanceling}
 REQUIRED = {"eps_d": 0.1}  # the bad arguments below are tried on top of these
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")  # never part of config()
 BAD_BUDGETS = [0, -0.1, math.nan, math.inf, "0.1", True]  # every attack rejects these as eps_d
@@ -80,6 +82,15 @@ BAD_PARAMS = {
         dict(chunk_size=0), dict(chunk_size=2.5),
         dict(seed=0.5), dict(seed="1"),
     ],
+    OfficialGradientCanceling: [
+        dict(epochs=-1), dict(epochs=2.5),
+        dict(lr=0), dict(lr=-1.0), dict(lr=math.nan),
+        dict(schedule="linear"),
+        dict(stop_below=-1), dict(stop_below=math.inf),
+        dict(chunk_size=0),
+        dict(seed="0"),
+        dict(progress="yes"),
+    ],
     TGDA: [
         dict(epochs=-1), dict(epochs=2.5),
         dict(leader_lr=0), dict(leader_lr=math.inf),
@@ -127,6 +138,8 @@ EXAMPLES = [
     (LabelFlip, dict(eps_d=0.3, strategy="loss", chunk_size=10, seed=3, device="cpu"),
      "LabelFlip(eps_d=0.3, strategy='loss', chunk_size=10, seed=3, device='cpu')"),
     (TGDA, dict(eps_d=0.1, leader_lr=0.5, box=None), "TGDA(eps_d=0.1, leader_lr=0.5, box=None)"),
+    (OfficialGradientCanceling, dict(eps_d=0.03, epochs=5, lr=1.0, schedule="constant", stop_below=0.0, chunk_size=7, seed=2, progress=False),
+     "OfficialGradientCanceling(eps_d=0.03, epochs=5, lr=1.0, schedule='constant', stop_below=0.0, chunk_size=7, seed=2, progress=False)"),
     (TGDA,
      dict(eps_d=0.2, epochs=7, leader_lr=0.3, follower_lr=0.2, leader_steps=2, follower_steps=5, cg_iterations=8, damping=0.1,
           generator="points", box=[-1, 1], batch_size=None, pretrain_follower=3, chunk_size=9, seed=3, device="cpu", progress=False),
@@ -189,7 +202,8 @@ def test_the_one_verb_is_poison(cls):
 def test_every_attack_adds_round_n_eps_d_poisons(name, digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:100], s.y_train[:100]
-    quick = {"gc": dict(epochs=1), "gc-gn": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points")}
+    quick = {"gc": dict(epochs=1), "gc-gn": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points"),
+             "gc-official": dict(epochs=1)}
     attack = ATTACKS[name](0.25, **quick.get(name, {}), **({"progress": False} if "progress" in inspect.signature(ATTACKS[name]).parameters else {}))
     result = attack.poison(model, X, y)
     assert len(result.x) == 25 and result.x.shape[1:] == X.shape[1:]

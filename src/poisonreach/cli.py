@@ -2,7 +2,7 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
-    poisonreach run ... [--victim-seeds 0 1 2]
+    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|official]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
@@ -24,8 +24,8 @@ import yaml
 from .experiments import defend as defend_module
 from .experiments import plots
 from .experiments import sweep as sweep_module
-from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, TARGETS, TRAINING_OPTIONS, PoisonReachError,
-                                 RunConfig, dataset_names, model_names, set_threads)
+from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
+                                 PoisonReachError, RunConfig, dataset_names, model_names, set_threads)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
 from .experiments.run import format_table, format_tau, run, tau
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
-    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gc-fw (its Frank-Wolfe solver), gm (Gradient Matching), tgda or labelflip")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gc-fw (its Frank-Wolfe solver), gc-gn (its Gauss-Newton solver), gc-official (the official code's GC, what --protocol official runs for gc), gm (Gradient Matching), tgda or labelflip")
     p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable)")
     p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of the attack (its presets; gc's 'paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
@@ -119,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--victim-seeds", dest="victim_seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
                         "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="honest",
+                   help="honest (default): this library's GC and the paper's retraining; official: the official code's GC (--attack gc: "
+                        "first weight tensor, summed losses, unsquared norm, normalised pixels, no box, lr 10, 1000 epochs, the first "
+                        "eps_d*n images) and its retraining (float64 LR, SGD lr 0.1, batch 10000, 100 epochs, test accuracy every epoch); "
+                        "logistic regression on MNIST-like data only")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
     p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend_module.__doc__,
@@ -181,7 +186,7 @@ def _cmd_run(args) -> int:
         given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
     config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
-                     victim_seeds=args.victim_seeds)
+                     victim_seeds=args.victim_seeds, protocol=args.protocol)
     out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)

@@ -7,12 +7,16 @@ on poisoned data can be compared with the clean one trained from the same start 
 
 :func:`training_gradient_norm` checks that a training converged (the gradient of its objective at
 the final parameters); :func:`agreement` compares two classifiers by their predictions.
+:func:`official_retrain` is the official GC code's retraining (float64, plain SGD at lr 0.1 in
+batches of 10,000, 100 epochs), with the test accuracy after every epoch (``--protocol official``).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -124,6 +128,90 @@ def train(
                 scheduler.step()
                 bar.set_postfix(loss=f"{total.item() / n:.4g}")
     return model.eval()
+
+
+@dataclass
+class OfficialRetrain:
+    """A model retrained by :func:`official_retrain` and its test accuracy (%) after every epoch."""
+
+    model: nn.Module
+    test_acc_per_epoch: list[float]
+
+    @property
+    def final_acc(self) -> float:
+        """The test accuracy after the last epoch (the number the official script ends on)."""
+        return self.test_acc_per_epoch[-1]
+
+    def summary(self, prefix: str = "retrain_acc") -> dict:
+        """``{prefix}_min``, ``_median``, ``_max`` over the epochs and ``{prefix}_per_epoch``."""
+        accs = self.test_acc_per_epoch
+        return {f"{prefix}_min": min(accs), f"{prefix}_median": statistics.median(accs), f"{prefix}_max": max(accs),
+                f"{prefix}_per_epoch": list(accs)}
+
+
+# The official code's retraining: plain SGD (no momentum, no weight decay, no schedule) in float64.
+OFFICIAL_RETRAINING = {"epochs": 100, "lr": 0.1, "batch_size": 10_000}
+
+
+def official_retrain(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    X_test: Tensor,
+    y_test: Tensor,
+    *,
+    epochs: int = 100,
+    lr: float = 0.1,
+    batch_size: int = 10_000,
+    seed: int = 0,
+    chunk_size: int = 2048,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> OfficialRetrain:
+    """Retrain ``model`` (fresh) on (X, y) the way the official GC script retrains its victim, and
+    measure the test accuracy on (X_test, y_test) after every epoch.
+
+    The model is cast to float64, and so is every batch. Each epoch draws a fresh permutation
+    (seeded by ``seed``) and cuts it into consecutive batches of ``batch_size`` (the last one
+    smaller, as a shuffling DataLoader does; :func:`train` balances its batches instead); each batch
+    takes one step of plain SGD at ``lr`` on the batch's mean loss. There is no momentum, no weight
+    decay and no learning-rate schedule. The script's model is an ``nn.Linear`` fed normalised
+    inputs; a :func:`poisonreach.models.create` model normalises its pixel-space inputs itself, so
+    the same model sees the same inputs. The test accuracy after each epoch (the script prints
+    one per epoch) is kept, since with these settings it swings from epoch to epoch. A batch's
+    gradient is accumulated over chunks of ``chunk_size`` rows (a memory bound, which changes the
+    step only by rounding: a batch of 10,000 float64 images is 63 MB, allocated anew each time).
+    """
+    n = check_inputs(X)
+    check_inputs(X_test)
+    check_number("seed", seed, integer=True)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("chunk_size", chunk_size)):
+        check_number(name, value, low=1, integer=True)
+    check_number("lr", lr, low=0, low_open=True)
+    disable = _disable(progress)
+    device = _device(model, device)
+    model.to(device=device, dtype=torch.float64)
+    outputs = num_outputs(model, X.to(torch.float64), device)
+    y = check_labels(y, n, outputs, strict=True)
+    y = y.to(torch.float64) if y.is_floating_point() else y
+    loss_fn = losses.resolve(outputs, y)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+    shuffle = torch.Generator().manual_seed(int(seed))
+    X_test = X_test.to(torch.float64)
+    accs = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        with tqdm(range(epochs), desc="official retrain", unit="epoch", file=sys.stderr, disable=disable) as bar:
+            for _ in bar:
+                model.train()
+                for idx in torch.randperm(n, generator=shuffle).split(batch_size):
+                    opt.zero_grad(set_to_none=True)
+                    for part in idx.split(chunk_size):  # the batch's mean loss, its gradient summed over chunks
+                        (_per_sample(model, loss_fn, X[part].to(torch.float64), y[part], device).sum() / len(idx)).backward()
+                    opt.step()
+                accs.append(accuracy(model, X_test, y_test, chunk_size=1000))
+                bar.set_postfix(test_acc=f"{accs[-1]:.2f}")
+    return OfficialRetrain(model.eval(), accs)
 
 
 def predict_logits(

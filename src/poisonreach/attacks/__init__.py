@@ -2,8 +2,9 @@
 
 GradientCanceling (Algorithm 1), GaussNewtonCanceling (the same problem (18) by bound-aware
 Gauss–Newton steps with hard labels) and FrankWolfeCanceling (appendix B) attack a target model
-(``model_targeted``); the baselines attack the clean model. :data:`ATTACKS` maps each short name to
-its class.
+(``model_targeted``), and so does OfficialGradientCanceling, the official code's GC (first weight
+tensor, summed losses, normalised space, no box); the baselines attack the clean model.
+:data:`ATTACKS` maps each short name to its class.
 """
 
 from .base import Attack, PoisonResult
@@ -12,8 +13,11 @@ from .gauss_newton import GaussNewtonCanceling
 from .gradient_canceling import GradientCanceling
 from .gradient_matching import GradientMatching
 from .label_flip import LabelFlip
+from .official import OfficialGradientCanceling
 from .tgda import TGDA
 
-ATTACKS = {cls.name: cls for cls in (GradientCanceling, GaussNewtonCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA)}
+ATTACKS = {cls.name: cls for cls in (GradientCanceling, GaussNewtonCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA,
+                                     OfficialGradientCanceling)}
 
-__all__ = ["ATTACKS", "Attack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA"]
+__all__ = ["ATTACKS", "Attack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA",
+           "OfficialGradientCanceling"]

@@ -29,7 +29,8 @@ class Splits:
     Images are float32 in [0, 1] with shape (N, C, H, W); tabular sets are float32 (N, d). Labels
     are int64 for classification and float32 for regression. ``mean`` and ``std`` (per channel, or
     (0.0,) and (1.0,) for tabular sets) are for models to normalise their input themselves, so
-    poisoned points stay in pixel space.
+    poisoned points stay in pixel space. ``train_index`` is each training row's position in the
+    original training set (its file order), None when unknown.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     task: str
+    train_index: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -60,7 +62,8 @@ class Splits:
             raise PoisonReachError(f"n_train must be a whole number from 1 to {available} (the size "
                                    f"of the {self.name} training split), got {n_train!r}")
         keep = torch.randperm(available, generator=generator(seed))[:n_train]
-        return dataclasses.replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
+        index = None if self.train_index is None else self.train_index[keep]
+        return dataclasses.replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep], train_index=index)
 
 
 
@@ -104,12 +107,13 @@ def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, .
     """
     if val_fraction is None:
         return Splits(name=name, x_train=pool.x_train, y_train=pool.y_train, x_val=pool.x_test, y_val=pool.y_test,
-                      x_test=pool.x_test, y_test=pool.y_test, num_classes=num_classes, mean=mean, std=std, task=task)
+                      x_test=pool.x_test, y_test=pool.y_test, num_classes=num_classes, mean=mean, std=std, task=task,
+                      train_index=torch.arange(len(pool.x_train)))
     train, val = split_indices(len(pool.x_train), val_fraction, seed)
     return Splits(name=name, x_train=pool.x_train[train], y_train=pool.y_train[train],
                   x_val=pool.x_train[val], y_val=pool.y_train[val],
                   x_test=pool.x_test, y_test=pool.y_test,
-                  num_classes=num_classes, mean=mean, std=std, task=task)
+                  num_classes=num_classes, mean=mean, std=std, task=task, train_index=train)
 
 
 def unit_pixels(images: np.ndarray) -> Tensor:

@@ -27,7 +27,7 @@ from ..targets import EPS_W_MODES, TARGET_GENERATORS, FixedTarget, GradPC
 from ..training import HYPERPARAMETERS as TRAINING_OPTIONS
 from ..validation import check_choice, check_number, check_options
 
-__all__ = ["ATTACKS", "DEFENSES", "EPS_W_MODES", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "TARGETS",
+__all__ = ["ATTACKS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
            "load_data", "model_names", "set_threads"]
 
@@ -35,6 +35,11 @@ __all__ = ["ATTACKS", "DEFENSES", "EPS_W_MODES", "PARAMETER_SETS", "POISONED_TAR
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
 POISONED_TARGETS = ("tgda", "labelflip", "gm")
 TARGETS = (*TARGET_GENERATORS, *POISONED_TARGETS)
+# How the poisons are made and the victim retrained: "honest" (this library's GC and the paper's
+# protocol, section 5.1) or "official" (the official code's GC and retraining, experiments/official.py)
+PROTOCOLS = ("honest", "official")
+# the data sets --protocol official accepts: MNIST-like images, as the official LR script assumes
+OFFICIAL_DATASETS = ("digits", "mnist", "mnist17", "fashion-mnist")
 # the named settings of the attacks (their ``presets``), e.g. GC's "paper"
 PRESETS = sorted({name for cls in ATTACKS.values() for name in getattr(cls, "presets", {})})
 
@@ -49,7 +54,10 @@ class RunConfig:
     """Everything that determines a run. ``attack`` names the attack (:data:`ATTACKS`);
     ``attack_options`` and ``training`` are keyword arguments of its class and of
     :func:`poisonreach.training.train`. ``preset`` names a setting of the attack class (its
-    ``presets``, e.g. GC's ``paper``), under ``attack_options``."""
+    ``presets``, e.g. GC's ``paper``), under ``attack_options``. ``protocol`` is ``honest`` (the
+    default) or ``official``: the official code's GC and retraining (:mod:`.official`), under which
+    ``attack: gc`` means :class:`~poisonreach.attacks.OfficialGradientCanceling`; ``training`` then
+    still sets the clean model's (and target's) protocol, not the official retraining, which is fixed."""
 
     dataset: str = "digits"
     model: str = "lr"
@@ -71,16 +79,29 @@ class RunConfig:
     # victim statistics: retrain the victim (and a clean model) from scratch with each seed (model
     # initialisation and batch order) on the same poisons; None: only the run's own seed
     victim_seeds: list[int] | None = None
+    protocol: str = "honest"
+
+    @property
+    def attack_name(self) -> str:
+        """The attack that runs: ``attack``, except that under the official protocol ``gc`` is the
+        official code's GC (``gc-official``)."""
+        return "gc-official" if self.protocol == "official" and self.attack == "gc" else self.attack
 
     def validate(self) -> None:
         check_choice("dataset", self.dataset, data.names())
         check_choice("model", self.model, models.names())
         check_choice("target", self.target, list(TARGETS))
         check_choice("attack", self.attack, ATTACKS)
-        presets = getattr(ATTACKS[self.attack], "presets", {})
+        check_choice("protocol", self.protocol, PROTOCOLS)
+        if self.protocol == "official":
+            if self.model != "lr":
+                raise PoisonReachError(f"--protocol official supports only --model lr (the official script's logistic regression), got {self.model!r}")
+            if self.dataset not in OFFICIAL_DATASETS:
+                raise PoisonReachError(f"--protocol official supports only MNIST-like data ({', '.join(OFFICIAL_DATASETS)}), got {self.dataset!r}")
+        presets = getattr(ATTACKS[self.attack_name], "presets", {})
         if self.preset is not None and self.preset not in presets:
             raise PoisonReachError(
-                f"preset {self.preset!r} is not a setting of the {self.attack} attack: "
+                f"preset {self.preset!r} is not a setting of the {self.attack_name} attack: "
                 + (f"choose one of {sorted(presets)}" if presets else "it has none, drop the preset")
             )
         check_number("target_scale", self.target_scale, low=0, low_open=True)
@@ -133,8 +154,8 @@ class RunConfig:
 
     def make_attacks(self, tau: float = 1.0, checkpoint_dir: Path | None = None) -> list[Attack]:
         """One attack per ε_d, built from ``attack_options`` (validated by the attack's constructor)."""
-        cls = ATTACKS[self.attack]
-        check_options(cls, self.attack_options, f"{self.attack} attack")
+        cls = ATTACKS[self.attack_name]
+        check_options(cls, self.attack_options, f"{self.attack_name} attack")
         attacks = []
         for eps_d in self.budgets(tau):
             preset = cls.presets[self.preset] if self.preset is not None else {}

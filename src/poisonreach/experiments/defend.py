@@ -74,6 +74,9 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
     if not (run_dir / "metrics.json").is_file():
         raise PoisonReachError(f"the run in {run_dir} is unfinished (no metrics.json): run the same `poisonreach run` again to finish it")
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
+    if config.protocol != "honest":
+        raise PoisonReachError(f"{run_dir} is a --protocol {config.protocol} run: defenses retrain with the honest protocol, "
+                               "so they are measured on honest runs only")
     metrics = io.read_json(run_dir / "metrics.json")
     record = {"defense": name, **io.plain(options or {})}
     key = defense_id(name, options)

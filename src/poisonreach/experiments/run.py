@@ -35,6 +35,10 @@ per-seed lists and their mean and sample standard deviation go into each result;
 seeds changes no number a run without them reports. A seed equal to the run's seed reuses its
 models; another seed trains its own.
 
+``protocol: official`` (:mod:`poisonreach.experiments.official`) makes the poisons and retrains the
+victims as the official code does; the clean model, the target and τ are the same as in the honest
+protocol, and each result also carries the spread of the victim's test accuracy over its epochs.
+
 A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
 A different ``victim_seeds`` is not a different run: the seeds not yet trained are trained, the
 others read back. :func:`tau` makes the same clean model and target and stops at τ, writing nothing.
@@ -62,6 +66,7 @@ from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, train, training_gradient_norm
 from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data
+from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 
 
@@ -126,6 +131,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     if seeds is not None:
         log(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
             else f"victim seeds {config.victim_seeds}: clean test MSE " + ", ".join(f"{m:.4g}" for m in seeds.clean_mse))
+    official = CleanReferences(config, spec, save, out, splits) if config.protocol == "official" else None
+    if official is not None:
+        log(f"official protocol: the official retraining on clean data reaches {official.acc(config.seed):.2f}% at its last epoch "
+            f"(epochs {official.records[config.seed]['acc_min']:.2f}–{official.records[config.seed]['acc_max']:.2f}%)")
     results = []
     for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau, checkpoint_dir=out)):
         if budget == "tau" and not 0 < thr.tau < math.inf:
@@ -133,6 +142,12 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
             log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
+        if official is not None:
+            clean_by_seed = {config.seed: clean_acc, **(dict(zip(seeds.seeds, seeds.clean_acc)) if seeds is not None else {})}
+            results.append(run_official_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), config=config, spec=spec,
+                                             save=save, clean_acc=clean_by_seed, references=official, log=log,
+                                             grad_norms=lambda poisons: _grad_norms(poisons, target, X, y, grad_norm_clean)))
+            continue
         results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc,
                                  grad_norm_clean, log, grad_norm=lambda model, X_fit, y_fit: _grad_norm(config, model, X_fit, y_fit),
                                  seeds=seeds))
@@ -155,6 +170,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "target_grad_norm": target_grad_norm,
         **({"target_clean_agreement": agreement(target, clean, splits.x_test)} if classification else {}),
         **(seeds.summary() if seeds is not None else {}),
+        **({"protocol": "official", **official.summary()} if official is not None else {}),
         "num_train": len(X),
         "results": results,
         "wall_time_s": time.perf_counter() - started,
@@ -457,10 +473,18 @@ def format_table(metrics: dict) -> str:
         head += "\ntraining-gradient norms ‖∇L‖ (0 at convergence): " + ", ".join(norms)
     if several:
         head += f"\nmean ± std over victim seeds {' '.join(map(str, seeds))}"
+    official = metrics.get("protocol") == "official"
+    if official:
+        clean_official = (_pm(metrics["official_clean_acc_mean"], metrics["official_clean_acc_std"]) if several
+                          else f"{metrics['official_clean_acc']:.2f}")
+        head += ("\nofficial protocol: poisoned = the last of 100 epochs of the official retraining (SGD lr 0.1, float64), the drop "
+                 f"against the clean model above; the official retraining on clean data alone: {clean_official}% ('drop vs SGD clean')")
     agree = not regression and all("target_agreement" in r for r in metrics["results"])
     converged = all("victim_grad_norm" in r for r in metrics["results"])
     cols = ["eps_d", "poisons", *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), *(["agree %"] if agree else []),
             "‖g‖ final/initial", "param dist", *(["victim ‖∇L‖" + (" max" if several else "")] if converged else [])]
+    if official:  # the spread over the epochs (over all seeds' epochs with several) and the second reference
+        cols[4:4] = ["epochs min–max" + (" (all seeds)" if several else ""), "drop vs SGD clean"]  # after the drop
 
     def row(r: dict) -> list[str]:
         multi = several and "victim_seeds" in r
@@ -470,6 +494,11 @@ def format_table(metrics: dict) -> str:
             quality = [_pm(r["poisoned_acc_mean"], r["poisoned_acc_std"]), _pm(-r["acc_drop_mean"], r["acc_drop_std"], "+.2f")]
         else:
             quality = [f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}"]
+        if official and multi:
+            quality += [f"{min(r['retrain_acc_min_per_seed']):.2f}–{max(r['retrain_acc_max_per_seed']):.2f}",
+                        _pm(-r["acc_drop_vs_official_clean_mean"], r["acc_drop_vs_official_clean_std"], "+.2f")]
+        elif official:
+            quality += [f"{r['retrain_acc_min']:.2f}–{r['retrain_acc_max']:.2f}", f"{-r['acc_drop_vs_official_clean']:+.2f}"]
         if agree:
             quality.append(_pm(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
         distance = _pm(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"

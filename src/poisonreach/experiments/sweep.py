@@ -64,7 +64,7 @@ from .defend import defend
 from .run import run, text_table
 from .sweep_file import SETTINGS, Sweep, load_sweep, target_label
 
-__all__ = ["COLUMNS", "HEADERS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
+__all__ = ["COLUMNS", "HEADERS", "OFFICIAL_COLUMNS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "show", "show_cell", "shown_columns", "write_results"]
 
 # accuracies are NaN for regression, which reports test MSE instead (Figure 5); param_distance is
@@ -73,10 +73,13 @@ __all__ = ["COLUMNS", "HEADERS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_ar
 # convergence check); victim_seeds ("0 1 2") and the *_mean/*_std over them when the run has them
 SEED_COLUMNS = ["victim_seeds", "poisoned_acc_mean", "poisoned_acc_std", "acc_drop_mean", "acc_drop_std",
                 "target_agreement_mean", "target_agreement_std"]
-COLUMNS = ["dataset", "model", "eps_w", "attack", "defense", "eps_d", "clean_acc", "target_acc", "clean_mse", "target_mse",
+# under the official protocol (run.protocol: official): the victim's test accuracy over its epochs and
+# the drop against the official retraining on clean data (acc_drop is against the Adadelta clean model)
+OFFICIAL_COLUMNS = ["retrain_acc_min", "retrain_acc_median", "retrain_acc_max", "acc_drop_vs_official_clean"]
+COLUMNS = ["dataset", "model", "eps_w", "attack", "protocol", "defense", "eps_d", "clean_acc", "target_acc", "clean_mse", "target_mse",
            "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
            "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
-           "wall_time_s", "paper_acc_drop"]
+           *OFFICIAL_COLUMNS, "wall_time_s", "paper_acc_drop"]
 
 
 class SweepFailed(PoisonReachError):
@@ -296,7 +299,7 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     m = io.plain(output["metrics"])
     base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
             "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
-            "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "clean_mse": m.get("clean_mse"),
+            "protocol": config.protocol, "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "clean_mse": m.get("clean_mse"),
             "target_mse": m.get("target_mse"), "tau": m["tau"], "clean_grad_norm": m.get("clean_grad_norm"),
             "target_grad_norm": m.get("target_grad_norm")}
     paper = lambda eps_d, did: sweep.paper_values.get((cid, eps_d, did))
@@ -309,7 +312,8 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     rows = [
         {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
          "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "target_agreement": r.get("target_agreement"),
-         "victim_grad_norm": r.get("victim_grad_norm"), **_seed_values(r), "wall_time_s": m["wall_time_s"],
+         "victim_grad_norm": r.get("victim_grad_norm"), **_seed_values(r), **{k: r.get(k) for k in OFFICIAL_COLUMNS},
+         "wall_time_s": m["wall_time_s"],
          "paper_acc_drop": paper(eps_d, None)}
         for eps_d, r in done
     ]
@@ -367,11 +371,11 @@ def show(key: str, value) -> str:
         return "-" if value in (None, "") else str(value)
     if math.isnan(x):
         return "-"
-    if key == "acc_drop":
+    if key in ("acc_drop", "acc_drop_vs_official_clean"):
         return f"{-x:+.2f}"  # printed as the paper prints drops: negative
     if key == "paper_acc_drop":
         return f"{x:+.2f}"  # the paper's number, already negative
-    if key.endswith("acc") or key in ("recovered", "target_agreement"):
+    if key.endswith("acc") or key.startswith("retrain_acc") or key in ("recovered", "target_agreement"):
         return f"{x:.2f}"
     if key == "wall_time_s":
         return f"{x:.0f}"
@@ -400,10 +404,12 @@ HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "attack": "at
            "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
            "target_agreement": "agree", "victim_grad_norm": "victim ‖∇L‖", "victim_seeds": "victim seeds",
            "poisoned_acc_mean": "poisoned (seeds)", "acc_drop_mean": "drop (seeds)", "target_agreement_mean": "agree (seeds)",
+           "retrain_acc_min": "epochs min", "retrain_acc_max": "epochs max", "acc_drop_vs_official_clean": "drop vs SGD clean",
            "wall_time_s": "time (s)"}
 _OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "defended_acc", "recovered", "clean_acc", "target_acc",
              "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse", "target_agreement", "victim_grad_norm",
-             "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean"}
+             "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean", "retrain_acc_min", "retrain_acc_max",
+             "acc_drop_vs_official_clean"}
 TERMINAL = [k for k in HEADERS if k not in ("dataset", "model", "attack", "eps_w")]  # the cell id names those
 
 

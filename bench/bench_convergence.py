@@ -37,9 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1e-1, 1e-2, 1e-3)
 
 
-def planted_target(splits, eps_d: float, seed: int):
+def planted_target(splits, eps_d: float, seed: int, model: str = "lr"):
     """The clean model and the victim of a least-likely flip at ε_d (the paper's protocol)."""
-    fresh = lambda: models.create("lr", splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed)  # noqa: E731
+    fresh = lambda: models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed)  # noqa: E731
     X, y = splits.x_train, splits.y_train
     clean = training.train(fresh(), X, y, seed=seed, progress=False)
     flip = LabelFlip(eps_d, strategy="least-likely", seed=seed).poison(clean, X, y)
@@ -49,11 +49,12 @@ def planted_target(splits, eps_d: float, seed: int):
 
 
 def solvers(eps_d: float, args) -> dict:
+    common = dict(parameters=args.parameters, seed=args.seed, progress=False)
     return {
-        "pgd": lambda epochs: GradientCanceling(eps_d, epochs=epochs, seed=args.seed, progress=False),
-        "pgd-soft": lambda epochs: GradientCanceling(eps_d, epochs=epochs, optimize_labels=True, seed=args.seed, progress=False),
-        "gn": lambda iterations: GaussNewtonCanceling(eps_d, iterations=iterations, tolerance=args.tolerance, seed=args.seed, progress=False),
-        "gn-fixed": lambda iterations: GaussNewtonCanceling(eps_d, iterations=iterations, labels="fixed", tolerance=args.tolerance, seed=args.seed, progress=False),
+        "pgd": lambda epochs: GradientCanceling(eps_d, epochs=epochs, **common),
+        "pgd-soft": lambda epochs: GradientCanceling(eps_d, epochs=epochs, optimize_labels=True, **common),
+        "gn": lambda iterations: GaussNewtonCanceling(eps_d, iterations=iterations, tolerance=args.tolerance, **common),
+        "gn-fixed": lambda iterations: GaussNewtonCanceling(eps_d, iterations=iterations, labels="fixed", tolerance=args.tolerance, **common),
     }
 
 
@@ -78,8 +79,8 @@ def run_solver(name: str, make, target, X, y, args) -> dict:
             "labels": "soft (relaxation)" if name == "pgd-soft" else ("greedy hard" if name == "gn" else "fixed hard")}
 
 
-def agreement(target, splits, result, seed: int) -> float:
-    victim = training.train(models.create("lr", splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed),
+def agreement(target, splits, result, seed: int, model: str) -> float:
+    victim = training.train(models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed),
                             *result.mixed(splits.x_train, splits.y_train, num_outputs=splits.num_classes), seed=seed, progress=False)
     t, v = training.predict_logits(target, splits.x_test), training.predict_logits(victim, splits.x_test)
     return 100.0 * float((t.argmax(1) == v.argmax(1)).double().mean())
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--train-size", type=int, default=None, help="a seeded subset of the 42,000 training images (default: all)")
     parser.add_argument("--eps-d", type=float, default=0.1)
+    parser.add_argument("--model", default="lr", help="lr (default) or nn, cnn with --parameters last")
+    parser.add_argument("--parameters", default="all", help="the parameters whose gradient is cancelled: all or last")
     parser.add_argument("--solvers", nargs="+", default=["pgd", "pgd-soft", "gn", "gn-fixed"])
     parser.add_argument("--pgd-epochs", type=int, default=200)
     parser.add_argument("--gn-iterations", type=int, default=60)
@@ -125,15 +128,16 @@ def main() -> None:
     if args.replot:
         record = io.read_json(args.replot)
         stem = Path(args.replot).with_suffix("")
-        plot(record["solvers"], stem, f"planted least-likely target, MNIST-LR n = {record['n']}, ε_d = {record['eps_d']:g}")
+        model, params = record.get("model", "lr"), record.get("parameters", "all")
+        plot(record["solvers"], stem, f"planted least-likely target, MNIST-{model.upper()} ({params} parameters) n = {record['n']}, ε_d = {record['eps_d']:g}")
         return
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     splits = data.load("mnist", root=args.data_root, seed=args.seed).subset(args.train_size, seed=args.seed)
     X, y = splits.x_train, splits.y_train
-    clean, target, target_grad = planted_target(splits, args.eps_d, args.seed)
-    print(f"MNIST-LR, n = {len(X)}, eps_d = {args.eps_d:g}: clean {training.accuracy(clean, splits.x_test, splits.y_test):.2f}%, "
+    clean, target, target_grad = planted_target(splits, args.eps_d, args.seed, args.model)
+    print(f"MNIST-{args.model.upper()} (parameters {args.parameters}), n = {len(X)}, eps_d = {args.eps_d:g}: clean {training.accuracy(clean, splits.x_test, splits.y_test):.2f}%, "
           f"planted target {training.accuracy(target, splits.x_test, splits.y_test):.2f}%, the target's training-gradient norm "
           f"{target_grad:.3g} (setup {time.perf_counter() - started:.0f} s)", flush=True)
     rows = {}
@@ -141,7 +145,7 @@ def main() -> None:
     for name in args.solvers:
         rows[name] = run_solver(name, makers[name], target, X, y, args)
         if args.agreement:
-            rows[name]["agreement"] = agreement(target, splits, rows[name]["result"], args.seed)
+            rows[name]["agreement"] = agreement(target, splits, rows[name]["result"], args.seed, args.model)
         row = rows[name]
         reach = "  ".join(f"{'-' if s is None else f'{s:.1f}':>7}" for s in row["seconds_to"].values())
         agree = f"  {row['agreement']:6.2f}%" if args.agreement else ""
@@ -150,10 +154,10 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        record = {"n": len(X), "eps_d": args.eps_d, "threads": args.threads, "target_grad_norm": target_grad,
+        record = {"model": args.model, "parameters": args.parameters, "n": len(X), "eps_d": args.eps_d, "threads": args.threads, "target_grad_norm": target_grad,
                   "solvers": {k: {key: v for key, v in row.items() if key != "result"} for k, row in rows.items()}}
         io.write_json(out.parent / f"{out.name}.json", record)
-        plot(rows, out, f"planted least-likely target, MNIST-LR n = {len(X)}, ε_d = {args.eps_d:g}")
+        plot(rows, out, f"planted least-likely target, MNIST-{args.model.upper()} ({args.parameters} parameters) n = {len(X)}, ε_d = {args.eps_d:g}")
         print(f"wrote {out}.json/.png/.pdf")
     print(f"total {time.perf_counter() - started:.0f} s")
 

@@ -171,12 +171,12 @@ class GaussNewtonCanceling(Attack):
         saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
         state = Iterate(**saved) if saved is not None else self._start(p, started)
         started = time.perf_counter() - state.time_history[-1]  # a resumed run continues its clock
+        r = p.residual(p.gradient_sum(state.x, state.y))  # not in a checkpoint: one pass rebuilds it
         bar = self._progress(range(state.iteration, self.iterations), desc=f"GC-GN eps_d={self.eps_d:g}")
         for _ in bar:
             if state.finished(self.tolerance):
                 break
-            # one pass for the residual at the current poisons, so a checkpoint need not hold it
-            x, y, r = state.x, state.y, p.residual(p.gradient_sum(state.x, state.y))
+            x, y = state.x, state.y
             if self.labels == "greedy":
                 y, r, changed = relabel(p, x, y, r)
                 state.labels_changed.append(changed)

@@ -164,6 +164,9 @@ def test_greedy_labels_need_the_last_layer():
     assert r.grad_norm_history[-1] < r.grad_norm_history[0]
     fixed = GaussNewtonCanceling(0.1, iterations=2, labels="fixed", progress=False).poison(model, s.x_train[:50], s.y_train[:50])
     assert torch.equal(fixed.y, s.y_train[:50][fixed.source_indices])
+    soft = torch.nn.functional.one_hot(s.y_train[:50], 2).float()
+    with pytest.raises(PoisonReachError, match="class labels"):
+        GaussNewtonCanceling(0.1, iterations=1, parameters="last", progress=False).poison(model, s.x_train[:50], soft)
 
 
 def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, digits_planted):

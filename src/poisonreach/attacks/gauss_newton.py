@@ -246,6 +246,11 @@ class GaussNewtonCanceling(Attack):
         if self.labels != "greedy":
             return
         head = list(last_linear(p.model).parameters())
+        if p.y.is_floating_point():
+            raise PoisonReachError(
+                "labels='greedy' assigns class indices, but the clean labels are floats (soft labels or regression "
+                "targets): pass int64 class labels, or use labels='fixed'"
+            )
         if [id(t) for t in p.params] != [id(t) for t in head] or p.loss_fn not in (cross_entropy, logistic) or loss is not None:
             raise PoisonReachError(
                 "labels='greedy' relabels in closed form, which needs the cancelled parameters to be the last linear "

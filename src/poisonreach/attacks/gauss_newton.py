@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import PoisonReachError
-from ..gradients import cancel_gradient, conjugate_gradient, flat_norm, flatten, gradient_jvp, unflatten
+from ..gradients import cancel_gradient, chunks, conjugate_gradient, flat_norm, flatten, gradient_jvp, unflatten
 from ..losses import cross_entropy, logistic
 from ..models import features, last_linear
 from ..validation import Choice, Number, evaluating
@@ -69,7 +69,7 @@ def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple
     of labels changed."""
     alpha = p.eps_d / p.m
     one_logit = p.num_outputs == 1
-    phi = torch.cat([torch.cat([features(p.model, x[sl]).detach().flatten(1) for sl in _slices(len(x), p.chunk_size)]),
+    phi = torch.cat([torch.cat([features(p.model, x[sl]).detach().flatten(1) for sl in chunks(len(x), p.chunk_size)]),
                      torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
     R = torch.cat([r[0].reshape(p.num_outputs, -1), r[1].reshape(p.num_outputs, 1)], dim=1).double()
     # e(c): the label's part of ∇_h l = p − e(y), a one-hot row, or the label itself for one logit
@@ -89,10 +89,6 @@ def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple
             changed += 1
     W, b = R[:, :-1].to(r[0].dtype), R[:, -1].to(r[1].dtype)
     return y, [W.reshape(r[0].shape), b.reshape(r[1].shape)], changed
-
-
-def _slices(n: int, size: int):
-    return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
 class GaussNewtonCanceling(Attack):
@@ -169,9 +165,12 @@ class GaussNewtonCanceling(Attack):
     def _solve(self, p: CancelingProblem, started: float) -> Iterate:
         fingerprint = p.fingerprint(self)
         saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
-        state = Iterate(**saved) if saved is not None else self._start(p, started)
-        started = time.perf_counter() - state.time_history[-1]  # a resumed run continues its clock
+        state = Iterate(**saved) if saved is not None else self._start(p)
         r = p.residual(p.gradient_sum(state.x, state.y))  # not in a checkpoint: one pass rebuilds it
+        if not state.history:  # a fresh start: its residual is the first entry
+            state.history.append(flat_norm(r))
+            state.time_history.append(time.perf_counter() - started)
+        started = time.perf_counter() - state.time_history[-1]  # a resumed run continues its clock
         bar = self._progress(range(state.iteration, self.iterations), desc=f"GC-GN eps_d={self.eps_d:g}")
         for _ in bar:
             if state.finished(self.tolerance):
@@ -192,12 +191,10 @@ class GaussNewtonCanceling(Attack):
         bar.close()
         return state
 
-    def _start(self, p: CancelingProblem, started: float) -> Iterate:
+    def _start(self, p: CancelingProblem) -> Iterate:
         """The start points (clean points projected onto Γ) with their labels."""
         x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        y = p.y[p.source].to(p.device)
-        norm = flat_norm(p.residual(p.gradient_sum(x, y)))
-        return Iterate(iteration=0, x=x, y=y, damping=None, history=[norm], time_history=[time.perf_counter() - started])
+        return Iterate(iteration=0, x=x, y=p.y[p.source].to(p.device), damping=None, history=[], time_history=[])
 
     def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
         """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""
@@ -240,7 +237,6 @@ class GaussNewtonCanceling(Attack):
             free &= ~out
             fixed = torch.where(out, clamp_box(x + d, p.low, p.high) - x, fixed)
             target = rf + forward(fixed)
-        return d
 
     def _check_labels(self, p: CancelingProblem, loss) -> None:
         if self.labels != "greedy":

@@ -82,8 +82,7 @@ def run_solver(name: str, make, target, X, y, args) -> dict:
 def agreement(target, splits, result, seed: int, model: str) -> float:
     victim = training.train(models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed),
                             *result.mixed(splits.x_train, splits.y_train, num_outputs=splits.num_classes), seed=seed, progress=False)
-    t, v = training.predict_logits(target, splits.x_test), training.predict_logits(victim, splits.x_test)
-    return 100.0 * float((t.argmax(1) == v.argmax(1)).double().mean())
+    return training.agreement(victim, target, splits.x_test)
 
 
 def plot(rows: dict, out: Path, title: str) -> None:

@@ -55,6 +55,17 @@ def clamp_box(x: Tensor, low: Tensor | None, high: Tensor | None) -> Tensor:
     return x if low is None else torch.minimum(torch.maximum(x, low), high)
 
 
+SCHEDULES = ("cosine", "constant")
+
+
+def scheduled_lr(lr: float, epoch: int, epochs: int, schedule: str) -> float:
+    """The step size of ``epoch`` (0-based) of ``epochs``: annealed from ``lr`` to 0 along a half
+    cosine (``"cosine"``) or ``lr`` throughout (``"constant"``)."""
+    if schedule == "cosine" and epochs > 0:
+        return lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return lr
+
+
 def draw_sources(n: int, m: int, gen: torch.Generator, *, distinct: bool = True) -> Tensor:
     """The clean points m poisons start from: distinct ones while there are enough (``distinct``),
     else a draw with replacement; seeded by ``gen``."""

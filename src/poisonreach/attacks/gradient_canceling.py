@@ -18,7 +18,6 @@ each step is projected onto the admissible set Γ (``box``).
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 
@@ -28,10 +27,8 @@ from torch import Tensor, nn
 from ..gradients import cancel_gradient, flat_norm
 from ..losses import task_of, to_probabilities
 from ..validation import Choice, Number, evaluating, flag
-from .base import Attack, PoisonResult, clamp_box
+from .base import SCHEDULES, Attack, PoisonResult, clamp_box, scheduled_lr
 from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
-
-SCHEDULES = ("cosine", "constant")
 
 
 def project_simplex(p: Tensor) -> Tensor:
@@ -210,9 +207,7 @@ class GradientCanceling(Attack):
         return labels.clamp(0, 1) if p.num_outputs == 1 else project_simplex(labels)
 
     def _lr_at(self, epoch: int) -> float:
-        if self.schedule == "cosine" and self.epochs > 0:
-            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return self.lr
+        return scheduled_lr(self.lr, epoch, self.epochs, self.schedule)
 
     def _blocks(self, m: int, epoch: int) -> list:
         if self.block_size is None or self.block_size >= m:

@@ -42,9 +42,8 @@ from ..gradients import cancel_gradient, flat_norm, gradient_sum, select_paramet
 from ..losses import resolve
 from ..reachability import threshold
 from ..validation import Choice, Number, check_model_data
-from .base import Attack, PoisonResult
+from .base import SCHEDULES, Attack, PoisonResult, scheduled_lr
 
-SCHEDULES = ("cosine", "constant")
 
 
 def normalisation(model: nn.Module, dtype=torch.float64) -> tuple[Tensor, Tensor]:
@@ -132,9 +131,7 @@ class OfficialGradientCanceling(Attack):
         self._set_params(locals())
 
     def _lr_at(self, epoch: int) -> float:
-        if self.schedule == "cosine" and self.epochs > 0:
-            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        return self.lr
+        return scheduled_lr(self.lr, epoch, self.epochs, self.schedule)
 
     def problem(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> OfficialProblem:
         """The objective against the target ``model`` on clean data (X, y): a float64 copy of the

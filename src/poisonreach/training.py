@@ -149,10 +149,6 @@ class OfficialRetrain:
                 f"{prefix}_per_epoch": list(accs)}
 
 
-# The official code's retraining: plain SGD (no momentum, no weight decay, no schedule) in float64.
-OFFICIAL_RETRAINING = {"epochs": 100, "lr": 0.1, "batch_size": 10_000}
-
-
 def official_retrain(
     model: nn.Module,
     X: Tensor,

@@ -44,7 +44,7 @@ from torch import nn
 from .. import io, models
 from ..attacks import PoisonResult
 from ..targets import parameter_distance
-from ..training import OFFICIAL_RETRAINING, agreement, official_retrain, training_gradient_norm
+from ..training import agreement, official_retrain, training_gradient_norm
 from .config import RunConfig, fresh_model
 
 __all__ = ["CleanReferences", "file_order", "run_cell"]
@@ -76,7 +76,7 @@ def _retrain_record(record_path: Path, model_path: Path, config: RunConfig, spec
         return io.read_json(record_path)
     started = time.perf_counter()
     result = official_retrain(fresh_model(config, spec, seed), X, y, splits.x_test, splits.y_test, seed=seed,
-                              device=torch.device(config.device), **OFFICIAL_RETRAINING)
+                              device=torch.device(config.device))  # its defaults are the official settings
     save(result.model, model_path)
     record = {"seed": seed, "final_acc": result.final_acc, **result.summary("acc"), "retrain_time_s": time.perf_counter() - started}
     if diagnose is not None:

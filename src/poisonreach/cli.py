@@ -2,7 +2,7 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
-    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|official]
+    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
@@ -21,11 +21,12 @@ import sys
 
 import yaml
 
+
 from .experiments import defend as defend_module
 from .experiments import plots
 from .experiments import sweep as sweep_module
-from .experiments.config import (ATTACKS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
-                                 PoisonReachError, RunConfig, dataset_names, model_names, set_threads)
+from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
+                                 PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
 from .experiments.run import format_table, format_tau, run, tau
@@ -38,7 +39,7 @@ def _box(text: str):
         return text
     try:
         low, high = (float(v) for v in text.split(","))
-    except ValueError:
+    except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"--box takes LOW,HIGH (e.g. 0,1), 'data-range' or 'none', got {text!r}") from None
     return (low, high)
 
@@ -48,7 +49,7 @@ def _budget(text: str):
         return text
     try:
         return float(text)
-    except ValueError:
+    except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"--eps-d takes numbers or 'tau', got {text!r}") from None
 
 
@@ -58,7 +59,7 @@ def _option(text: str) -> tuple[str, object]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"options take KEY=VALUE (e.g. epochs=50), got {text!r}")
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), parse_yaml(value)
     except yaml.YAMLError:
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} as YAML") from None
 
@@ -85,7 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch-size", type=int, default=None, help="training batch size (default: 64)")
     p.add_argument("--train-option", dest="train_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the training protocol, e.g. gamma=1 (no learning-rate decay), optimizer=sgd, "
-                        f"weight_decay=0.0005 (repeatable; one of {', '.join(TRAINING_OPTIONS)})")
+                        f"weight_decay=0.0005 (repeatable; one of {', '.join(TRAINING_OPTIONS)}; "
+                        f"under --protocol converged one of {', '.join(CONVERGED_OPTIONS)})")
 
 
 # The documented shortcuts for attack options (the README tour and the Makefile use them): flag →
@@ -120,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
                         "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's")
     p.add_argument("--protocol", choices=PROTOCOLS, default="honest",
-                   help="honest (default): this library's GC and the paper's retraining; official: the official code's GC (--attack gc: "
+                   help="honest (default): this library's GC and the paper's retraining; converged: this library's GC, every model "
+                        "trained to a stationary point of mean loss + weight_decay/2*|w|^2 by full-batch L-BFGS in float64 "
+                        "(--train-option weight_decay=0.001 tolerance=1e-05 max_iterations=2000); official: the official code's GC (--attack gc: "
                         "first weight tensor, summed losses, unsquared norm, normalised pixels, no box, lr 10, 1000 epochs, the first "
                         "eps_d*n images) and its retraining (float64 LR, SGD lr 0.1, batch 10000, 100 epochs, test accuracy every epoch); "
                         "logistic regression on MNIST-like data only")

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,8 +87,25 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, yaml.safe_dump(plain(obj), sort_keys=False).encode())
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader, reading numbers as YAML 1.2 does: ``1e-5`` is a float (YAML 1.1, PyYAML's
+    default, needs a dot, ``1.0e-5``, and reads ``1e-5`` as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document (never executes code; numbers as in :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    return _read_text(path, yaml.safe_load, "YAML", yaml.YAMLError)
+    return _read_text(path, parse_yaml, "YAML", yaml.YAMLError)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Any]) -> Path:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .errors import PoisonReachError
 from .losses import task_of
+from .models import last_linear
 from .validation import check_model_data, check_number, evaluating
 
 W_1_OVER_E = float(lambertw(1 / math.e).real)  # ≈ 0.2785: −inf_t t·l'(t) for the logistic loss
@@ -183,15 +184,24 @@ def _from_constants(inner: float, a: float, b: float) -> Threshold:
 
 
 @torch.no_grad()
-def threshold(model: nn.Module, X: Tensor, y: Tensor, *, chunk_size: int = 256, device=None) -> Threshold:
+def threshold(
+    model: nn.Module, X: Tensor, y: Tensor, *, weight_decay: float = 0.0, chunk_size: int = 256, device=None
+) -> Threshold:
     """τ(2) and τ(c) of a trained classifier on its training data (Example 3, Theorem 4).
 
     ⟨W, G(µ)⟩ is computed on the last linear layer with its bias as the mean of ⟨h, p − y⟩ over the
     data, h the logits: one forward pass in chunks, no gradients. A model with one output is a
     binary logistic model (labels 0/1), for which τ(2) is exact (Corollary 1); a regression model
     (float targets) has τ = 0 for any target (Example 1).
+
+    ``weight_decay`` λ: the victim minimises the mean loss plus λ/2·‖w‖² (the optimizers' weight
+    decay, bias included). Its stationarity, taken in the inner product with the last layer W,
+    reads ⟨W, G(µ)⟩ + ε_d·⟨W, G(ν)⟩ + (1 + ε_d)·R = 0 with R = λ‖W‖², so the regulariser shifts
+    both the clean term and the poisons' bound −W(·) by R: τ = (⟨W, G(µ)⟩ + R) / (W(·) − R), and
+    no budget suffices (τ = ∞) once R ≥ W(·) while the shifted clean term is positive.
     """
     check_number("chunk_size", chunk_size, low=1, integer=True)
+    check_number("weight_decay", weight_decay, low=0)
     check_model_data(model, X, y, device)
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
@@ -205,11 +215,27 @@ def threshold(model: nn.Module, X: Tensor, y: Tensor, *, chunk_size: int = 256, 
             yb = y[start : start + chunk_size].to(device)
             total += float(_inner_sum(h, yb))
     inner = total / len(X)
+    shift = weight_decay * _squared_norm(last_linear(model)) if weight_decay else 0.0
     w1 = W_1_OVER_E
-    tau2 = max(inner / w1, 0.0)
-    tau_c = tau2 if c == 1 else max(inner / lambert_w_constant(c), 0.0)
+    tau2 = _shifted_tau(inner, w1, shift)
+    tau_c = tau2 if c == 1 else _shifted_tau(inner, lambert_w_constant(c), shift)
     constant = {"W(1/e)": w1} if c == 1 else {"W(1/e)": w1, "W((c-1)/e)": lambert_w_constant(c), "c": c}
-    return Threshold(tau=tau2, tau_multiclass=tau_c, inner=inner, lam=tau2 / (1 + tau2), constant=constant)
+    if weight_decay:
+        constant.update(weight_decay=weight_decay, regulariser=shift)
+    lam = tau2 / (1 + tau2) if tau2 < math.inf else 1.0
+    return Threshold(tau=tau2, tau_multiclass=tau_c, inner=inner, lam=lam, constant=constant)
+
+
+def _squared_norm(head: nn.Linear) -> float:
+    return sum(float((p.detach().to(torch.float64) ** 2).sum()) for p in (head.weight, head.bias) if p is not None)
+
+
+def _shifted_tau(inner: float, bound: float, shift: float) -> float:
+    """max{(inner + R) / (W − R), 0}: the smallest ε_d ≥ 0 with inner + ε_d·V + (1 + ε_d)·R = 0 for
+    some V ≥ −W (R = 0 is equation (10))."""
+    if inner + shift <= 0:
+        return 0.0
+    return (inner + shift) / (bound - shift) if bound > shift else math.inf
 
 
 def _inner_sum(h: Tensor, y: Tensor) -> Tensor:

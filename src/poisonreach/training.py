@@ -13,6 +13,8 @@ batches of 10,000, 100 epochs), with the test accuracy after every epoch (``--pr
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import statistics
 import sys
@@ -42,6 +44,7 @@ HYPERPARAMETERS = {
 }
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -128,6 +131,106 @@ def train(
                 scheduler.step()
                 bar.set_postfix(loss=f"{total.item() / n:.4g}")
     return model.eval()
+
+
+# The converged protocol's options (keyword arguments of :func:`minimize`) and their checks.
+CONVERGED_OPTIONS = {
+    "weight_decay": Number(low=0),
+    "tolerance": Number(low=0, low_open=True),
+    "max_iterations": Number(low=1, integer=True),
+    "history_size": Number(low=1, integer=True),
+}
+
+
+def minimize(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    *,
+    weight_decay: float = 1e-3,
+    tolerance: float = 1e-5,
+    max_iterations: int = 2000,
+    history_size: int = 20,
+    loss: str | losses.LossFn | None = None,
+    chunk_size: int = 8192,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Train ``model`` in place to a stationary point of (1/N) Σ ℓ(z; w) + λ/2·‖w‖² and return it
+    in eval mode: full-batch L-BFGS with a strong-Wolfe line search, stopped once the gradient norm
+    (:func:`training_gradient_norm`) is at most ``tolerance``.
+
+    This is the protocol the theory assumes: the victim's w is *the* minimiser of its training
+    objective, so a planted target is reachable exactly and a drop is not an artefact of where a
+    schedule stopped. With λ > 0 the objective of a linear model is strongly convex, so the minimiser
+    is unique and independent of the initialisation, and the data's flat directions (always-zero
+    pixels) are pinned at 0. The objective is taken at the fixed w (eval mode: no dropout, batch-norm
+    running statistics), as every gradient the attacks use. There is no randomness: the seed only
+    chooses the start (the caller's initialisation). The loss is summed over chunks of
+    ``chunk_size`` rows (a memory bound; the result changes by rounding only).
+
+    When ``max_iterations`` pass, or the line search stalls, before the tolerance is met, a warning
+    says so (the run records every model's gradient norm, :func:`training_gradient_norm`).
+    """
+    n = check_inputs(X)
+    given = locals()
+    for name, check in CONVERGED_OPTIONS.items():
+        check(name, given[name])
+    check_number("chunk_size", chunk_size, low=1, integer=True)
+    disable = _disable(progress)
+    device = _device(model, device)
+    outputs = num_outputs(model, X, device)
+    y = check_labels(y, n, outputs, strict=not callable(loss))
+    loss_fn = losses.resolve(outputs, y, loss)
+    # float64: float32's rounding of a 42,000-point mean loss stops the line search near a gradient
+    # norm of 2e-4 on MNIST. The minimiser is copied back into the model's own precision.
+    work = copy.deepcopy(model).to(torch.float64)
+    y = y.to(torch.float64) if y.is_floating_point() else y
+    params = [p for p in work.parameters() if p.requires_grad]
+    # the stopping rule is ours (the 2-norm of the objective's gradient); L-BFGS's own stops off
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=_ITERATIONS_PER_CHECK, history_size=history_size,
+                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        opt.zero_grad(set_to_none=False)
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, n, chunk_size):  # (1/N) Σ ℓ, its gradient accumulated chunk by chunk
+            x = X[start : start + chunk_size].to(torch.float64)
+            part = _per_sample(work, loss_fn, x, y[start : start + chunk_size], device).sum() / n
+            part.backward()
+            total += part.detach()
+        penalty = weight_decay / 2 * sum((p * p).sum() for p in params)
+        if weight_decay:
+            penalty.backward()
+        return total + penalty.detach()
+
+    group, norm, value = opt.param_groups[0], math.inf, math.inf
+    with evaluating(work), tqdm(total=max_iterations, desc="minimize", unit="it", file=sys.stderr, disable=disable) as bar:
+        while _iterations(opt, params) < max_iterations and norm > tolerance:
+            previous, before = value, _iterations(opt, params)
+            group["max_iter"] = min(_ITERATIONS_PER_CHECK, max_iterations - before)
+            group["max_eval"] = 3 * group["max_iter"]  # line-search evaluations included
+            opt.step(objective)
+            value, norm = float(objective()), flat_norm([p.grad for p in params])
+            bar.update(_iterations(opt, params) - before)
+            bar.set_postfix(grad_norm=f"{norm:.3g}")
+            if not value < previous:
+                break  # no decrease over a whole round: the precision floor of the objective
+    if norm > tolerance:
+        log.warning("minimize stopped at gradient norm %.3g after %d L-BFGS iterations, above the tolerance %g: raise "
+                    "max_iterations or weight_decay (a better-conditioned objective), or the tolerance",
+                    norm, _iterations(opt, params), tolerance)
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), work.parameters()):
+            p.copy_(q)
+    return model.eval()
+
+
+def _iterations(opt: torch.optim.LBFGS, params: list[Tensor]) -> int:
+    return opt.state[params[0]].get("n_iter", 0)
+
+
+_ITERATIONS_PER_CHECK = 25
 
 
 @dataclass

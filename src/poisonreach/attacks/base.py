@@ -86,6 +86,7 @@ class Attack(Estimator):
         "parameters": Choice(PARAMETER_SETS),
         "replace": flag,
         "checkpoint_every": Number(low=1, integer=True),
+        "weight_decay": Number(low=0),
     }
 
     def num_poisons(self, n: int) -> int:

@@ -5,6 +5,10 @@ admissible set Γ that minimise
 
     L(ν̂) = ½‖g(µ) + ε_d·g(ν̂)‖²,   g(ν̂) = (1/m) Σ_j ∇_w ℓ(z_j; w)              (18)
 
+When the victim's training adds weight decay λ (it minimises the mean loss plus λ/2·‖w‖², the
+attacks' ``weight_decay``), its stationarity at w is g(µ) + ε_d·g(ν̂) + (1 + ε_d)·λw = 0 with
+1 + ε_d = (n + m)/n, so the constant (n + m)/n·λw joins g(µ) (``CancelingProblem.g_mu``).
+
 :class:`~poisonreach.attacks.GradientCanceling` descends on the m points (Algorithm 1);
 :class:`~poisonreach.attacks.FrankWolfeCanceling` optimises over measures (appendix B) and rounds
 to m points. :func:`canceling_problem` does what both need first: the replaced subset of appendix
@@ -35,7 +39,8 @@ from .base import Attack, box_bounds, draw_sources
 class CancelingProblem:
     """Problem (18) for one target. ``X``, ``y`` are all the clean data (poisons start from them);
     µ is the ``n`` points of ``kept`` (all of them unless the attack replaces data); ``source`` are
-    the m start points; ``low``/``high`` bound Γ (None: unbounded); ``gen`` continues the seeded
+    the m start points; ``eps_d`` is the proportion m/n the victim trains on (the attack's ε_d
+    rounded to whole points), so that the residual is the victim's stationarity exactly; ``low``/``high`` bound Γ (None: unbounded); ``gen`` continues the seeded
     stream the draws came from."""
 
     model: nn.Module
@@ -109,10 +114,13 @@ def canceling_problem(attack: Attack, model: nn.Module, X: Tensor, y: Tensor, lo
     params = select_parameters(model, attack.parameters)
     source = draw_sources(len(X), attack.num_poisons(n), gen)
     low, high = box_bounds(attack.box, X, device=device)
-    tau = threshold(model, X_mu, y_mu, device=device).tau if loss is None else math.nan
-    # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed.
-    g_mu = [g / n for g in gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=attack.chunk_size, device=device)]
+    tau = threshold(model, X_mu, y_mu, weight_decay=attack.weight_decay, device=device).tau if loss is None else math.nan
+    # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed. The victim's
+    # regulariser λ/2·‖w‖² enters its stationarity as (n + m)/n·λw: a constant of the problem.
+    decay = attack.weight_decay * (n + len(source)) / n
+    g_mu = [g / n + decay * p.detach() for g, p in
+            zip(gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=attack.chunk_size, device=device), params)]
     return CancelingProblem(
-        model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=attack.eps_d,
+        model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=len(source) / n,
         g_mu=g_mu, source=source, low=low, high=high, tau=tau, kept=kept, gen=gen, chunk_size=attack.chunk_size, device=device,
     )

@@ -127,6 +127,7 @@ class FrankWolfeCanceling(Attack):
         bounded, since (B.5) has no minimum over unbounded features.
     replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
     parameters: which parameters' gradient to cancel: ``all``, ``last`` or ``first``.
+    weight_decay: the victim's weight decay, as in :class:`GradientCanceling`.
     seed: seeds the initial subsample, the replaced subset and the starts of the subproblems.
     """
 
@@ -151,6 +152,7 @@ class FrankWolfeCanceling(Attack):
         box: tuple[float, float] | str = (0.0, 1.0),
         replace: bool = False,
         parameters: str = "all",
+        weight_decay: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool | None = None,
@@ -185,7 +187,7 @@ class FrankWolfeCanceling(Attack):
         with an approximate solution it is a lower bound of the true gap. Rounding to m points drops
         the atoms lighter than about 1/(2m).
         """
-        m, eps = p.m, self.eps_d
+        m, eps = p.m, p.eps_d
         atoms_x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
         atoms_y = p.y[p.source].to(p.device)
         atoms_src = p.source.clone()

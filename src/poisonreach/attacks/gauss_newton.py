@@ -107,7 +107,7 @@ class GaussNewtonCanceling(Attack):
         every step; needs the cancelled parameters to be the last linear layer and the
         cross-entropy or logistic loss) or ``fixed`` (the labels of the clean points they start from).
     tolerance: stop once ‖r‖ / ‖r_0‖ ≤ tolerance.
-    box, replace, parameters, chunk_size, seed, device, progress: as in :class:`GradientCanceling`.
+    box, replace, parameters, weight_decay, chunk_size, seed, device, progress: as in :class:`GradientCanceling`.
     checkpoint: a file to save the state to every ``checkpoint_every`` steps; a checkpoint written
         with the same configuration and data is resumed.
     """
@@ -139,6 +139,7 @@ class GaussNewtonCanceling(Attack):
         box: tuple[float, float] | str | None = (0.0, 1.0),
         replace: bool = False,
         parameters: str = "all",
+        weight_decay: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool | None = None,

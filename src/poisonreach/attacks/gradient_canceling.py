@@ -93,6 +93,8 @@ class GradientCanceling(Attack):
     replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
     parameters: which parameters' gradient to cancel: ``all`` (default), ``last`` (Theorem 4) or
         ``first`` (the official code's behaviour).
+    weight_decay: the victim's weight decay λ (it minimises the mean loss plus λ/2·‖w‖²); its
+        stationarity then carries the term (1 + ε_d)·λw (:mod:`~poisonreach.attacks.canceling`).
     seed: seeds the initial subsample, the replaced subset and the block order.
     checkpoint: a file to save the state to every ``checkpoint_every`` epochs; an existing
         checkpoint written with the same configuration and data is resumed.
@@ -131,6 +133,7 @@ class GradientCanceling(Attack):
         optimize_labels: bool = False,
         replace: bool = False,
         parameters: str = "all",
+        weight_decay: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
         progress: bool | None = None,
@@ -187,11 +190,10 @@ class GradientCanceling(Attack):
         x, py = state.x, state.y
         bracket = cancel_gradient(p.model, p.params, x[idx], py[idx], p.loss_fn, v, chunk_size=self.chunk_size, with_labels=self.optimize_labels)
         with torch.no_grad():
-            # n·∂L/∂z_j = (n·ε_d/m)·∇_z⟨∇_w ℓ(z_j), v⟩: a per-point step (see the class docstring)
-            factor = p.n * (self.eps_d / p.m)
-            x[idx] = clamp_box(self._momentum(x[idx], bracket.x * factor, state.buf_x, idx, lr), p.low, p.high)
+            # n·∂L/∂z_j = ∇_z⟨∇_w ℓ(z_j), v⟩ (ε_d = m/n): a per-point step (see the class docstring)
+            x[idx] = clamp_box(self._momentum(x[idx], bracket.x, state.buf_x, idx, lr), p.low, p.high)
             if self.optimize_labels:
-                py[idx] = self._project_labels(p, self._momentum(py[idx], bracket.y * factor, state.buf_y, idx, lr))
+                py[idx] = self._project_labels(p, self._momentum(py[idx], bracket.y, state.buf_y, idx, lr))
         return bracket.grad_sum
 
     def _momentum(self, z: Tensor, grad: Tensor, buf: Tensor, idx, lr: float) -> Tensor:

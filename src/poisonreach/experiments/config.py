@@ -22,22 +22,27 @@ from ..data import names as dataset_names
 from ..defenses import DEFENSES
 from ..errors import PoisonReachError
 from ..gradients import PARAMETER_SETS
+from ..io import parse_yaml
 from ..models import names as model_names
 from ..targets import EPS_W_MODES, TARGET_GENERATORS, FixedTarget, GradPC
+from ..training import CONVERGED_OPTIONS
 from ..training import HYPERPARAMETERS as TRAINING_OPTIONS
+from ..training import minimize
 from ..validation import check_choice, check_number, check_options
 
-__all__ = ["ATTACKS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
+__all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-           "load_data", "model_names", "set_threads"]
+           "load_data", "model_names", "parse_yaml", "set_threads"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
 POISONED_TARGETS = ("tgda", "labelflip", "gm")
 TARGETS = (*TARGET_GENERATORS, *POISONED_TARGETS)
-# How the poisons are made and the victim retrained: "honest" (this library's GC and the paper's
-# protocol, section 5.1) or "official" (the official code's GC and retraining, experiments/official.py)
-PROTOCOLS = ("honest", "official")
+# How the poisons are made and the models trained: "honest" (this library's GC, every model trained
+# by the paper's protocol, section 5.1), "converged" (this library's GC, every model trained to a
+# stationary point of its regularised objective, training.minimize) or "official" (the official
+# code's GC and retraining, experiments/official.py)
+PROTOCOLS = ("honest", "converged", "official")
 # the data sets --protocol official accepts: MNIST-like images, as the official LR script assumes
 OFFICIAL_DATASETS = ("digits", "mnist", "mnist17", "fashion-mnist")
 # the named settings of the attacks (their ``presets``), e.g. GC's "paper"
@@ -55,9 +60,14 @@ class RunConfig:
     ``attack_options`` and ``training`` are keyword arguments of its class and of
     :func:`poisonreach.training.train`. ``preset`` names a setting of the attack class (its
     ``presets``, e.g. GC's ``paper``), under ``attack_options``. ``protocol`` is ``honest`` (the
-    default) or ``official``: the official code's GC and retraining (:mod:`.official`), under which
-    ``attack: gc`` means :class:`~poisonreach.attacks.OfficialGradientCanceling`; ``training`` then
-    still sets the clean model's (and target's) protocol, not the official retraining, which is fixed."""
+    default), ``converged`` (every model of the run trained by :func:`poisonreach.training.minimize`
+    to a stationary point of the mean loss plus λ/2·‖w‖²; ``training`` then holds its options,
+    :data:`CONVERGED_OPTIONS`) or ``official``: the official code's GC and retraining
+    (:mod:`.official`), under which ``attack: gc`` means
+    :class:`~poisonreach.attacks.OfficialGradientCanceling`; ``training`` then still sets the clean
+    model's (and target's) protocol, not the official retraining, which is fixed. The attacks that
+    cancel gradients take the training's weight decay (:attr:`weight_decay`) unless
+    ``attack_options`` sets theirs: the target is a stationary point of the regularised objective."""
 
     dataset: str = "digits"
     model: str = "lr"
@@ -87,6 +97,17 @@ class RunConfig:
         official code's GC (``gc-official``)."""
         return "gc-official" if self.protocol == "official" and self.attack == "gc" else self.attack
 
+    @property
+    def training_options(self) -> dict:
+        """The options the protocol's training takes, name → check."""
+        return CONVERGED_OPTIONS if self.protocol == "converged" else TRAINING_OPTIONS
+
+    @property
+    def weight_decay(self) -> float:
+        """λ of the models' training objective: ``training``'s, else the protocol's default."""
+        default = inspect.signature(minimize).parameters["weight_decay"].default if self.protocol == "converged" else 0.0
+        return float(self.training.get("weight_decay", default))
+
     def validate(self) -> None:
         check_choice("dataset", self.dataset, data.names())
         check_choice("model", self.model, models.names())
@@ -115,11 +136,12 @@ class RunConfig:
         for key in ("device", "progress", "seed"):
             if key in self.attack_options or key in self.training:
                 raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/training")
-        unknown = sorted(set(self.training) - set(TRAINING_OPTIONS))
+        unknown = sorted(set(self.training) - set(self.training_options))
         if unknown:
-            raise PoisonReachError(f"unknown training option(s) {unknown}: the training protocol takes {sorted(TRAINING_OPTIONS)}")
+            raise PoisonReachError(f"unknown training option(s) {unknown}: the {self.protocol} protocol's training takes "
+                                   f"{sorted(self.training_options)}")
         for key, value in self.training.items():
-            TRAINING_OPTIONS[key](f"training option {key}", value)
+            self.training_options[key](f"training option {key}", value)
         self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
         self.make_generator()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -160,6 +182,8 @@ class RunConfig:
         for eps_d in self.budgets(tau):
             preset = cls.presets[self.preset] if self.preset is not None else {}
             kwargs = dict(preset, **self.attack_options, seed=self.seed, device=self.device)
+            if "weight_decay" in inspect.signature(cls).parameters:
+                kwargs.setdefault("weight_decay", self.weight_decay)
             if checkpoint_dir is not None and "checkpoint" in inspect.signature(cls).parameters:
                 kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "checkpoint.pt"
             attacks.append(cls(eps_d, **kwargs))

@@ -64,7 +64,7 @@ from ..validation import evaluating
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
-from ..training import accuracy, agreement, mean_squared_error, train, training_gradient_norm
+from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
 from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
@@ -119,7 +119,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     if config.target in POISONED_TARGETS and (out / "target_poisons" / "poisons.pt").is_file():  # trained on clean ∪ its poisons
         target_poisons = PoisonResult.load(out / "target_poisons")
         target_grad_norm = _grad_norm(config, target, *target_poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features))
-    thr = threshold(target, X, y)
+    thr = threshold(target, X, y, weight_decay=config.weight_decay)
     io.write_json(out / "threshold.json", thr.to_dict())
     quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {target_mse:.4g}" if splits.task == "regression"
                else f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%")
@@ -186,12 +186,14 @@ def _fitter(config: RunConfig, spec: dict, seed: int | None = None):
     time); ``seed`` replaces the run's seed for the initialisation and the batch order."""
     device = torch.device(config.device)
     seed = config.seed if seed is None else seed
+    if config.protocol == "converged":
+        return lambda X_fit, y_fit: minimize(fresh_model(config, spec, seed), X_fit, y_fit, device=device, **config.training)
     return lambda X_fit, y_fit: train(fresh_model(config, spec, seed), X_fit, y_fit, seed=seed, device=device, **config.training)
 
 
 def _grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
     """The training-gradient norm of a model of the run trained on (X, y), with the protocol's weight decay."""
-    return training_gradient_norm(model, X, y, weight_decay=config.training.get("weight_decay", 0.0), device=torch.device(config.device))
+    return training_gradient_norm(model, X, y, weight_decay=config.weight_decay, device=torch.device(config.device))
 
 
 class _SeedPlan:
@@ -266,7 +268,7 @@ def tau(config: RunConfig, target_file: str | os.PathLike | None = None) -> dict
     else:
         fit = _fitter(config, spec)
         target = make_target(config, fit(X, y), X, y, splits, fit)
-    thr = threshold(target, X, y)
+    thr = threshold(target, X, y, weight_decay=config.weight_decay)
     return {"dataset": config.dataset, "model": config.model, "eps_w": None if target_file else config.eps_w, **thr.to_dict()}
 
 

@@ -215,7 +215,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if not sep or not all(path):
         raise PoisonReachError(f"an override is KEY=VALUE with a dotted KEY (e.g. run.attack_options.epochs=50), got {text!r}")
     try:
-        return path, yaml.safe_load(value)
+        return path, io.parse_yaml(value)
     except yaml.YAMLError as e:
         raise PoisonReachError(f"cannot read the value of the override {text!r} as YAML ({e})") from None
 
@@ -411,7 +411,7 @@ def load_sweep(path: str | Path, overrides=(), profile: str | None = None, *, lo
     if not path.is_file():
         raise PoisonReachError(f"sweep file {path} does not exist: give a YAML file such as experiments/smoke.yaml")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = io.parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise PoisonReachError(f"{path} is not valid YAML ({e})") from None
     return parse_sweep(doc, str(path), overrides=overrides, profile=profile, lookup=lookup)

@@ -6,7 +6,8 @@ Line numbers ("L668") refer to the PDF-extracted text
 - the file loads through importlib.resources, every record has table, metric and value, no two
   records share their keys, and the names agree with the data and model registries;
 - spot checks of numbers read by hand off the text, one per cited line;
-- the tables' own arithmetic: accuracy + drop = clean (Tables 1, 5) and undefended drop + recovered
+- the sign: every acc_drop is clean − attacked, positive for the paper's attacks, as in run folders;
+- the tables' own arithmetic: accuracy + drop = clean (Tables 1, 5) and undefended drop − recovered
   = defended drop (Tables 3, 4, 8), which must fail exactly at the cells where the paper itself is
   inconsistent; numbers the paper repeats across tables agree, except one documented cell;
 - the numbers quoted in the text that follow from formulas (Example 2, Sections 5.2, 5.3, appendix
@@ -93,25 +94,25 @@ def test_names_match_the_registries():
 
 SPOT = [
     # L668, Table 2 MNIST LR, GC column ε_d = 0.03
-    ((2,), dict(dataset="mnist", model="lr", attack="gc", eps_d=0.03, metric="acc_drop"), -22.97),
+    ((2,), dict(dataset="mnist", model="lr", attack="gc", eps_d=0.03, metric="acc_drop"), 22.97),
     # L709, Table 3 prints −22.79 for the same cell
-    ((3,), dict(model="lr", attack="gc", eps_d=0.03, defense=None, metric="acc_drop"), -22.79),
+    ((3,), dict(model="lr", attack="gc", eps_d=0.03, defense=None, metric="acc_drop"), 22.79),
     # L668, "−70.87 (τ=1.15)"
     ((2,), dict(dataset="mnist", model="lr", metric="tau"), 1.15),
     # L669, the last cell "- 4.03" (Gradient Matching, ε_d = 1)
-    ((2,), dict(dataset="mnist", model="nn", attack="gm", eps_d=1, metric="acc_drop"), -4.03),
+    ((2,), dict(dataset="mnist", model="nn", attack="gm", eps_d=1, metric="acc_drop"), 4.03),
     # L671, CIFAR-10 ResNet-18 clean accuracy
     ((2,), dict(dataset="cifar10", model="resnet18", metric="clean_acc"), 94.95),
     # L672, TinyImageNet GC at ε_d = τ, then TGDA at ε_d = 1
-    ((2,), dict(dataset="tinyimagenet", attack="gc", eps_d="tau", metric="acc_drop"), -22.79),
-    ((2,), dict(dataset="tinyimagenet", attack="tgda", eps_d=1, metric="acc_drop"), -14.33),
+    ((2,), dict(dataset="tinyimagenet", attack="gc", eps_d="tau", metric="acc_drop"), 22.79),
+    ((2,), dict(dataset="tinyimagenet", attack="tgda", eps_d=1, metric="acc_drop"), 14.33),
     # L141, "89.56 / 2.79 ( εw= 2.45)"
     ((1,), dict(model="lr", attack="tgda", metric="eps_w"), 2.45),
-    ((1,), dict(model="lr", attack="tgda", metric="acc_drop"), -2.79),
+    ((1,), dict(model="lr", attack="tgda", metric="acc_drop"), 2.79),
     # L143, GradPC ε_w = 1 "12.98 / 86.15"
     ((1,), dict(model="cnn", attack="gradpc", eps_w=1, metric="target_acc"), 12.98),
     # L716, CNN ε_d = 0.1, GC-cd "−11.32 / +1.18"
-    ((3,), dict(model="cnn", attack="gc-c", defense="sever", eps_d=0.1, metric="acc_drop"), -11.32),
+    ((3,), dict(model="cnn", attack="gc-c", defense="sever", eps_d=0.1, metric="acc_drop"), 11.32),
     ((3,), dict(model="cnn", attack="gc-c", defense="sever", eps_d=0.1, metric="recovered"), 1.18),
     # L742, LR k = 3000, CA
     ((4,), dict(model="lr", k=3000, metric="certified_acc"), 49.23),
@@ -120,19 +121,19 @@ SPOT = [
     # L1166, NN RandomPC ε_w = 0.1 "82.67 / 15.37"
     ((5,), dict(model="nn", attack="randompc", eps_w=0.1, metric="target_acc"), 82.67),
     # L1167, CNN GradPC ε_w = 0.01 "98.74 / 0.39"
-    ((5,), dict(model="cnn", attack="gradpc", eps_w=0.01, metric="acc_drop"), -0.39),
+    ((5,), dict(model="cnn", attack="gradpc", eps_w=0.01, metric="acc_drop"), 0.39),
     # L1210, LR ε_d = 1, GC on w/2
-    ((6,), dict(model="lr", target="gradpc/2", eps_d=1, metric="acc_drop"), -79.55),
+    ((6,), dict(model="lr", target="gradpc/2", eps_d=1, metric="acc_drop"), 79.55),
     # L1214, CNN τ(w/2) (glued to ε_d as "0.420.03")
     ((6,), dict(model="cnn", target="gradpc/2", metric="tau"), 0.42),
     # L1334, Table 7 LR row "τ −8.35"
-    ((7,), dict(model="lr", attack="gc", eps_d="tau", metric="acc_drop"), -8.35),
+    ((7,), dict(model="lr", attack="gc", eps_d="tau", metric="acc_drop"), 8.35),
     # L1358, CNN ε_d = 0.1, MaxUp GC-cd "−12.48 / +0.02"
     ((8,), dict(model="cnn", attack="gc-c", defense="maxup", eps_d=0.1, metric="recovered"), 0.02),
     # L1353, LR ε_d = 1, Influence GC-cd "−26.71 / +0.06"
-    ((8,), dict(model="lr", attack="gc-c", defense="influence", eps_d=1, metric="acc_drop"), -26.71),
+    ((8,), dict(model="lr", attack="gc-c", defense="influence", eps_d=1, metric="acc_drop"), 26.71),
     # L1381, NN replacing
-    ((9,), dict(model="nn", threat="replace", metric="acc_drop"), -6.35),
+    ((9,), dict(model="nn", threat="replace", metric="acc_drop"), 6.35),
     # L1263 (C.7) and L1325 (Figure 8): τ ≈ 0.67 for 2w*; L1328: τ ≈ 0.51 for 2w*/1.1
     (("c6",), dict(target="2w*", metric="tau"), 0.67),
     (("fig8",), dict(target="2w*/1.1", metric="tau"), 0.51),
@@ -140,13 +141,21 @@ SPOT = [
     # L639, "roughly 11 times smaller on TinyImageNet"
     (("sec5.2",), dict(dataset="tinyimagenet", metric="tau_ratio"), 11.0),
     # L55–L57, "5.54% accuracy drop for ResNet-18 on CIFAR-10"
-    (("sec1",), dict(dataset="cifar10", metric="acc_drop"), -5.54),
+    (("sec1",), dict(dataset="cifar10", metric="acc_drop"), 5.54),
 ]
 
 
 @pytest.mark.parametrize("table,keys,expected", [(t[0], k, v) for t, k, v in SPOT])
 def test_spot_checks(table, keys, expected):
     assert lookup(table, **keys) == expected
+
+
+def test_every_drop_is_clean_minus_attacked():
+    # every attack, corruption and defended attack of the paper lowers the accuracy: with the
+    # project's sign (clean − attacked) each of its drops is positive, whatever sign the table prints
+    drops = find(metric="acc_drop")
+    assert len(drops) > 200
+    assert [r for r in drops if r["value"] <= 0] == []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +170,7 @@ def test_accuracy_plus_drop_is_clean_except_where_the_paper_disagrees():
             keys = {k: r.get(k) for k in ("model", "attack", "eps_w", "eps_d")}
             drop = lookup(table, metric="acc_drop", **keys)
             clean = lookup(table, model=r["model"], metric="clean_acc")
-            if round(r["value"] - drop - clean, 2) != 0:
+            if round(r["value"] + drop - clean, 2) != 0:
                 broken.add((table, r["model"], r["attack"], r.get("eps_w")))
     # L142–L143: 98.04 − 76.51 = 21.53 but "20.03"; 99.13 − 73.24 = 25.89 but "24.78"
     assert broken == {(1, "nn", "gradpc", 0.5), (1, "cnn", "gradpc", 0.5)}
@@ -169,7 +178,7 @@ def test_accuracy_plus_drop_is_clean_except_where_the_paper_disagrees():
         assert "inconsistent" in find(table=table, model=model, attack=attack, eps_w=eps_w, metric="acc_drop")[0]["note"]
 
 
-def test_undefended_plus_recovered_is_defended_except_where_the_paper_disagrees():
+def test_undefended_drop_minus_recovered_is_defended_except_where_the_paper_disagrees():
     broken, checked = set(), 0
     for table in (3, 4, 8):
         for r in find(table=table, metric="recovered"):
@@ -177,7 +186,7 @@ def test_undefended_plus_recovered_is_defended_except_where_the_paper_disagrees(
             defended = lookup(table, defense=r["defense"], metric="acc_drop", **keys)
             undefended = lookup(table, defense=None, metric="acc_drop", **keys)
             checked += 1
-            if round(undefended + r["value"] - defended, 2) != 0:
+            if round(undefended - r["value"] - defended, 2) != 0:
                 broken.add((table, r["model"], r["attack"], r["defense"], r["eps_d"]))
     assert checked == 3 * 3 * 2 + 3 * 2 + 3 * 3 * 6
     # L712–L713 (repeated at L1354–L1355), L1353 (twice)
@@ -278,7 +287,7 @@ def test_toy_example_taus():
 def test_lookup_ambiguity_lists_the_matches_and_the_missing_key():
     with pytest.raises(PoisonReachError, match=r"matches 4 records; .* differ \(eps_d\)") as info:
         lookup(2, dataset="mnist", model="lr", attack="gc", metric="acc_drop")
-    for value in ("-22.97", "-63.83", "-67.01", "-69.66"):
+    for value in (": 22.97", ": 63.83", ": 67.01", ": 69.66"):
         assert value in str(info.value)
     with pytest.raises(PoisonReachError, match=r"differ \(attack, defense\)"):
         lookup(8, model="lr", eps_d=0.1, metric="acc_drop")
@@ -292,14 +301,14 @@ def test_lookup_miss_is_none():
 
 def test_none_selects_records_without_the_key():
     keys = dict(model="lr", attack="gc", eps_d=0.03, metric="acc_drop")
-    assert lookup(3, defense=None, **keys) == -22.79
-    assert lookup(3, defense="sever", **keys) == -12.81
+    assert lookup(3, defense=None, **keys) == 22.79
+    assert lookup(3, defense="sever", **keys) == 12.81
     assert {r.get("defense") for r in find(table=3, **keys)} == {None, "sever"}
 
 
 @pytest.mark.parametrize("call", [
     lambda: lookup(2, modle="lr"),
-    lambda: find(value=-22.97),
+    lambda: find(value=22.97),
     lambda: find(note="x"),
 ])
 def test_unknown_search_key_raises(call):

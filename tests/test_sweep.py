@@ -27,6 +27,7 @@ import yaml
 from poisonreach import io
 from poisonreach.errors import PoisonReachError
 from poisonreach.experiments.config import RunConfig
+from poisonreach.experiments.report import write_report
 from poisonreach.experiments.run import run
 from poisonreach.experiments.sweep import (
     COLUMNS, SweepFailed, add_arguments, command, describe, format_results, load_sweep, run_sweep)
@@ -354,7 +355,7 @@ def test_paper_numbers_are_looked_up_per_row(tmp_path):
            "run": {"dataset": "mnist", "eps_d": [0.03, "tau"], "target_scale": 0.5},
            "grid": {"attack_options.box": ["data-range", [0, 1]]},
            "defenses": [{"name": "maxup", "options": {}}]}
-    paper = FakePaper({("gc-c", 0.03, None): -11.28, ("gc-c", 0.03, "maxup"): -9.66, ("gc", "tau", None): -69.66})
+    paper = FakePaper({("gc-c", 0.03, None): 11.28, ("gc-c", 0.03, "maxup"): 9.66, ("gc", "tau", None): 69.66})
     sweep = load_sweep(write(tmp_path, doc), lookup=paper)
     base = {"dataset": "mnist", "model": "lr", "metric": "acc_drop", "target": "gradpc/2", "threat": "add"}
     assert paper.calls[:4] == [
@@ -365,16 +366,16 @@ def test_paper_numbers_are_looked_up_per_row(tmp_path):
     ]
     assert len(paper.calls) == 8
     cells = [cid for cid, _ in sweep.cells]
-    assert sweep.paper_values[(cells[0], 0.03, None)] == -11.28
-    assert sweep.paper_values[(cells[0], 0.03, "maxup")] == -9.66
-    assert sweep.paper_values[(cells[1], "tau", None)] == -69.66
+    assert sweep.paper_values[(cells[0], 0.03, None)] == 11.28
+    assert sweep.paper_values[(cells[0], 0.03, "maxup")] == 9.66
+    assert sweep.paper_values[(cells[1], "tau", None)] == 69.66
     assert sweep.paper_values[(cells[1], 0.03, None)] is None
 
     defended = []
     rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), defender=fake_defender(defended), log=quiet)
-    assert [r["paper_acc_drop"] for r in rows] == [-11.28, None, -9.66, None, None, -69.66, None, None]
+    assert [r["paper_acc_drop"] for r in rows] == [11.28, None, 9.66, None, None, 69.66, None, None]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
-        assert [r["paper_acc_drop"] for r in csv.DictReader(f)] == ["-11.28", "", "-9.66", "", "", "-69.66", "", ""]
+        assert [r["paper_acc_drop"] for r in csv.DictReader(f)] == ["11.28", "", "9.66", "", "", "69.66", "", ""]
 
 
 def test_paper_keys_of_dpa_and_target_only_rows(tmp_path):
@@ -411,7 +412,27 @@ def test_the_papers_table_2_numbers():
     # Table 2, MNIST, LR, Gradient Canceling columns
     lr = "model=lr,eps_w=1"
     got = {k: v for k, v in sweep.paper_values.items() if k[0] == lr}
-    assert got == {(lr, 0.03, None): -22.97, (lr, 0.1, None): -63.83, (lr, 1, None): -67.01, (lr, "tau", None): -69.66}
+    assert got == {(lr, 0.03, None): 22.97, (lr, 0.1, None): 63.83, (lr, 1, None): 67.01, (lr, "tau", None): 69.66}
+
+
+def test_results_csv_puts_the_papers_drop_beside_ours_with_one_sign(tmp_path):
+    """acc_drop and paper_acc_drop are both clean − attacked: where both did damage (the fake
+    runner's drops, every drop of Table 2) both are positive, in the CSV and in the printed table."""
+    sweep = load_sweep(SHIPPED / "table2-mnist.yaml", ["grid.model+eps_w=[[lr, 1.0]]"])
+    run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
+    with open(tmp_path / "out" / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["eps_d"], r["paper_acc_drop"]) for r in rows] == [("0.03", "22.97"), ("0.1", "63.83"), ("1", "67.01"), ("tau", "69.66")]
+    assert all(float(r["acc_drop"]) > 0 for r in rows)
+    table = format_results(rows).splitlines()
+    header = table[0].split()
+    drop, paper = header.index("drop"), header.index("paper")
+    assert [(line.split()[drop], line.split()[paper]) for line in table[2:]] == [
+        (f"{float(r['acc_drop']):.2f}", f"{float(r['paper_acc_drop']):.2f}") for r in rows]
+    gap = sum(abs(float(r["acc_drop"]) - float(r["paper_acc_drop"])) for r in rows) / len(rows)
+    (tmp_path / "out" / "figure.png").write_bytes(b"")  # drawn already: the fake cells have nothing to plot
+    report = write_report(tmp_path / "out").read_text()
+    assert f"Mean absolute difference from the paper over 4 cells: {gap:.2f} percentage points." in report
 
 
 def test_defense_rows(tmp_path):
@@ -432,7 +453,7 @@ def test_defense_rows(tmp_path):
 def test_format_results_is_a_fixed_width_table():
     rows = [
         {"cell": "model=lr", "eps_d": 0.1, "clean_acc": 92.35, "target_acc": 21.48, "tau": 1.15, "poisoned_acc": 69.38,
-         "acc_drop": 22.97, "grad_norm_ratio": 0.5, "param_distance": 4.25, "wall_time_s": 12.4, "paper_acc_drop": -22.97},
+         "acc_drop": 22.97, "grad_norm_ratio": 0.5, "param_distance": 4.25, "wall_time_s": 12.4, "paper_acc_drop": 22.97},
         {"cell": "model=nn,attack=gc", "eps_d": "tau", "clean_acc": 98.04, "target_acc": 78.0, "tau": "inf", "poisoned_acc": 78.99,
          "acc_drop": 19.05, "grad_norm_ratio": 0.01, "param_distance": 0.5, "wall_time_s": 3, "paper_acc_drop": None},
     ]
@@ -441,8 +462,8 @@ def test_format_results_is_a_fixed_width_table():
     assert lines[0].split() == ["cell", "eps_d", "clean", "target", "tau", "poisoned", "drop", "paper", "‖g‖", "ratio",
                                 "‖w", "−", "w_t‖", "time", "(s)"]
     assert set(lines[1]) == {"-", " "}
-    assert lines[2].split() == ["model=lr", "0.1", "92.35", "21.48", "1.15", "69.38", "-22.97", "-22.97", "0.5", "4.25", "12"]
-    assert lines[3].split() == ["model=nn,attack=gc", "tau", "98.04", "78.00", "inf", "78.99", "-19.05", "-", "0.01", "0.5", "3"]
+    assert lines[2].split() == ["model=lr", "0.1", "92.35", "21.48", "1.15", "69.38", "22.97", "22.97", "0.5", "4.25", "12"]
+    assert lines[3].split() == ["model=nn,attack=gc", "tau", "98.04", "78.00", "inf", "78.99", "19.05", "-", "0.01", "0.5", "3"]
     assert "defense" not in lines[0]
 
 
@@ -684,7 +705,7 @@ def test_victim_seeds_in_a_sweep_reach_the_table_and_may_grow(tmp_path):
         (read,) = list(csv.DictReader(f))
     assert read["victim_seeds"] == "0 1" and float(read["acc_drop_std"]) == pytest.approx(r["acc_drop_std"])
     table = format_results([row])
-    assert "drop (seeds)" in table and f"{-r['acc_drop_mean']:+.2f} ± {r['acc_drop_std']:.2f}" in table and "agree" in table
+    assert "drop (seeds)" in table and f"{r['acc_drop_mean']:.2f} ± {r['acc_drop_std']:.2f}" in table and "agree" in table
 
     saved = io.read_yaml(out / "sweep.yaml")
     del saved["run"]["victim_seeds"]  # as an earlier version wrote it
@@ -704,6 +725,6 @@ def test_mean_columns_show_their_spread_and_hide_without_seeds():
              "poisoned_acc_std": 1.25, "victim_seeds": "0 1", "target_agreement": 91.0, "victim_grad_norm": 0.0123},
             {"cell": "b", "eps_d": 0.1, "acc_drop": 1.0}]
     lines = format_results(rows).splitlines()
-    assert "-2.50 ± 0.50" in lines[2] and "80.00 ± 1.25" in lines[2] and "0.0123" in lines[2] and "91.00" in lines[2]
+    assert " 2.50 ± 0.50" in lines[2] and "80.00 ± 1.25" in lines[2] and "0.0123" in lines[2] and "91.00" in lines[2]
     assert "±" not in lines[3]
     assert "seeds" not in format_results(rows[1:]) and "agree" not in format_results(rows[1:])

@@ -162,9 +162,10 @@ def _dpa(defense, config: RunConfig, spec: dict, X_train, y_train, splits, num_p
 
 
 def format_defense_table(name: str, summary: dict) -> str:
-    """The defense's columns per ε_d, as the paper prints them (drops negative, recovery signed)."""
+    """The defense's columns per ε_d: the drop that remains (clean − defended accuracy, positive:
+    damage left) and the accuracy recovered (signed, negative when the defense costs accuracy)."""
     rows = [
-        [f"{r['eps_d']:g}", f"{r['poisoned_acc']:.2f}", f"{r['defended_acc']:.2f}", f"{-r['acc_drop_defended']:+.2f}", f"{r['recovered']:+.2f}"]
+        [f"{r['eps_d']:g}", f"{r['poisoned_acc']:.2f}", f"{r['defended_acc']:.2f}", f"{r['acc_drop_defended']:.2f}", f"{r['recovered']:+.2f}"]
         + ([f"{r['poisons_removed']}/{r['removed']}"] if "removed" in r else [])
         + ([f"{r['certified_acc']:.2f}", str(r["median_radius"])] if "certified_acc" in r else [])
         for r in summary["results"]

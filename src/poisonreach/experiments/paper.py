@@ -4,7 +4,7 @@ Every number of Tables 1–9 of Lu, Kamath & Yu, "Exploring the Limits of Model-
 Indiscriminate Data Poisoning Attacks" (ICML 2023), and the results quoted in its text and figure
 captions, one record per printed number, in ``paper.yaml`` next to this module:
 
-    lookup(2, dataset="mnist", model="lr", attack="gc", eps_d=0.03, metric="acc_drop")  # -22.97
+    lookup(2, dataset="mnist", model="lr", attack="gc", eps_d=0.03, metric="acc_drop")  # 22.97
     find(table=6, target="gradpc/2", metric="tau")                                      # 3 records
 
 Vocabulary (every record has ``table``, ``metric`` and ``value``; the other keys appear only where
@@ -45,9 +45,10 @@ threat
 metric
     clean_acc: test accuracy of the clean model (%);
     target_acc: test accuracy of the attacked (or target) model (%);
-    acc_drop: attacked minus clean accuracy (percentage points), negative when the accuracy falls,
-    as Tables 2–4 and 6–9 print it. Tables 1 and 5 print the drop as a positive number after the
-    slash; it is stored negated so that one sign holds everywhere;
+    acc_drop: clean minus attacked accuracy (percentage points), positive when the accuracy falls:
+    the sign of ``acc_drop`` in run folders and sweeps, so the two compare directly. Tables 1 and 5
+    print it so (after the slash); Tables 2–4 and 6–9 print the accuracy change, negative for a
+    drop, and are stored negated (the notes quote the numbers as printed);
     recovered: accuracy the defense gives back (printed "+x", stored positive);
     tau: the reachability threshold τ(2) = max{⟨W, G(µ)⟩ / W(1/e), 0} (equations (7), (10); L637);
     eps_w: the relative parameter change an attack caused (TGDA in Tables 1 and 5);

@@ -46,11 +46,12 @@ def write_report(sweep_dir: str | Path) -> Path:
     lines = [f"# {sweep.get('name', sweep_dir.name)}", ""]
     if sweep.get("description"):
         lines += [str(sweep["description"]).strip(), ""]
-    lines += ["## Results", "", "Accuracy drops are printed as the paper prints them (negative); "
-              "\"drop (paper)\" is the paper's number for the same cell where it gives one.", "", markdown_table(rows), ""]
+    lines += ["## Results", "", "A drop is clean − poisoned accuracy in percentage points (positive: the attack did damage), "
+              "ours and the paper's alike (most of its tables print the change, negative); \"drop (paper)\" is the paper's "
+              "number for the same cell where it gives one.", "", markdown_table(rows), ""]
     compared = [(float(r["acc_drop"]), float(r["paper_acc_drop"])) for r in rows if r.get("paper_acc_drop") not in (None, "") and r.get("acc_drop") not in (None, "")]
     if compared:
-        gap = sum(abs(-ours - paper) for ours, paper in compared) / len(compared)
+        gap = sum(abs(ours - paper) for ours, paper in compared) / len(compared)
         lines += [f"Mean absolute difference from the paper over {len(compared)} cells: {gap:.2f} percentage points.", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]

@@ -33,8 +33,9 @@ eps_d (as configured: a number or "tau"), clean_acc, target_acc, tau, poisoned_a
 (‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), param_distance, target_agreement (% of test points
 where the victim predicts as the target does), the training-gradient norms clean_grad_norm,
 target_grad_norm and victim_grad_norm, with victim seeds their list and poisoned_acc, acc_drop and
-target_agreement as _mean and _std over them, wall_time_s and paper_acc_drop (the paper's number,
-negative as printed, or empty). In a defense row acc_drop is the drop after the defense and
+target_agreement as _mean and _std over them, wall_time_s and paper_acc_drop (the paper's drop,
+clean − attacked as acc_drop is, whatever sign the paper prints; or empty:
+:mod:`poisonreach.experiments.paper`). In a defense row acc_drop is the drop after the defense and
 paper_acc_drop the paper's drop after it (Tables 3, 4 and 8); poisoned_acc stays undefended. A run
 without ε_d has one row about its target: attack is the target's name and acc_drop its drop.
 """
@@ -364,18 +365,15 @@ def _present(value) -> bool:
 
 
 def show(key: str, value) -> str:
-    """One results value as text: accuracies and agreements in %, drops negative as the paper prints
-    them, "-" for a missing value or the NaN of an undefined accuracy."""
+    """One results value as text: accuracies, agreements and drops (clean − poisoned, positive for
+    damage, ours and the paper's alike) in %, "-" for a missing value or the NaN of an undefined
+    accuracy."""
     x = _number(value)
     if x is None:
         return "-" if value in (None, "") else str(value)
     if math.isnan(x):
         return "-"
-    if key in ("acc_drop", "acc_drop_vs_official_clean"):
-        return f"{-x:+.2f}"  # printed as the paper prints drops: negative
-    if key == "paper_acc_drop":
-        return f"{x:+.2f}"  # the paper's number, already negative
-    if key.endswith("acc") or key.startswith("retrain_acc") or key in ("recovered", "target_agreement"):
+    if key.endswith("acc") or key.startswith("retrain_acc") or "acc_drop" in key or key in ("recovered", "target_agreement"):
         return f"{x:.2f}"
     if key == "wall_time_s":
         return f"{x:.0f}"
@@ -385,12 +383,9 @@ def show(key: str, value) -> str:
 
 
 def show_cell(key: str, row: dict) -> str:
-    """``row[key]`` as :func:`show` prints it; a ``*_mean`` column as "mean ± std" with its ``*_std``
-    (a drop negative, as the paper prints it)."""
+    """``row[key]`` as :func:`show` prints it; a ``*_mean`` column as "mean ± std" with its ``*_std``."""
     if key.endswith("_mean") and _present(row.get(key)):
-        base, std = key.removesuffix("_mean"), _number(row.get(key.removesuffix("_mean") + "_std"))
-        mean = _number(row[key])
-        text = f"{-mean:+.2f}" if base == "acc_drop" else f"{mean:.2f}"
+        text, std = f"{_number(row[key]):.2f}", _number(row.get(key.removesuffix("_mean") + "_std"))
         return text if std is None or math.isnan(std) else f"{text} ± {std:.2f}"
     return show(key, row.get(key))
 

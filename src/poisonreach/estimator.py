@@ -23,7 +23,15 @@ from .validation import Number, progress_flag
 
 
 class Estimator:
-    """Base class: parameters are the constructor's keyword arguments, stored under their names."""
+    """Base class: parameters are the constructor's keyword arguments, stored under their names.
+
+    Parameters
+    ----------
+    seed: seeds every random choice the object makes.
+    chunk_size: rows per forward/backward chunk; bounds memory, not the result.
+    device: where the computation runs ("cpu", "cuda:0"); None: where the model's parameters are.
+    progress: a tqdm bar on stderr: True, False, or None (shown only on a terminal).
+    """
 
     constraints: dict[str, Callable[[str, Any], Any]] = {
         "seed": Number(integer=True),

@@ -47,7 +47,14 @@ def _apply(model: nn.Module, delta: list[Tensor]) -> nn.Module:
 
 
 class _Corruption(Estimator):
-    """The parameter-corruption generators: a radius ε_w, absolute or relative, and a seed."""
+    """The parameter-corruption generators: a radius ε_w, absolute or relative, and a seed.
+
+    Parameters
+    ----------
+    eps_w: the radius of the corruption δ, an L2 ball over all parameters, biases included (> 0).
+    eps_w_mode: ``absolute`` (‖δ‖ ≤ ε_w, what the paper's numbers use) or ``relative`` (‖δ‖ ≤ ε_w·‖w‖).
+    seed: seeds the random direction (RandomPC) or the batch order (GradPC).
+    """
 
     constraints = {"eps_w": Number(low=0, low_open=True), "eps_w_mode": Choice(EPS_W_MODES)}
 
@@ -72,11 +79,15 @@ class RandomPC(_Corruption):
 class FixedTarget(Estimator):
     """A target given by its last linear layer's parameters (Figure 1: a grid of w ∈ R² on the OR data).
 
-    ``weight``: nested lists or a tensor of the last layer's weight shape (out, features); ``bias``:
-    its bias (out,), or None to keep the clean model's. The other layers are the clean model's.
+    The other layers are the clean model's.
+
+    Parameters
+    ----------
+    weight: the last layer's weight, nested lists or a tensor of its shape (out, features).
+    bias: its bias (out,), or None to keep the clean model's.
     """
 
-    def __init__(self, weight, bias=None):
+    def __init__(self, weight: list | Tensor, bias: list | Tensor | None = None):
         self.weight = weight
         self.bias = bias
         for name, value in (("weight", weight), ("bias", bias)):
@@ -109,6 +120,12 @@ class GradPC(_Corruption):
     corrupted parameters), then projects the accumulated perturbation onto the ε_w ball. The model
     stays in eval mode. ``step_size`` defaults to a tenth of the radius, so the ball is reached within
     ten steps and the rest of the pass moves along its surface.
+
+    Parameters
+    ----------
+    step_size: the length of each ascent step; None: a tenth of the radius.
+    batch_size: training points per step.
+    epochs: passes over the training set (the paper's code: one).
     """
 
     constraints = {

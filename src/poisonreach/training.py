@@ -73,13 +73,18 @@ def train(
         X: inputs (N, ...), in the pixel space the model expects; they may stay on the CPU, batches
             are moved to ``device`` one at a time.
         y: int class indices (N,), soft labels (N, C) or regression targets, float (N,).
-        epochs, lr, batch_size: as in the paper's protocol; ``lr`` is multiplied by ``gamma`` after
-            every epoch (StepLR with step 1).
+        epochs: passes over the data (the paper's protocol: 14).
+        lr: the learning rate of the first epoch; it is multiplied by ``gamma`` after every epoch
+            (StepLR with step 1).
+        batch_size: points per step (the paper's protocol: 64).
         seed: fixes the shuffling and the dropout masks. The caller's global random state is left
             as it was.
         weights: non-negative per-sample weights (N,). A batch minimises mean_i(w_i · ℓ_i), so an
             epoch minimises (1/N) Σ_i w_i ℓ_i: a weight is a multiplicity, not renormalised per batch.
-        optimizer: "adadelta", "sgd" (with ``momentum``) or "adam"; ``weight_decay`` for all three.
+        optimizer: "adadelta", "sgd" (with ``momentum``) or "adam".
+        gamma: the learning rate's factor per epoch (the paper's protocol: 0.7); 1 keeps it constant.
+        momentum: the heavy-ball momentum of "sgd" (the other optimizers ignore it).
+        weight_decay: λ of every optimizer's weight decay: the objective gains λ/2·‖w‖².
         loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
         device: where to train; the model is moved there. None: where the model's parameters are.
         progress: a tqdm bar over epochs on stderr, with the epoch's mean loss. None shows it only
@@ -171,6 +176,16 @@ def minimize(
 
     When ``max_iterations`` pass, or the line search stalls, before the tolerance is met, a warning
     says so (the run records every model's gradient norm, :func:`training_gradient_norm`).
+
+    Args:
+        weight_decay: λ of the objective's λ/2·‖w‖²; λ > 0 makes a linear model's minimiser unique.
+        tolerance: stop once the objective's gradient norm is at most this.
+        max_iterations: most L-BFGS iterations, line-search evaluations not counted.
+        history_size: the curvature pairs L-BFGS keeps (its memory).
+        loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
+        chunk_size: rows per forward/backward pass; bounds memory.
+        device: where to train; the model is moved there. None: where the model's parameters are.
+        progress: a tqdm bar over iterations on stderr. None shows it only on a terminal, False never.
     """
     n = check_inputs(X)
     given = locals()

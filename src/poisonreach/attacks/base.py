@@ -78,6 +78,11 @@ class Attack(Estimator):
     Every attack has a poison budget ε_d (``eps_d`` > 0: m = max(1, round(n·ε_d)) poisons for n clean
     points), a ``seed`` for all its random choices and a ``device``; :attr:`constraints` checks them
     and the arguments several attacks share. Subclasses build their result with :meth:`_result`.
+
+    Parameters
+    ----------
+    checkpoint_every: how often the state is saved to ``checkpoint``, in epochs or iterations of
+        the attack (a resumed attack repeats at most this many).
     """
 
     constraints = {

@@ -3,7 +3,8 @@
 The target is planted: the clean logistic regression's victim after a least-likely label flip of
 ε_d·n random training points (``LabelFlip(strategy="least-likely")``), retrained with the paper's
 protocol. Those flipped copies are admissible poisons, so the target is reachable at ε_d as far as
-the victim's training converged (its training-gradient norm is printed). Each solver attacks the
+the victim's training converged (its training-gradient norm is printed; ``--converged`` trains every
+model with ``training.minimize`` instead, so that it is reachable exactly). Each solver attacks the
 same target at the same ε_d and records ‖g(µ) + ε_d·g(ν̂)‖ against wall time:
 
 - ``pgd``: GradientCanceling (Algorithm 1 with backtracking), the labels of the start points;
@@ -37,19 +38,26 @@ REPO = Path(__file__).resolve().parents[1]
 THRESHOLDS = (1e-1, 1e-2, 1e-3)
 
 
-def planted_target(splits, eps_d: float, seed: int, model: str = "lr"):
-    """The clean model and the victim of a least-likely flip at ε_d (the paper's protocol)."""
+def fit(model, X, y, seed: int, weight_decay: float | None):
+    """The protocol: the paper's (Adadelta, 14 epochs) or, with a weight decay, the converged one."""
+    if weight_decay is None:
+        return training.train(model, X, y, seed=seed, progress=False)
+    return training.minimize(model, X, y, weight_decay=weight_decay, progress=False)
+
+
+def planted_target(splits, eps_d: float, seed: int, model: str = "lr", weight_decay: float | None = None):
+    """The clean model and the victim of a least-likely flip at ε_d, trained by ``fit``."""
     fresh = lambda: models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed)  # noqa: E731
     X, y = splits.x_train, splits.y_train
-    clean = training.train(fresh(), X, y, seed=seed, progress=False)
+    clean = fit(fresh(), X, y, seed, weight_decay)
     flip = LabelFlip(eps_d, strategy="least-likely", seed=seed).poison(clean, X, y)
     Xm, ym = flip.mixed(X, y)
-    target = training.train(fresh(), Xm, ym, seed=seed, progress=False).eval()
-    return clean, target, training.training_gradient_norm(target, Xm, ym)
+    target = fit(fresh(), Xm, ym, seed, weight_decay).eval()
+    return clean, target, training.training_gradient_norm(target, Xm, ym, weight_decay=weight_decay or 0.0)
 
 
 def solvers(eps_d: float, args) -> dict:
-    common = dict(parameters=args.parameters, seed=args.seed, progress=False)
+    common = dict(parameters=args.parameters, seed=args.seed, progress=False, weight_decay=args.weight_decay or 0.0)
     return {
         "pgd": lambda epochs: GradientCanceling(eps_d, epochs=epochs, **common),
         "pgd-soft": lambda epochs: GradientCanceling(eps_d, epochs=epochs, optimize_labels=True, **common),
@@ -79,9 +87,9 @@ def run_solver(name: str, make, target, X, y, args) -> dict:
             "labels": "soft (relaxation)" if name == "pgd-soft" else ("greedy hard" if name == "gn" else "fixed hard")}
 
 
-def agreement(target, splits, result, seed: int, model: str) -> float:
-    victim = training.train(models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed),
-                            *result.mixed(splits.x_train, splits.y_train, num_outputs=splits.num_classes), seed=seed, progress=False)
+def agreement(target, splits, result, seed: int, model: str, weight_decay: float | None) -> float:
+    victim = fit(models.create(model, splits.input_shape, splits.num_classes, mean=splits.mean, std=splits.std, seed=seed),
+                 *result.mixed(splits.x_train, splits.y_train, num_outputs=splits.num_classes), seed, weight_decay)
     return training.agreement(victim, target, splits.x_test)
 
 
@@ -119,6 +127,9 @@ def main() -> None:
     parser.add_argument("--gn-iterations", type=int, default=60)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="Gauss-Newton stops at this ratio")
     parser.add_argument("--agreement", action="store_true", help="retrain a victim per solver and compare predictions")
+    parser.add_argument("--converged", dest="weight_decay", type=float, nargs="?", const=1e-3, default=None, metavar="WEIGHT_DECAY",
+                        help="train the clean model, the target and the victims to convergence (training.minimize, weight decay "
+                             "1e-3 unless given) instead of the paper's protocol; the solvers cancel the weight decay too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="file stem for the JSON, PNG and PDF (default: print only)")
@@ -135,7 +146,7 @@ def main() -> None:
     started = time.perf_counter()
     splits = data.load("mnist", root=args.data_root, seed=args.seed).subset(args.train_size, seed=args.seed)
     X, y = splits.x_train, splits.y_train
-    clean, target, target_grad = planted_target(splits, args.eps_d, args.seed, args.model)
+    clean, target, target_grad = planted_target(splits, args.eps_d, args.seed, args.model, args.weight_decay)
     print(f"MNIST-{args.model.upper()} (parameters {args.parameters}), n = {len(X)}, eps_d = {args.eps_d:g}: clean {training.accuracy(clean, splits.x_test, splits.y_test):.2f}%, "
           f"planted target {training.accuracy(target, splits.x_test, splits.y_test):.2f}%, the target's training-gradient norm "
           f"{target_grad:.3g} (setup {time.perf_counter() - started:.0f} s)", flush=True)
@@ -144,7 +155,7 @@ def main() -> None:
     for name in args.solvers:
         rows[name] = run_solver(name, makers[name], target, X, y, args)
         if args.agreement:
-            rows[name]["agreement"] = agreement(target, splits, rows[name]["result"], args.seed, args.model)
+            rows[name]["agreement"] = agreement(target, splits, rows[name]["result"], args.seed, args.model, args.weight_decay)
         row = rows[name]
         reach = "  ".join(f"{'-' if s is None else f'{s:.1f}':>7}" for s in row["seconds_to"].values())
         agree = f"  {row['agreement']:6.2f}%" if args.agreement else ""
@@ -154,6 +165,7 @@ def main() -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         record = {"model": args.model, "parameters": args.parameters, "n": len(X), "eps_d": args.eps_d, "threads": args.threads, "target_grad_norm": target_grad,
+                  "protocol": "paper" if args.weight_decay is None else f"converged, weight decay {args.weight_decay:g}",
                   "solvers": {k: {key: v for key, v in row.items() if key != "result"} for k, row in rows.items()}}
         io.write_json(out.parent / f"{out.name}.json", record)
         plot(rows, out, f"planted least-likely target, MNIST-{args.model.upper()} ({args.parameters} parameters) n = {len(X)}, ε_d = {args.eps_d:g}")

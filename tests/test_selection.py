@@ -1,69 +1,132 @@
-"""Appendix D's choice of a target (poisonreach.experiments.selection): τ on the training split,
-GC's objective, the lowest validation accuracy among the targets kept; the test split never used."""
+"""``--target select`` (poisonreach.experiments.selection): candidates from GradPC and planted label
+flips, τ on the training split, validation accuracy only, GC tried lowest validation accuracy first
+until one is reached, every candidate recorded, resumed without redoing an attempt."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+import math
 
-from poisonreach import training
-from poisonreach.attacks import GradientCanceling
-from poisonreach.experiments.selection import select_target
+import pytest
+
+from poisonreach import io, models, training
+from poisonreach.attacks import GaussNewtonCanceling, LabelFlip
+from poisonreach.errors import PoisonReachError
+from poisonreach.experiments import selection as selection_module
+from poisonreach.experiments.config import RunConfig
+from poisonreach.experiments.run import run
+from poisonreach.experiments.selection import SELECT_DEFAULTS, TargetSelection, check_select_options
 from poisonreach.reachability import threshold
 from poisonreach.targets import GradPC
 
-
-def flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()])
+OPTIONS = {"eps_w": [0.25, 0.5, 2.0], "flip_eps_d": [0.3]}
 
 
-def test_select_target_uses_only_train_and_validation_and_rules_out_tau_above_eps_d(digits_lr, monkeypatch):
-    s, model = digits_lr
-    X, y, Xv, yv = s.x_train, s.y_train, s.x_val, s.y_val
-    seen_accuracy, seen_tau = [], []
-    real_accuracy, real_threshold = training.accuracy, threshold
-
-    def spy_accuracy(m, Xa, ya, **kw):
-        seen_accuracy.append(Xa)
-        return real_accuracy(m, Xa, ya, **kw)
-
-    def spy_threshold(m, Xt, yt, **kw):
-        seen_tau.append(Xt)
-        return real_threshold(m, Xt, yt, **kw)
-
-    monkeypatch.setattr("poisonreach.training.accuracy", spy_accuracy)
-    monkeypatch.setattr("poisonreach.reachability.threshold", spy_threshold)
-    eps_w_list = [0.2, 0.35, 0.5, 0.75, 2.0]
-    sel = select_target(
-        model, X, y, Xv, yv, eps_w_list=eps_w_list, eps_d=0.5,
-        make_attack=lambda e: GradientCanceling(e, epochs=20, progress=False),
-    )
-    monkeypatch.undo()
-    assert seen_accuracy and all(t is Xv for t in seen_accuracy)  # accuracy only ever on validation
-    assert seen_tau and all(t is X for t in seen_tau[: len(eps_w_list)])  # τ on the training split
-
-    cands = sel.candidates
-    assert [c.eps_w for c in cands] == eps_w_list
-    for c in cands:
-        target = GradPC(c.eps_w).generate(model, X, y)  # deterministic: the same target again
-        assert c.tau == pytest.approx(threshold(target, X, y).tau, rel=1e-9)
-        assert c.val_acc == training.accuracy(target, Xv, yv)
-        if c.tau > 0.5:
-            assert not c.kept and c.loss_ratio is None and "tau" in c.reason
-        else:
-            assert c.loss_ratio is not None and c.kept == (c.loss_ratio <= 0.1)
-    # observed: τ = 0, 0, 0, 2.0, 23.4; GC objective ratios 0.014, 0.044, 0.17 → kept 0.2 and 0.35
-    assert [c.kept for c in cands] == [True, True, False, False, False]
-    assert sum(c.tau > 0.5 for c in cands) == 2
-    kept = [c for c in cands if c.kept]
-    best = min(kept, key=lambda c: c.val_acc)
-    assert sel.eps_w == best.eps_w == 0.35
-    assert torch.equal(flat(sel.model), flat(GradPC(0.35).generate(model, X, y)))
-    assert sel.to_dict()["eps_w"] == 0.35 and len(sel.to_dict()["candidates"]) == 5
+def test_select_options_defaults_and_errors():
+    assert check_select_options({}) == SELECT_DEFAULTS
+    assert check_select_options({"eps_w": []})["eps_w"] == []
+    for bad, match in [({"grid": [1]}, "unknown option"), ({"eps_w": 1.0}, "list of positive numbers"),
+                       ({"flip_eps_d": [0.1, -1]}, "list of positive numbers"), ({"eps_w": [], "flip_eps_d": []}, "no candidates"),
+                       ({"reach": 2.0}, "reach"), ({"flip_strategy": "worst"}, "flip_strategy")]:
+        with pytest.raises(PoisonReachError, match=match):
+            check_select_options(bad)
 
 
-def test_select_target_with_nothing_reachable(digits_lr):
-    s, model = digits_lr
-    sel = select_target(model, s.x_train, s.y_train, s.x_val, s.y_val, eps_w_list=[1.0, 2.0], eps_d=0.5)
-    assert sel.model is None and sel.eps_w is None
-    assert all(not c.kept and c.loss_ratio is None for c in sel.candidates)
+def fit_for(s):
+    return lambda X, y: training.train(models.create("lr", s.input_shape, 10, mean=s.mean, std=s.std, seed=0), X, y,
+                                       epochs=5, batch_size=16, progress=False)
+
+
+def save_for(s):
+    def save(model, path):
+        models.save_model(model, path, name="lr", input_shape=s.input_shape, num_classes=10, mean=s.mean, std=s.std)
+        return model
+    return save
+
+
+@pytest.fixture(scope="module")
+def chosen(digits_lr, tmp_path_factory):
+    s, clean = digits_lr
+    tmp_path = tmp_path_factory.mktemp("select")
+    seen, attacks = [], []
+    real_accuracy, real_poison = selection_module.accuracy, GaussNewtonCanceling.poison
+
+    def counting(self, model, X, y, loss=None):
+        attacks.append(self)
+        return real_poison(self, model, X, y, loss)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection_module, "accuracy", lambda m, Xa, ya, **kw: seen.append(Xa) or real_accuracy(m, Xa, ya, **kw))
+        patch.setattr(GaussNewtonCanceling, "poison", counting)
+        sel = TargetSelection(OPTIONS, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path / "candidates",
+                              weight_decay=0.0, seed=0, log=lambda *a: None)
+        attack = GaussNewtonCanceling(0.1, iterations=30, checkpoint=tmp_path / "cell" / "checkpoint.pt")
+        target, poisons, records = sel.choose(attack, tmp_path / "cell")
+        yield s, clean, sel, target, poisons, records, seen, attacks, attack, tmp_path
+
+
+def test_candidates_are_the_grid_and_the_planted_flips(chosen):
+    s, clean, sel, *_ = chosen
+    X, y = s.x_train, s.y_train
+    assert [c.name for c in sel.candidates] == ["gradpc-eps_w=0.25", "gradpc-eps_w=0.5", "gradpc-eps_w=2", "labelflip-eps_d=0.3"]
+    for c in sel.candidates[:3]:
+        target = GradPC(float(c.name.split("=")[1])).generate(clean, X, y)  # deterministic: the same target again
+        assert c.tau == pytest.approx(threshold(target, X, y).tau, rel=1e-9) and c.budget is None
+    planted = fit_for(s)(*LabelFlip(0.3, strategy="least-likely").poison(clean, X, y).mixed(X, y, 10))
+    assert training.agreement(planted, sel.targets["labelflip-eps_d=0.3"], s.x_test) == 100.0
+    assert sel.candidates[3].budget == 0.3
+
+
+def test_only_validation_accuracy_and_the_lowest_reached_is_chosen(chosen):
+    s, clean, sel, target, poisons, records, seen, attacks, attack, tmp_path = chosen
+    assert seen and all(t is s.x_val for t in seen)  # the test split is never read
+    tried = sorted((c for c in records if c.grad_norm_ratio is not None), key=lambda c: c.val_acc)
+    order = sorted((c for c in records if c.tau <= 0.1), key=lambda c: c.val_acc)
+    assert len(tried) >= 2, [(c.name, c.val_acc, c.grad_norm_ratio) for c in records]
+    assert [c.name for c in tried] == [c.name for c in order[: len(tried)]]  # lowest validation accuracy first
+    assert all(not c.kept and c.grad_norm_ratio > 0.1 for c in tried[:-1]) and tried[-1].kept and tried[-1].grad_norm_ratio <= 0.1, records
+    for c in records:
+        if c.tau > 0.1:
+            assert "tau" in c.reason and c.grad_norm_ratio is None
+        elif c not in tried:
+            assert c.reason.startswith("not tried") and c.val_acc >= tried[-1].val_acc
+    assert target is sel.targets[tried[-1].name] and math.isclose(poisons.grad_norm_ratio, tried[-1].grad_norm_ratio)
+    saved = io.read_json(tmp_path / "cell" / "selection.json")
+    assert saved["chosen"] == tried[-1].name and len(saved["candidates"]) == len(records)
+    # each attempt had its own checkpoint and poisons folder
+    assert sorted(a.checkpoint for a in attacks) == sorted(tmp_path / "cell" / f"candidate={c.name}" / "checkpoint.pt" for c in tried)
+    assert all((tmp_path / "cell" / f"candidate={c.name}" / "poisons.pt").is_file() for c in tried)
+
+
+def test_choose_again_reads_every_attempt_back(chosen):
+    *_, sel, target, poisons, records, seen, attacks, attack, tmp_path = chosen
+    count = len(attacks)
+    again, poisons_again, records_again = sel.choose(attack, tmp_path / "cell")
+    assert len(attacks) == count and again is target and records_again == records
+
+
+def test_nothing_reached(digits_lr, tmp_path):
+    s, clean = digits_lr
+    sel = TargetSelection({"eps_w": [2.0], "flip_eps_d": []}, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path,
+                          weight_decay=0.0, seed=0, log=lambda *a: None)
+    target, poisons, records = sel.choose(GaussNewtonCanceling(0.05, iterations=2), tmp_path / "cell")
+    assert target is None and poisons is None and "tau" in records[0].reason
+
+
+def test_select_configuration_errors():
+    for kwargs, match in [(dict(attack="labelflip"), "use a GC attack"), (dict(protocol="official"), "honest or converged"),
+                          (dict(eps_d=["tau"]), "give numbers"), (dict(target_options={"grid": 1}), "unknown option")]:
+        with pytest.raises(PoisonReachError, match=match):
+            RunConfig(target="select", **kwargs).validate()
+
+
+def test_select_run_records_the_chosen_target_per_eps_d(tmp_path):
+    config = RunConfig(dataset="digits", target="select", eps_d=[0.3], attack="gc-gn", attack_options={"iterations": 8},
+                       target_options={"eps_w": [0.25, 2.0], "flip_eps_d": [0.3]}, training={"epochs": 5})
+    logged = []
+    metrics = run(config, tmp_path, log=logged.append)
+    (entry,) = metrics["results"]
+    saved = io.read_json(tmp_path / "eps_d=0.3" / "selection.json")
+    assert entry["target"] == saved["chosen"] and "tau" in entry and "target_acc" in entry and "grad_norm_clean" in entry
+    assert "tau" not in metrics and metrics["target"] == "select"
+    assert entry["target"] in logged[-1]  # the table names it
+    assert (tmp_path / "candidates" / "labelflip-eps_d=0.3" / "target_model.pt").is_file()

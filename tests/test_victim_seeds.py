@@ -191,7 +191,7 @@ def test_the_table_prints_mean_and_std_over_several_seeds(seeded):
     r = metrics["results"][0]
     assert "mean ± std over victim seeds 0 1 2" in table
     assert f"{r['poisoned_acc_mean']:.2f} ± {r['poisoned_acc_std']:.2f}" in table
-    assert f"{-r['acc_drop_mean']:+.2f} ± {r['acc_drop_std']:.2f}" in table
+    assert f"{r['acc_drop_mean']:.2f} ± {r['acc_drop_std']:.2f}" in table
     assert f"{r['target_agreement_mean']:.2f} ± {r['target_agreement_std']:.2f}" in table
     assert f"{metrics['clean_acc_mean']:.2f} ± {metrics['clean_acc_std']:.2f}%" in table
     assert f"{max(r['victim_grad_norm_per_seed']):.3g}" in table

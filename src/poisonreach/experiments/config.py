@@ -29,6 +29,7 @@ from ..training import CONVERGED_OPTIONS
 from ..training import HYPERPARAMETERS as TRAINING_OPTIONS
 from ..training import minimize
 from ..validation import check_choice, check_number, check_options
+from .selection import check_select_options
 
 __all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
@@ -37,7 +38,8 @@ __all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
 POISONED_TARGETS = ("tgda", "labelflip", "gm")
-TARGETS = (*TARGET_GENERATORS, *POISONED_TARGETS)
+# "select": a target per ε_d, chosen among GradPC and planted candidates (experiments/selection.py)
+TARGETS = (*TARGET_GENERATORS, *POISONED_TARGETS, "select")
 # How the poisons are made and the models trained: "honest" (this library's GC, every model trained
 # by the paper's protocol, section 5.1), "converged" (this library's GC, every model trained to a
 # stationary point of its regularised objective, training.minimize) or "official" (the official
@@ -143,9 +145,22 @@ class RunConfig:
         for key, value in self.training.items():
             self.training_options[key](f"training option {key}", value)
         self.make_attacks()  # validates ε_d and the attack's hyperparameters before any work
-        self.make_generator()
+        if self.target == "select":
+            self._validate_select()
+        else:
+            self.make_generator()
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise PoisonReachError(f"--device {self.device} was asked for but CUDA is not available: use --device cpu")
+
+    def _validate_select(self) -> None:
+        check_select_options(self.target_options)
+        if not ATTACKS[self.attack_name].model_targeted:
+            raise PoisonReachError(f"--target select chooses the target GC gets closest to: use a GC attack (gc, gc-pgd, gc-fw), "
+                                   f"not {self.attack_name}")
+        if self.protocol == "official":
+            raise PoisonReachError("--target select runs this library's GC on each candidate: use --protocol honest or converged")
+        if "tau" in self.eps_d:
+            raise PoisonReachError("eps_d 'tau' needs one target, and --target select chooses one per eps_d: give numbers")
 
     def make_generator(self):
         """The target generator (an attack for the poisoned targets); ``eps_w`` and ``eps_w_mode``

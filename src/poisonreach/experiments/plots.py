@@ -142,27 +142,29 @@ def _regression_lines(run_dir: Path, metrics: dict, out: Path) -> list[Path]:
 
 
 def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
-    """Accuracy drop (left) and final ‖g‖ (right) against ε_d, one line per run, τ dashed."""
+    """Accuracy drop, clean − poisoned (left; for regression the rise of the test MSE, so up is damage
+    either way), and final ‖g‖ (right) against ε_d, one line per run, τ dashed."""
     regression = any("poisoned_mse" in r for _, metrics in runs for r in metrics["results"])
     for label, metrics in runs:
         rows = sorted(metrics["results"], key=lambda r: r["eps_d"])
         eps = [r["eps_d"] for r in rows]
-        # accuracy is undefined for regression: the change of the test MSE instead
-        change = [r["poisoned_mse"] - metrics["clean_mse"] if regression else -r["acc_drop"] for r in rows]
+        # accuracy is undefined for regression: the rise of the test MSE instead
+        damage = [r["poisoned_mse"] - metrics["clean_mse"] if regression else r["acc_drop"] for r in rows]
         if not regression and len(metrics.get("victim_seeds") or []) > 1 and all("acc_drop_mean" in r for r in rows):
-            # victim seeds: the mean change with ± one sample standard deviation
-            line = axes[0].errorbar(eps, [-r["acc_drop_mean"] for r in rows], yerr=[r["acc_drop_std"] for r in rows],
+            # victim seeds: the mean drop with ± one sample standard deviation
+            line = axes[0].errorbar(eps, [r["acc_drop_mean"] for r in rows], yerr=[r["acc_drop_std"] for r in rows],
                                     marker="o", capsize=3, label=label)[0]
         else:
-            line = axes[0].plot(eps, change, marker="o", label=label)[0]
-        target_change = metrics["target_mse"] - metrics["clean_mse"] if regression else metrics["target_acc"] - metrics["clean_acc"]
-        axes[0].axhline(target_change, color=line.get_color(), linestyle=":", linewidth=1)  # the target's own (GradPC's)
+            line = axes[0].plot(eps, damage, marker="o", label=label)[0]
+        if metrics.get("target_mse" if regression else "target_acc") is not None:  # one target (select: one per ε_d)
+            target_damage = metrics["target_mse"] - metrics["clean_mse"] if regression else metrics["clean_acc"] - metrics["target_acc"]
+            axes[0].axhline(target_damage, color=line.get_color(), linestyle=":", linewidth=1)  # the target's own (GradPC's)
         axes[1].plot(eps, [r["grad_norm_final"] for r in rows], marker="o", color=line.get_color(), label=label)
         tau = metrics.get("tau")
         if tau is not None and math.isfinite(tau) and tau > 0:
             for ax in axes:
                 ax.axvline(tau, color=line.get_color(), linestyle="--", linewidth=1)
-    axes[0].set_ylabel(("test MSE change" if regression else "accuracy change (%)") + " (dotted: the target's)")
+    axes[0].set_ylabel(("test MSE increase" if regression else "accuracy drop (points)") + " (dotted: the target's)")
     axes[1].set_ylabel("‖g(µ) + ε_d·g(ν̂)‖₂ after the attack")
     axes[1].set_yscale("log")
     from matplotlib.ticker import FixedLocator, FormatStrFormatter, LogLocator, NullFormatter, NullLocator
@@ -264,7 +266,8 @@ def _flat(value) -> list[float]:
 
 
 def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) -> list[Path]:
-    """Figure 1 (left and middle): τ, and the accuracy drop at each ε_d, over the target grid w ∈ R²."""
+    """Figure 1 (left and middle): τ, and the accuracy drop (clean − poisoned) at each ε_d, over the
+    target grid w ∈ R²."""
     plt = _pyplot()
     w1 = sorted({_flat(c["target_options"]["weight"])[0] for _, c in fixed})
     w2 = sorted({_flat(c["target_options"]["weight"])[1] for _, c in fixed})
@@ -274,16 +277,16 @@ def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) ->
         i, j = w2.index(b), w1.index(a)
         grids["tau"][i, j] = metrics["tau"]
         for r in metrics["results"]:
-            grids[r["eps_d"]][i, j] = -r["acc_drop"]
+            grids[r["eps_d"]][i, j] = r["acc_drop"]
     cols = min(4, len(grids))
     rows = math.ceil(len(grids) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     drops = torch.stack([g for key, g in grids.items() if key != "tau"])
-    low = float(drops.nan_to_num(0).min()) if len(drops) else -100.0  # one colour scale for every ε_d
+    high = float(drops.nan_to_num(0).max()) if len(drops) else 100.0  # one colour scale for every ε_d
     for ax, (key, grid) in zip(axes.flat, grids.items()):
-        scale = {} if key == "tau" else {"vmin": min(low, -1.0), "vmax": 0.0}
+        scale = {} if key == "tau" else {"vmin": 0.0, "vmax": max(high, 1.0)}
         # one cell per grid value (the grid need not be evenly spaced), labelled with its w
-        image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis" if key == "tau" else "magma", **scale)
+        image = ax.imshow(grid.numpy(), origin="lower", aspect="auto", cmap="viridis" if key == "tau" else "magma_r", **scale)
         fig.colorbar(image, ax=ax)
         ax.set_xticks(range(len(w1)), [f"{v:g}" for v in w1])
         ax.set_yticks(range(len(w2)), [f"{v:g}" for v in w2])
@@ -291,7 +294,7 @@ def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) ->
             for j in range(len(w1)):
                 ax.text(j, i, f"{float(grid[i, j]):.3g}", ha="center", va="center", fontsize=7,
                         bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "alpha": 0.7, "linewidth": 0})
-        ax.set_title("τ" if key == "tau" else f"accuracy change, ε_d = {key:g}")
+        ax.set_title("τ" if key == "tau" else f"accuracy drop, ε_d = {key:g}")
         ax.set_xlabel("w₁")
         ax.set_ylabel("w₂")
     for ax in list(axes.flat)[len(grids):]:

@@ -68,6 +68,7 @@ from ..training import accuracy, agreement, mean_squared_error, minimize, train,
 from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
+from .selection import TargetSelection
 
 
 def _load_or(path: Path, make):
@@ -110,23 +111,23 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
     clean_grad_norm = _grad_norm(config, clean, X, y)
 
-    def new_target() -> nn.Module:
-        return save(make_target(config, clean, X, y, splits, fit, poisons_dir=out / "target_poisons"), out / "target_model.pt")
-
-    target = _load_or(out / "target_model.pt", new_target).to(device)
-    target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
-    target_grad_norm = None  # a corrupted or given target was not trained: it has no training set
-    if config.target in POISONED_TARGETS and (out / "target_poisons" / "poisons.pt").is_file():  # trained on clean ∪ its poisons
-        target_poisons = PoisonResult.load(out / "target_poisons")
-        target_grad_norm = _grad_norm(config, target, *target_poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features))
-    thr = threshold(target, X, y, weight_decay=config.weight_decay)
-    io.write_json(out / "threshold.json", thr.to_dict())
-    quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {target_mse:.4g}" if splits.task == "regression"
-               else f"clean accuracy {clean_acc:.2f}%, target accuracy {target_acc:.2f}%")
-    log(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
-
-    grad_norm_clean = mixed_grad_norm(target, X, y)
     classification = splits.task != "regression"
+    selection = None
+    if config.target == "select":  # a target per ε_d, chosen in the loop below
+        target, about, thr = None, {}, None
+        selection = TargetSelection(config.target_options, clean, X, y, splits, fit, save, out / "candidates",
+                                    weight_decay=config.weight_decay, seed=config.seed, log=log)
+    else:
+        target = _load_or(out / "target_model.pt", lambda: save(make_target(config, clean, X, y, splits, fit, poisons_dir=out / "target_poisons"),
+                                                                out / "target_model.pt")).to(device)
+        planted = out / "target_poisons"
+        about, thr = _describe_target(config, target, clean, X, y, splits,
+                                      PoisonResult.load(planted) if config.target in POISONED_TARGETS and (planted / "poisons.pt").is_file() else None)
+        io.write_json(out / "threshold.json", thr.to_dict())
+        quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {about['target_mse']:.4g}" if not classification
+                   else f"clean accuracy {clean_acc:.2f}%, target accuracy {about['target_acc']:.2f}%")
+        log(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
+
     seeds = _SeedPlan(config, spec, save, out, clean, (clean_acc, clean_mse, clean_grad_norm), splits) if config.victim_seeds else None
     if seeds is not None:
         log(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
@@ -136,39 +137,42 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         log(f"official protocol: the official retraining on clean data reaches {official.acc(config.seed):.2f}% at its last epoch "
             f"(epochs {official.records[config.seed]['acc_min']:.2f}–{official.records[config.seed]['acc_max']:.2f}%)")
     results = []
-    for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau, checkpoint_dir=out)):
+    for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau if thr else 1.0, checkpoint_dir=out)):
         if budget == "tau" and not 0 < thr.tau < math.inf:
             # τ = 0: any ε_d > 0 reaches the target (Theorem 2), so there is no budget to attack at
             log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
+        cell, chosen = out / cell_name(attack.eps_d), {}
+        if selection is not None:
+            target, poisons, records = selection.choose(attack, cell)
+            if target is None:
+                log(f"eps_d={attack.eps_d:g} skipped: GC reached none of the candidates (see {cell / 'selection.json'})")
+                continue
+            if not (cell / "poisons.pt").is_file():
+                poisons.save(cell)
+            chosen = {"target": next(c.name for c in records if c.kept), **_describe_target(config, target, clean, X, y, splits)[0]}
+        grad_norm_clean = chosen.get("grad_norm_clean", about.get("grad_norm_clean"))
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
         if official is not None:
             clean_by_seed = {config.seed: clean_acc, **(dict(zip(seeds.seeds, seeds.clean_acc)) if seeds is not None else {})}
-            results.append(run_official_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), config=config, spec=spec,
+            results.append(run_official_cell(attack, victim_of, target, X, y, splits, cell, config=config, spec=spec,
                                              save=save, clean_acc=clean_by_seed, references=official, log=log,
                                              grad_norms=lambda poisons: _grad_norms(poisons, target, X, y, grad_norm_clean)))
             continue
-        results.append(_run_cell(attack, victim_of, target, X, y, splits, out / cell_name(attack.eps_d), fit, save, clean_acc,
-                                 grad_norm_clean, log, grad_norm=lambda model, X_fit, y_fit: _grad_norm(config, model, X_fit, y_fit),
-                                 seeds=seeds))
+        results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit, save, clean_acc, grad_norm_clean, log,
+                                              grad_norm=lambda model, X_fit, y_fit: _grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
 
     metrics = {
         "dataset": config.dataset,
         "model": config.model,
         "eps_w": config.eps_w,
+        "target": config.target,  # "select": each result names its own target and carries its fields
         "clean_acc": clean_acc,
-        "target_acc": target_acc,
-        "target_val_acc": _evaluate(target, splits.x_val, splits.y_val)[0],
-        **({"clean_mse": clean_mse, "target_mse": target_mse} if splits.task == "regression" else {}),
-        "tau": thr.tau,
-        "tau_multiclass": thr.tau_multiclass,
-        "inner": thr.inner,
-        "grad_norm_clean": grad_norm_clean,  # ‖g(µ)‖ at the target: the scale of the ratios
-        # convergence: training-gradient norms of the clean model (clean data) and of a trained
-        # target (clean ∪ its poisons; None for a corrupted or given target)
-        "clean_grad_norm": clean_grad_norm,
-        "target_grad_norm": target_grad_norm,
-        **({"target_clean_agreement": agreement(target, clean, splits.x_test)} if classification else {}),
+        **({"clean_mse": clean_mse} if not classification else {}),
+        # the target's accuracies, τ, ‖g(µ)‖ at it (the scale of the ratios) and, for a trained
+        # target, its training-gradient norm over clean ∪ its poisons (None for a corrupted one)
+        **about,
+        "clean_grad_norm": clean_grad_norm,  # convergence of the clean model, on the clean data
         **(seeds.summary() if seeds is not None else {}),
         **({"protocol": "official", **official.summary()} if official is not None else {}),
         "num_train": len(X),
@@ -179,6 +183,28 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     plot_run(out)
     log(format_table(metrics))
     return metrics
+
+
+def _describe_target(config: RunConfig, target: nn.Module, clean: nn.Module, X, y, splits, poisons: PoisonResult | None = None):
+    """(fields, threshold) of a target: test and validation accuracy (MSE for regression), τ,
+    ‖g(µ)‖ at it, its training-gradient norm over clean ∪ ``poisons`` when it was trained on them
+    (else None), and its agreement with the clean model."""
+    target_acc, target_mse = _evaluate(target, splits.x_test, splits.y_test)
+    thr = threshold(target, X, y, weight_decay=config.weight_decay)
+    mixed = None if poisons is None else poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features)
+    classification = splits.task != "regression"
+    fields = {
+        "target_acc": target_acc,
+        "target_val_acc": _evaluate(target, splits.x_val, splits.y_val)[0],
+        **({"target_mse": target_mse} if not classification else {}),
+        "tau": thr.tau,
+        "tau_multiclass": thr.tau_multiclass,
+        "inner": thr.inner,
+        "grad_norm_clean": mixed_grad_norm(target, X, y),
+        "target_grad_norm": None if mixed is None else _grad_norm(config, target, *mixed),
+        **({"target_clean_agreement": agreement(target, clean, splits.x_test)} if classification else {}),
+    }
+    return fields, thr
 
 
 def _fitter(config: RunConfig, spec: dict, seed: int | None = None):
@@ -261,6 +287,9 @@ def tau(config: RunConfig, target_file: str | os.PathLike | None = None) -> dict
     Returns dataset, model, eps_w (None for a saved target) and the threshold's fields
     (:meth:`poisonreach.reachability.Threshold.to_dict`)."""
     config.validate()
+    if config.target == "select" and not target_file:
+        raise PoisonReachError("--target select chooses a target per eps_d inside `poisonreach run`; each cell's selection.json "
+                               "holds every candidate's tau (or give a saved target with --target-file)")
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
     if target_file:
@@ -447,24 +476,27 @@ def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = F
 
 
 def _pm(mean: float, std: float, fmt: str = ".2f") -> str:
-    """"mean ± std" (the sign, if ``fmt`` asks for one, on the mean only)."""
-    return f"{mean:{fmt}} ± {std:{fmt.lstrip('+')}}"
+    """"mean ± std"."""
+    return f"{mean:{fmt}} ± {std:{fmt}}"
 
 
 def format_table(metrics: dict) -> str:
-    """The run's results as a fixed-width table for the terminal. With several victim seeds the
+    """The run's results as a fixed-width table for the terminal; a drop is clean − poisoned accuracy
+    (positive: the poisons did damage), as in metrics.json. With several victim seeds the
     accuracy, drop, agreement and distance columns are mean ± sample std over them (and the header
     says so), the victims' ‖∇L‖ the largest over them; otherwise the run seed's values."""
     regression = "clean_mse" in metrics  # accuracy is undefined: the test MSE instead (Figure 5)
     seeds = metrics.get("victim_seeds") or []
     several = len(seeds) > 1
+    selected = metrics.get("target") == "select"  # a target per ε_d: its name, accuracy and τ in each row
+    target = "chosen per eps_d" if selected else None
     if regression:
-        quality = f"clean test MSE {metrics['clean_mse']:.4g}, target {metrics['target_mse']:.4g}"
+        quality = f"clean test MSE {metrics['clean_mse']:.4g}, target {target or format(metrics['target_mse'], '.4g')}"
     elif several:
-        quality = f"clean {_pm(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {metrics['target_acc']:.2f}%"
+        quality = f"clean {_pm(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
     else:
-        quality = f"clean {metrics['clean_acc']:.2f}%, target {metrics['target_acc']:.2f}%"
-    head = f"{metrics['dataset']} / {metrics['model']}: {quality}, tau {_fmt(metrics['tau'])}"
+        quality = f"clean {metrics['clean_acc']:.2f}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
+    head = f"{metrics['dataset']} / {metrics['model']}: {quality}" + ("" if selected else f", tau {_fmt(metrics['tau'])}")
     norms = []
     if "clean_grad_norm" in metrics:
         norms.append(f"clean {max(metrics.get('clean_grad_norm_per_seed') or [metrics['clean_grad_norm']]):.3g}"
@@ -483,7 +515,8 @@ def format_table(metrics: dict) -> str:
                  f"against the clean model above; the official retraining on clean data alone: {clean_official}% ('drop vs SGD clean')")
     agree = not regression and all("target_agreement" in r for r in metrics["results"])
     converged = all("victim_grad_norm" in r for r in metrics["results"])
-    cols = ["eps_d", "poisons", *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), *(["agree %"] if agree else []),
+    cols = ["eps_d", *(["target", "target acc", "tau"] if selected else []), "poisons",
+            *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), *(["agree %"] if agree else []),
             "‖g‖ final/initial", "param dist", *(["victim ‖∇L‖" + (" max" if several else "")] if converged else [])]
     if official:  # the spread over the epochs (over all seeds' epochs with several) and the second reference
         cols[4:4] = ["epochs min–max" + (" (all seeds)" if several else ""), "drop vs SGD clean"]  # after the drop
@@ -493,18 +526,19 @@ def format_table(metrics: dict) -> str:
         if regression:
             quality = [_pm(r["poisoned_mse_mean"], r["poisoned_mse_std"], ".4g") if multi else f"{r['poisoned_mse']:.4g}"]
         elif multi:
-            quality = [_pm(r["poisoned_acc_mean"], r["poisoned_acc_std"]), _pm(-r["acc_drop_mean"], r["acc_drop_std"], "+.2f")]
+            quality = [_pm(r["poisoned_acc_mean"], r["poisoned_acc_std"]), _pm(r["acc_drop_mean"], r["acc_drop_std"])]
         else:
-            quality = [f"{r['poisoned_acc']:.2f}", f"{-r['acc_drop']:+.2f}"]
+            quality = [f"{r['poisoned_acc']:.2f}", f"{r['acc_drop']:.2f}"]
         if official and multi:
             quality += [f"{min(r['retrain_acc_min_per_seed']):.2f}–{max(r['retrain_acc_max_per_seed']):.2f}",
-                        _pm(-r["acc_drop_vs_official_clean_mean"], r["acc_drop_vs_official_clean_std"], "+.2f")]
+                        _pm(r["acc_drop_vs_official_clean_mean"], r["acc_drop_vs_official_clean_std"])]
         elif official:
-            quality += [f"{r['retrain_acc_min']:.2f}–{r['retrain_acc_max']:.2f}", f"{-r['acc_drop_vs_official_clean']:+.2f}"]
+            quality += [f"{r['retrain_acc_min']:.2f}–{r['retrain_acc_max']:.2f}", f"{r['acc_drop_vs_official_clean']:.2f}"]
         if agree:
             quality.append(_pm(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
         distance = _pm(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"
-        cells = [f"{r['eps_d']:g}", str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
+        chosen = [r["target"], f"{r['target_acc']:.2f}", _fmt(r["tau"])] if selected else []
+        cells = [f"{r['eps_d']:g}", *chosen, str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
         if converged:
             cells.append(f"{max(r['victim_grad_norm_per_seed']) if multi else r['victim_grad_norm']:.3g}")
         return cells

@@ -1,5 +1,5 @@
-"""Reproduction check: the ResNet rows of Table 2 (``experiments/table2-cifar10.yaml``, ResNet-18,
-and ``experiments/table2-tinyimagenet.yaml``, ResNet-34) run end to end with their ``cpu`` profile
+"""Reproduction check: the ResNet rows of Table 2 (the shipped sweeps ``table2-cifar10``, ResNet-18,
+and ``table2-tinyimagenet``, ResNet-34) run end to end with their ``cpu`` profile
 on full-size data sets, and how long each sweep takes.
 
 The real CIFAR-10 and TinyImageNet cannot be fetched here, so the script first writes synthetic
@@ -45,8 +45,7 @@ from poisonreach.data import fake_files
 
 REPO = Path(__file__).resolve().parent.parent
 
-CONFIGS = {"cifar10": REPO / "experiments" / "table2-cifar10.yaml",
-           "tinyimagenet": REPO / "experiments" / "table2-tinyimagenet.yaml"}
+CONFIGS = {"cifar10": "table2-cifar10", "tinyimagenet": "table2-tinyimagenet"}  # shipped sweeps, by name
 SIZES_FILE = "synthetic-sizes.json"  # beside the data set's folder: what was written there
 BASE = Path("/tmp/poisonreach-resnet-profiles")
 
@@ -91,7 +90,7 @@ def timeline(run_dir: Path, started: float) -> list[tuple[str, float]]:
 def run_sweep(name: str, args: argparse.Namespace) -> dict:
     """One sweep through the CLI, its log echoed with elapsed seconds; its times and timeline."""
     out = Path(args.out) / name
-    command = [sys.executable, "-m", "poisonreach.cli", "sweep", str(CONFIGS[name]), "--profile", args.profile,
+    command = [sys.executable, "-m", "poisonreach.cli", "sweep", CONFIGS[name], "--profile", args.profile,
                "--out", str(out), "--threads", str(args.threads), *args.set]
     env = {**os.environ, "POISONREACH_DATA": str(args.data_root), "OMP_NUM_THREADS": str(args.threads),
            "MKL_NUM_THREADS": str(args.threads)}

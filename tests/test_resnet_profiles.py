@@ -1,7 +1,7 @@
 """The ResNet rows of Table 2 run end to end with their shipped ``cpu`` profile.
 
-``experiments/table2-cifar10.yaml`` (ResNet-18) and ``experiments/table2-tinyimagenet.yaml``
-(ResNet-34) go through ``poisonreach sweep FILE --profile cpu`` (the CLI, in this process) on tiny
+The shipped sweeps ``table2-cifar10`` (ResNet-18) and ``table2-tinyimagenet`` (ResNet-34) go
+through ``poisonreach sweep NAME --profile cpu`` (the CLI, in this process) on tiny
 synthetic data sets written in the original on-disk formats (``poisonreach.data.fake_files``), read by the real
 loaders. Overrides shrink sizes only (training points, epochs, batch sizes); the data set, model,
 target, attack, ε_d and every other setting are the shipped profile's, which the test checks
@@ -24,7 +24,6 @@ from poisonreach.cli import main
 from poisonreach.experiments.config import cell_name
 from poisonreach.experiments.sweep_file import load_sweep
 
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
 N_TRAIN = 8  # GC makes max(1, round(n·ε_d)) poisons: one per budget here
 SHRINK = {"train_size": N_TRAIN, "training.epochs": 1, "training.batch_size": 4, "attack_options.epochs": 2, "attack_options.block_size": 1}
 
@@ -39,8 +38,8 @@ def write_tinyimagenet(root: Path) -> None:
 
 
 CASES = [
-    pytest.param("table2-cifar10.yaml", "cifar10", "resnet18", write_cifar, (3, 32, 32), 10, id="cifar10-resnet18"),
-    pytest.param("table2-tinyimagenet.yaml", "tinyimagenet", "resnet34", write_tinyimagenet, (3, 64, 64), 200, id="tinyimagenet-resnet34"),
+    pytest.param("table2-cifar10", "cifar10", "resnet18", write_cifar, (3, 32, 32), 10, id="cifar10-resnet18"),
+    pytest.param("table2-tinyimagenet", "tinyimagenet", "resnet34", write_tinyimagenet, (3, 64, 64), 200, id="tinyimagenet-resnet34"),
 ]
 
 
@@ -51,17 +50,16 @@ def finite(value: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("file, dataset, model, write, shape, classes", CASES)
-def test_shipped_cpu_profile_runs_end_to_end(tmp_path, monkeypatch, file, dataset, model, write, shape, classes):
-    path = SHIPPED / file
+@pytest.mark.parametrize("name, dataset, model, write, shape, classes", CASES)
+def test_shipped_cpu_profile_runs_end_to_end(tmp_path, monkeypatch, name, dataset, model, write, shape, classes):
     write(tmp_path / "data")
     monkeypatch.setenv("POISONREACH_DATA", str(tmp_path / "data"))  # the config's data_root stays the shipped None
     overrides = [f"run.{key}={value}" for key, value in SHRINK.items()]
     out = tmp_path / "sweep"
-    assert main(["sweep", str(path), "--profile", "cpu", "--out", str(out), "--quiet", *overrides]) == 0
+    assert main(["sweep", name, "--profile", "cpu", "--out", str(out), "--quiet", *overrides]) == 0
 
     # what ran is the shipped cpu profile, but for the shrunk sizes
-    (cid, shipped), = load_sweep(path, profile="cpu").cells
+    (cid, shipped), = load_sweep(name, profile="cpu").cells
     assert (shipped.dataset, shipped.model, shipped.attack) == (dataset, model, "gc")
     expected = shipped.to_dict()
     for key, value in SHRINK.items():

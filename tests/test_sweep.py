@@ -9,7 +9,7 @@
   fixed-width table;
 - the engine with the real ``run`` on digits/LR: a sweep killed between cells, and one killed in the
   middle of a cell, resume to the table of an uninterrupted sweep; ``jobs=2`` gives that table too;
-- every shipped config in experiments/ loads with each of its profiles.
+- every shipped sweep loads with each of its profiles.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from poisonreach.experiments.report import write_report
 from poisonreach.experiments.run import run
 from poisonreach.experiments.sweep import (
     COLUMNS, SweepFailed, add_arguments, command, describe, format_results, load_sweep, run_sweep)
-from poisonreach.experiments.sweep_file import cell_id
-
-SHIPPED = Path(__file__).resolve().parents[1] / "experiments"
+from poisonreach.experiments.sweep_file import cell_id, shipped_sweeps, sweep_path
 
 # tiny but real: τ > 0 for both targets, so eps_d "tau" runs (about 1.5 s a cell at one thread)
 SMALL = {
@@ -405,10 +403,7 @@ def test_paper_lookup_errors_name_the_section(tmp_path):
 
 def test_the_papers_table_2_numbers():
     pytest.importorskip("poisonreach.experiments.paper")
-    path = SHIPPED / "table2-mnist.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    sweep = load_sweep(path)
+    sweep = load_sweep("table2-mnist")
     # Table 2, MNIST, LR, Gradient Canceling columns
     lr = "model=lr,eps_w=1"
     got = {k: v for k, v in sweep.paper_values.items() if k[0] == lr}
@@ -418,7 +413,7 @@ def test_the_papers_table_2_numbers():
 def test_results_csv_puts_the_papers_drop_beside_ours_with_one_sign(tmp_path):
     """acc_drop and paper_acc_drop are both clean − attacked: where both did damage (the fake
     runner's drops, every drop of Table 2) both are positive, in the CSV and in the printed table."""
-    sweep = load_sweep(SHIPPED / "table2-mnist.yaml", ["grid.model+eps_w=[[lr, 1.0]]"])
+    sweep = load_sweep("table2-mnist", ["grid.model+eps_w=[[lr, 1.0]]"])
     run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -593,18 +588,21 @@ def test_two_jobs_give_the_same_table(tmp_path, reference):
 
 
 def shipped_configs():
-    files = sorted(SHIPPED.glob("*.yaml")) if SHIPPED.is_dir() else []
     cases = []
-    for path in files:
-        doc = yaml.safe_load(path.read_text()) or {}
+    for name in shipped_sweeps():
+        doc = yaml.safe_load(sweep_path(name).read_text(encoding="utf-8")) or {}
         profiles = list((doc.get("profiles") or {}) if isinstance(doc, dict) else {})
-        cases += [pytest.param(path, profile, id=f"{path.stem}-{profile or 'default'}") for profile in [None, *profiles]]
-    return cases or [pytest.param(None, None, marks=pytest.mark.skip(reason=f"no sweep files in {SHIPPED}"))]
+        cases += [pytest.param(name, profile, id=f"{name}-{profile or 'default'}") for profile in [None, *profiles]]
+    return cases
 
 
-@pytest.mark.parametrize("path, profile", shipped_configs())
-def test_shipped_config_loads_and_validates(path, profile):
-    sweep = load_sweep(path, profile=profile)  # validates every cell, its defenses and paper lookups
+def test_the_paper_is_shipped():
+    assert len(shipped_sweeps()) >= 19 and {"smoke", "table2-mnist", "fig1-or"} <= set(shipped_sweeps())
+
+
+@pytest.mark.parametrize("name, profile", shipped_configs())
+def test_shipped_config_loads_and_validates(name, profile):
+    sweep = load_sweep(name, profile=profile)  # validates every cell, its defenses and paper lookups
     assert sweep.cells
     assert len({cid for cid, _ in sweep.cells}) == len(sweep.cells)
 
@@ -658,10 +656,7 @@ def test_figures_5_and_6_gc_reaches_the_least_squares_target_and_gm_does_not(tmp
     Gradient Matching toward the same target matches the direction of −g(µ) and the victim stays
     near the clean line (appendix C.4: GM 'achieves different model parameters for every ε_d').
     Observed: GC ‖w − w_t‖ 0.0014 / 0.0008, GM 0.32 / 0.23 with the clean line 0.33 away."""
-    path = SHIPPED / "fig5-6-regression.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} is not in this checkout")
-    sweep = load_sweep(path, overrides=["run.eps_d=[0.1, 1.0]"])
+    sweep = load_sweep("fig5-6-regression", overrides=["run.eps_d=[0.1, 1.0]"])
     rows = run_sweep(sweep, tmp_path / "out", log=quiet)
     by = {(r["attack"], r["eps_d"]): r for r in rows}
     for eps_d in (0.1, 1.0):
@@ -676,14 +671,11 @@ def test_figures_5_and_6_gc_reaches_the_least_squares_target_and_gm_does_not(tmp
 def test_overrides_may_follow_the_options(tmp_path, capsys):
     from poisonreach.cli import main
 
-    path = SHIPPED / "smoke.yaml"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    assert main(["sweep", str(path), "--profile", "tiny", "--dry-run", "run.attack_options.epochs=2", "--out", str(tmp_path / "s")]) == 0
-    assert main(["sweep", str(path), "run.attack_options.epochs=2", "--profile", "tiny", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sweep", "smoke", "--profile", "tiny", "--dry-run", "run.attack_options.epochs=2", "--out", str(tmp_path / "s")]) == 0
+    assert main(["sweep", "smoke", "run.attack_options.epochs=2", "--profile", "tiny", "--dry-run", "--out", str(tmp_path / "s")]) == 0
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        main(["sweep", str(path), "--dry-run", "--bogus"])
+        main(["sweep", "smoke", "--dry-run", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 

@@ -1,5 +1,10 @@
 """Sweep files: YAML descriptions of a grid of runs, resolved in layers into validated cells.
 
+The paper's tables and figures are shipped with the package as sweep files (``configs/`` beside
+this module, listed by :func:`shipped_sweeps`, described in its README.md); :func:`sweep_path`
+finds one by its name (``table2-mnist``), while a path (with a directory or a .yaml suffix) names
+a user's own file.
+
 A sweep file (read with ``yaml.safe_load``)::
 
     name: table2-mnist          # the default output folder is sweeps/<name>
@@ -48,8 +53,11 @@ import copy
 import hashlib
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass, field, fields
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
@@ -399,19 +407,39 @@ def paper_keys(config: RunConfig, paper: dict, eps_d, defense: dict | None) -> d
 
 
 _REAL = object()
+SHIPPED = "configs"  # the folder of the shipped sweep files, package data beside this module
 
 
-def load_sweep(path: str | Path, overrides=(), profile: str | None = None, *, lookup=_REAL) -> Sweep:
-    """Read, layer and validate the sweep file at ``path`` (see the module docstring).
+def shipped_sweeps() -> list[str]:
+    """The names of the sweep files shipped with the package, sorted."""
+    return sorted(f.name.removesuffix(".yaml") for f in resources.files(__package__).joinpath(SHIPPED).iterdir() if f.name.endswith(".yaml"))
+
+
+def sweep_path(name_or_path: str | os.PathLike) -> Path | Traversable:
+    """The sweep file a command line names: a shipped one by its bare name (``table2-mnist``), or
+    the user's file at a path (a ``Path``, or text with a directory or a .yaml/.yml suffix)."""
+    text = os.fspath(name_or_path)
+    shipped = shipped_sweeps()
+    if isinstance(name_or_path, os.PathLike) or os.sep in text or "/" in text or text.endswith((".yaml", ".yml")):
+        if not Path(text).is_file():
+            raise PoisonReachError(f"sweep file {text} does not exist: give the path of a YAML file, or the name of a shipped "
+                                   f"sweep ({', '.join(shipped)})")
+        return Path(text)
+    if text not in shipped:
+        raise PoisonReachError(f"no shipped sweep is named {text!r}: give one of {', '.join(shipped)}, or the path of a YAML file")
+    return resources.files(__package__).joinpath(SHIPPED, f"{text}.yaml")
+
+
+def load_sweep(path: str | os.PathLike, overrides=(), profile: str | None = None, *, lookup=_REAL) -> Sweep:
+    """Read, layer and validate a sweep file, shipped or the user's (:func:`sweep_path`; see the
+    module docstring for the format).
 
     ``lookup(table, **keys) -> float | None`` gives the paper's numbers (default:
     :func:`poisonreach.experiments.paper.lookup`; None: no paper numbers).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise PoisonReachError(f"sweep file {path} does not exist: give a YAML file such as experiments/smoke.yaml")
+    path = sweep_path(path)
     try:
-        doc = io.parse_yaml(path.read_text())
+        doc = io.parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise PoisonReachError(f"{path} is not valid YAML ({e})") from None
     return parse_sweep(doc, str(path), overrides=overrides, profile=profile, lookup=lookup)

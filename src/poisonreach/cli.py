@@ -8,10 +8,14 @@
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
+    poisonreach options [NAME]
+    poisonreach --version
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
-``defend.defend``, ``sweep.command``, ``plots.plot_folder``, ``report.write_report``, ``run.tau``.
-Bad input prints one line on stderr and exits with status 2; no traceback.
+``defend.defend``, ``sweep.command``, ``plots.plot_folder``, ``report.write_report``, ``run.tau``,
+``options.describe``. Bad input prints one line on stderr and exits with status 2; no traceback.
+Every option's help shows its default (:class:`HelpFormatter`), and the descriptions are the
+experiments' docstrings without their markup.
 """
 
 from __future__ import annotations
@@ -22,8 +26,12 @@ import sys
 import yaml
 
 
+from .experiments import __version__
 from .experiments import defend as defend_module
+from .experiments import options as options_module
 from .experiments import plots
+from .experiments import report as report_module
+from .experiments import run as run_module
 from .experiments import sweep as sweep_module
 from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
                                  PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
@@ -64,6 +72,23 @@ def _option(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"cannot read the value of {text!r} as YAML") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (docstrings, line breaks kept); an option's help ends with
+    "(default: ...)" unless it states its default itself, which it must where the default is None
+    (the help then says what happens) or the option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.required or action.default in (None, argparse.SUPPRESS):
+            return text
+        value = action.default
+        if isinstance(value, list):  # nargs="+" and repeatable options
+            shown = " ".join(map(str, value)) or "none"
+        else:
+            shown = "off" if value is False else str(value)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a clean model and a target."""
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())} (default: digits)")
@@ -74,10 +99,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="target generator (default: gradpc); fixed: last-layer parameters given with --target-option weight=[[...]]; "
                         "tgda, labelflip, gm: the model retrained on that attack's poisons (ε_d = 1 unless --target-option eps_d=...)")
     p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable)")
+                   help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable; "
+                        "poisonreach options gradpc lists a generator's)")
     p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of the training split")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data split, the models' initialisation and training, the target and the attack")
+    p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of the training split (default: all of it)")
     p.add_argument("--data-root", default=None, help="folder holding the data sets (default: $POISONREACH_DATA or ~/.cache/poisonreach)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -87,7 +113,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-option", dest="train_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="any option of the training protocol, e.g. gamma=1 (no learning-rate decay), optimizer=sgd, "
                         f"weight_decay=0.0005 (repeatable; one of {', '.join(TRAINING_OPTIONS)}; "
-                        f"under --protocol converged one of {', '.join(CONVERGED_OPTIONS)})")
+                        f"under --protocol converged one of {', '.join(CONVERGED_OPTIONS)}; poisonreach options train and "
+                        "poisonreach options minimize describe them)")
 
 
 # The documented shortcuts for attack options (the README tour and the Makefile use them): flag →
@@ -96,31 +123,40 @@ def _common(p: argparse.ArgumentParser) -> None:
 SHORTCUT_ATTACK = "gc"
 SHORTCUTS = {
     "--box": ("box", dict(type=_box, metavar="LOW,HIGH|data-range|none", help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")),
-    "--optimize-labels": ("optimize_labels", dict(action="store_true", help="also optimise the poison labels")),
-    "--replace": ("replace", dict(action="store_true", help="replace clean points instead of adding (appendix C.10)")),
+    "--optimize-labels": ("optimize_labels", dict(action="store_true", help="also optimise the poison labels (default: off, the labels of the points they start from)")),
+    "--replace": ("replace", dict(action="store_true", help="replace clean points instead of adding (appendix C.10; default: off, poisons are added)")),
     "--parameters": ("parameters", dict(choices=PARAMETER_SETS, help="parameters whose gradient is cancelled (default: all)")),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="poisonreach", description="Model-targeted indiscriminate data poisoning: the threshold τ, Gradient Canceling, baselines, defenses, and the paper's experiments.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="poisonreach", formatter_class=HelpFormatter,
+                                     description="Model-targeted indiscriminate data poisoning: the threshold τ, Gradient Canceling, "
+                                                 "baselines, defenses, and the paper's experiments.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="poisonreach COMMAND --help describes each")
 
-    p = sub.add_parser("run", help="clean model → target → τ → GC for each ε_d → retrain → metrics", description=run.__doc__)
+    def command(name: str, help: str, doc: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=options_module.plain(doc or help), formatter_class=HelpFormatter)
+
+    p = command("run", "clean model → target → τ → GC for each ε_d → retrain → metrics", run_module.__doc__)
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
     p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gc-fw (its Frank-Wolfe solver), gc-gn (its Gauss-Newton solver), gc-official (the official code's GC, what --protocol official runs for gc), gm (Gradient Matching), tgda or labelflip")
     p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable)")
-    p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of the attack (its presets; gc's 'paper': SGD momentum, cosine, lr 0.5, 1000 epochs)")
+                   help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable; poisonreach options gc "
+                        "lists an attack's)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of the attack (its presets; gc's 'paper': SGD momentum, "
+                                                                  "cosine, lr 0.5, 1000 epochs; default: none, the attack's own defaults)")
     # shortcuts are left out of the namespace unless given, so the preset's or the class's defaults apply
     group = p.add_argument_group("Gradient Canceling shortcuts", f"each sets one option of --attack {SHORTCUT_ATTACK}, as --attack-option KEY=VALUE does")
     for flag, (key, kwargs) in SHORTCUTS.items():
         group.add_argument(flag, dest=f"{SHORTCUT_ATTACK}.{key}", default=argparse.SUPPRESS, **kwargs)
     p.add_argument("--victim-seeds", dest="victim_seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
-                        "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's")
+                        "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's (default: none, "
+                        "the run seed's victim only)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="honest",
                    help="honest (default): this library's GC and the paper's retraining; converged: this library's GC, every model "
                         "trained to a stationary point of mean loss + weight_decay/2*|w|^2 by full-batch L-BFGS in float64 "
@@ -130,32 +166,36 @@ def _parser() -> argparse.ArgumentParser:
                         "logistic regression on MNIST-like data only")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
-    p = sub.add_parser("defend", help="apply a defense to every ε_d cell of a finished run", description=defend_module.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("defend", "apply a defense to every ε_d cell of a finished run", defend_module.__doc__)
     p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
     p.add_argument("--defense", required=True, choices=sorted(DEFENSES), help="sever, influence, maxup or dpa")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable)")
+                   help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable; "
+                        "poisonreach options sever lists a defense's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
-    p = sub.add_parser("sweep", help="run a sweep file: a grid of runs, resumable, in parallel, with a results table",
-                       description=sweep_module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("sweep", "run a shipped or own sweep file: a grid of runs, resumable, in parallel, with a results table", sweep_module.__doc__)
     sweep_module.add_arguments(p)
 
-    p = sub.add_parser("report", help="write report.md for a sweep folder: its table beside the paper's numbers, and its figures")
+    p = command("report", "write report.md for a sweep folder: its table beside the paper's numbers, and its figures", report_module.__doc__)
     p.add_argument("folder", help="a sweep folder (poisonreach sweep)")
-    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for figures drawn from saved models (default: torch's choice)")
 
-    p = sub.add_parser("plot", help="draw the figures of a run or sweep folder (PNG and PDF)", description=plots.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command("plot", "draw the figures of a run or sweep folder (PNG and PDF)", plots.__doc__)
     p.add_argument("folder", help="a run folder (poisonreach run) or a sweep folder (poisonreach sweep)")
-    p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, for figures drawn from saved models (default: torch's choice)")
 
-    p = sub.add_parser("tau", help="the reachability threshold of a target, without any attack")
+    p = command("tau", "the reachability threshold of a target, without any attack")
     _common(p)
-    p.add_argument("--target-file", default=None, help="a saved target model (poisonreach format): skip training and corruption")
+    p.add_argument("--target-file", default=None, help="a saved target model (poisonreach format): skip training and corruption "
+                                                       "(default: none, train the clean model and make the target)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = command("options", "list the options of an attack, target generator, defense or training protocol, with types and defaults",
+                options_module.__doc__)
+    p.add_argument("name", nargs="?", default=None, help="an attack (e.g. gc), target generator, defense, train or minimize "
+                                                          "(default: list the names)")
     return parser
 
 
@@ -222,6 +262,11 @@ def _cmd_tau(args) -> int:
     return 0
 
 
+def _cmd_options(args) -> int:
+    print(options_module.describe(args.name) if args.name else options_module.listing())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -230,13 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.threads is not None:
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             print("poisonreach: error: --threads must be at least 1", file=sys.stderr)
             return 2
         set_threads(args.threads)
     try:
-        return {"run": _cmd_run, "defend": _cmd_defend, "sweep": sweep_module.command, "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau}[args.command](args)
+        return {"run": _cmd_run, "defend": _cmd_defend, "sweep": sweep_module.command, "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau,
+                "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -77,7 +77,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     "(default: ...)" unless it states its default itself, which it must where the default is None
     (the help then says what happens) or the option is required."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str:  # the hook ArgumentDefaultsHelpFormatter overrides
         text = action.help or ""
         if not action.option_strings or "default" in text or action.required or action.default in (None, argparse.SUPPRESS):
             return text

@@ -18,14 +18,23 @@ from poisonreach.experiments.selection import SELECT_DEFAULTS, TargetSelection, 
 from poisonreach.reachability import threshold
 from poisonreach.targets import GradPC
 
-OPTIONS = {"eps_w": [0.25, 0.5, 2.0], "flip_eps_d": [0.3]}
+OPTIONS = {"eps_w": [0.25, 0.5, 2.0], "flip_eps_d": [0.3], "flip_factors": []}
+
+
+def test_planted_budgets_follow_eps_d(digits_lr, tmp_path):
+    s, clean = digits_lr
+    sel = TargetSelection({"eps_w": [], "flip_factors": [1.0, 2.0], "flip_eps_d": [0.2]}, clean, s.x_train, s.y_train, s, fit_for(s),
+                          save_for(s), tmp_path, weight_decay=0.0, seed=0, log=lambda *a: None)
+    assert [c.budget for c in sel.candidates(0.1)] == [0.1, 0.2]  # 2·0.1 and the absolute 0.2 are one candidate
+    assert [c.budget for c in sel.candidates(0.03)] == [0.03, 0.06, 0.2]
+    assert sorted(sel.built) == ["labelflip-eps_d=0.03", "labelflip-eps_d=0.06", "labelflip-eps_d=0.1", "labelflip-eps_d=0.2"]
 
 
 def test_select_options_defaults_and_errors():
     assert check_select_options({}) == SELECT_DEFAULTS
     assert check_select_options({"eps_w": []})["eps_w"] == []
     for bad, match in [({"grid": [1]}, "unknown option"), ({"eps_w": 1.0}, "list of positive numbers"),
-                       ({"flip_eps_d": [0.1, -1]}, "list of positive numbers"), ({"eps_w": [], "flip_eps_d": []}, "no candidates"),
+                       ({"flip_eps_d": [0.1, -1]}, "list of positive numbers"), ({"eps_w": [], "flip_eps_d": [], "flip_factors": []}, "no candidates"),
                        ({"reach": 2.0}, "reach"), ({"flip_strategy": "worst"}, "flip_strategy")]:
         with pytest.raises(PoisonReachError, match=match):
             check_select_options(bad)
@@ -67,13 +76,14 @@ def chosen(digits_lr, tmp_path_factory):
 def test_candidates_are_the_grid_and_the_planted_flips(chosen):
     s, clean, sel, *_ = chosen
     X, y = s.x_train, s.y_train
-    assert [c.name for c in sel.candidates] == ["gradpc-eps_w=0.25", "gradpc-eps_w=0.5", "gradpc-eps_w=2", "labelflip-eps_d=0.3"]
-    for c in sel.candidates[:3]:
+    candidates = sel.candidates(0.1)
+    assert [c.name for c in candidates] == ["gradpc-eps_w=0.25", "gradpc-eps_w=0.5", "gradpc-eps_w=2", "labelflip-eps_d=0.3"]
+    for c in candidates[:3]:
         target = GradPC(float(c.name.split("=")[1])).generate(clean, X, y)  # deterministic: the same target again
         assert c.tau == pytest.approx(threshold(target, X, y).tau, rel=1e-9) and c.budget is None
     planted = fit_for(s)(*LabelFlip(0.3, strategy="least-likely").poison(clean, X, y).mixed(X, y, 10))
     assert training.agreement(planted, sel.targets["labelflip-eps_d=0.3"], s.x_test) == 100.0
-    assert sel.candidates[3].budget == 0.3
+    assert candidates[3].budget == 0.3
 
 
 def test_only_validation_accuracy_and_the_lowest_reached_is_chosen(chosen):
@@ -106,7 +116,7 @@ def test_choose_again_reads_every_attempt_back(chosen):
 
 def test_nothing_reached(digits_lr, tmp_path):
     s, clean = digits_lr
-    sel = TargetSelection({"eps_w": [2.0], "flip_eps_d": []}, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path,
+    sel = TargetSelection({"eps_w": [2.0], "flip_factors": []}, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path,
                           weight_decay=0.0, seed=0, log=lambda *a: None)
     target, poisons, records = sel.choose(GaussNewtonCanceling(0.05, iterations=2), tmp_path / "cell")
     assert target is None and poisons is None and "tau" in records[0].reason
@@ -121,7 +131,7 @@ def test_select_configuration_errors():
 
 def test_select_run_records_the_chosen_target_per_eps_d(tmp_path):
     config = RunConfig(dataset="digits", target="select", eps_d=[0.3], attack="gc-gn", attack_options={"iterations": 8},
-                       target_options={"eps_w": [0.25, 2.0], "flip_eps_d": [0.3]}, training={"epochs": 5})
+                       target_options={"eps_w": [0.25, 2.0], "flip_factors": [1.0, 2.0]}, training={"epochs": 5})
     logged = []
     metrics = run(config, tmp_path, log=logged.append)
     (entry,) = metrics["results"]
@@ -129,4 +139,5 @@ def test_select_run_records_the_chosen_target_per_eps_d(tmp_path):
     assert entry["target"] == saved["chosen"] and "tau" in entry and "target_acc" in entry and "grad_norm_clean" in entry
     assert "tau" not in metrics and metrics["target"] == "select"
     assert entry["target"] in logged[-1]  # the table names it
-    assert (tmp_path / "candidates" / "labelflip-eps_d=0.3" / "target_model.pt").is_file()
+    # the planted candidates at E = ε_d and 2·ε_d were built for this ε_d and cached
+    assert all((tmp_path / "candidates" / f"labelflip-eps_d={e:g}" / "target_model.pt").is_file() for e in (0.3, 0.6))

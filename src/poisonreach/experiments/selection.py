@@ -2,7 +2,9 @@
 
 The candidates are GradPC targets over an ε_w grid and *planted* targets: the victim trained on
 clean ∪ a label flip of E·n points at a budget E (Table 7's idea: such a target is reachable at E by
-construction and often has τ = 0, so fewer points may reach it too). For each ε_d the procedure of
+construction and often has τ = 0, so fewer points may reach it too), by default at E = ε_d, 1.5·ε_d,
+2·ε_d, 3·ε_d and 5·ε_d. E = ε_d makes sure there is a candidate GC can reach (its own flips do);
+the larger ones are the chance to do more damage with ε_d·n optimised points than with flips. For each ε_d the procedure of
 appendix D is run on the training and validation splits only (the test split is never read):
 
 1. τ of every candidate (the training split, the victims' weight decay); those with τ > ε_d are
@@ -13,7 +15,8 @@ appendix D is run on the training and validation splits only (the test split is 
    candidate tried later has a higher validation accuracy), and its poisons are the cell's.
 
 Each cell records every candidate (τ, validation accuracy, the ratio GC reached or why it was not
-tried) in ``selection.json``; candidate models live in ``candidates/NAME/``, each GC attempt in
+tried) in ``selection.json``; candidate models live in ``candidates/NAME/`` (built when an ε_d first
+needs them), each GC attempt in
 ``eps_d=E/candidate=NAME/``, so a run that stops is resumed without redoing any of them.
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from torch import Tensor, nn
 
@@ -35,8 +37,9 @@ from ..validation import Choice, Number
 
 # target_options of ``target: select`` and their defaults
 SELECT_DEFAULTS = {
-    "eps_w": [0.25, 0.5, 1.0, 2.0],  # GradPC radii (absolute)
-    "flip_eps_d": [0.1, 0.3, 1.0, 3.0],  # budgets E of the planted label-flip targets
+    "eps_w": [0.05, 0.1, 0.25, 0.5, 1.0],  # GradPC radii (absolute)
+    "flip_factors": [1.0, 1.5, 2.0, 3.0, 5.0],  # planted label flips at E = factor·ε_d, for each ε_d
+    "flip_eps_d": [],  # planted label flips at these budgets E, for every ε_d
     "flip_strategy": "least-likely",
     "reach": 0.1,  # GC must bring the residual to this fraction of its start
 }
@@ -49,12 +52,12 @@ def check_select_options(options: dict) -> dict:
     if unknown:
         raise PoisonReachError(f"unknown option(s) {unknown} of the select target: it takes {sorted(SELECT_DEFAULTS)}")
     merged = {**SELECT_DEFAULTS, **options}
-    for key in ("eps_w", "flip_eps_d"):
+    for key in ("eps_w", "flip_factors", "flip_eps_d"):
         values = merged[key]
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
             raise PoisonReachError(f"select target option {key} must be a list of positive numbers (may be empty), got {values!r}")
-    if not merged["eps_w"] and not merged["flip_eps_d"]:
-        raise PoisonReachError("the select target has no candidates: give eps_w or flip_eps_d a value")
+    if not (merged["eps_w"] or merged["flip_factors"] or merged["flip_eps_d"]):
+        raise PoisonReachError("the select target has no candidates: give eps_w, flip_factors or flip_eps_d a value")
     for key, check in _CHECKS.items():
         check(key, merged[key])
     return merged
@@ -76,7 +79,9 @@ class Candidate:
 
 
 class TargetSelection:
-    """The candidates of one run, built once (and cached in ``folder``), and the choice per ε_d.
+    """The candidates of one run and the choice per ε_d. A candidate is built the first time an ε_d
+    needs it and cached in ``folder`` (``NAME/target_model.pt``), so one that several ε_d share —
+    the GradPC grid, ``flip_eps_d`` — is built once.
 
     ``fit(X, y)`` trains a victim the run's way (a planted target is one); ``save(model, path)``
     writes a model file; ``weight_decay`` is the victims' (for τ)."""
@@ -84,32 +89,39 @@ class TargetSelection:
     def __init__(self, options: dict, clean: nn.Module, X: Tensor, y: Tensor, splits, fit, save, folder: Path, *,
                  weight_decay: float, seed: int, log=print):
         self.options = check_select_options(options)
-        self.X, self.y, self.splits, self.log = X, y, splits, log
+        self.clean, self.X, self.y, self.splits, self.fit, self.save, self.folder = clean, X, y, splits, fit, save, folder
+        self.weight_decay, self.seed, self.log = weight_decay, seed, log
         self.targets: dict[str, nn.Module] = {}
-        self.candidates: list[Candidate] = []
-        num_outputs = models.last_linear(clean).out_features
-        makers: list[tuple[str, float | None, Callable[[], nn.Module]]] = [
-            (f"gradpc-eps_w={e:g}", None, lambda e=e: GradPC(e, seed=seed).generate(clean, X, y))
-            for e in self.options["eps_w"]
-        ] + [
-            (f"labelflip-eps_d={e:g}", float(e), lambda e=e: fit(*LabelFlip(e, strategy=self.options["flip_strategy"], seed=seed)
-                                                                 .poison(clean, X, y).mixed(X, y, num_outputs)))
-            for e in self.options["flip_eps_d"]
-        ]
-        for name, budget, make in makers:
-            path = folder / name / "target_model.pt"
-            target = models.load_model(path) if path.is_file() else save(make(), path)
-            target = target.to(next(clean.parameters()).device)
+        self.built: dict[str, Candidate] = {}
+
+    def candidates(self, eps_d: float) -> list[Candidate]:
+        """The candidates for ``eps_d``: the GradPC grid, then the planted flips by budget E."""
+        budgets = sorted({round(f * eps_d, 10) for f in self.options["flip_factors"]} | {float(e) for e in self.options["flip_eps_d"]})
+        wanted = [(f"gradpc-eps_w={e:g}", None) for e in self.options["eps_w"]] + [(f"labelflip-eps_d={e:g}", e) for e in budgets]
+        return [self._candidate(name, budget) for name, budget in wanted]
+
+    def _candidate(self, name: str, budget: float | None) -> Candidate:
+        if name not in self.built:
+            path = self.folder / name / "target_model.pt"
+            if path.is_file():
+                target = models.load_model(path).to(next(self.clean.parameters()).device)
+            elif budget is None:
+                target = self.save(GradPC(float(name.split("=")[1]), seed=self.seed).generate(self.clean, self.X, self.y), path)
+            else:
+                flips = LabelFlip(budget, strategy=self.options["flip_strategy"], seed=self.seed).poison(self.clean, self.X, self.y)
+                target = self.save(self.fit(*flips.mixed(self.X, self.y, models.last_linear(self.clean).out_features)), path)
             self.targets[name] = target
-            tau = threshold(target, X, y, weight_decay=weight_decay).tau
-            self.candidates.append(Candidate(name, tau, accuracy(target, splits.x_val, splits.y_val), budget))
-        log("select: candidates " + ", ".join(f"{c.name} (tau {c.tau:.3g}, val {c.val_acc:.2f}%)" for c in self.candidates))
+            self.built[name] = Candidate(name, threshold(target, self.X, self.y, weight_decay=self.weight_decay).tau,
+                                         accuracy(target, self.splits.x_val, self.splits.y_val), budget)
+            c = self.built[name]
+            self.log(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")
+        return self.built[name]
 
     def choose(self, attack: Attack, cell: Path) -> tuple[nn.Module | None, PoisonResult | None, list[Candidate]]:
         """The target for ``attack.eps_d``, GC's poisons against it, and every candidate's record
         (also written to ``cell/selection.json``); (None, None, records) when GC reaches none."""
         eps_d, reach = attack.eps_d, self.options["reach"]
-        records = [Candidate(**{**asdict(c), "grad_norm_ratio": None, "kept": False, "reason": ""}) for c in self.candidates]
+        records = [Candidate(**{**asdict(c), "grad_norm_ratio": None, "kept": False, "reason": ""}) for c in self.candidates(eps_d)]
         for c in records:
             if c.tau > eps_d:
                 c.reason = f"tau {c.tau:.3g} > eps_d {eps_d:g}"

@@ -21,7 +21,7 @@ from poisonreach.attacks import (
 )
 from poisonreach.errors import PoisonReachError
 
-NAMES = {"gc": GradientCanceling, "gc-gn": GaussNewtonCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA,
+NAMES = {"gc": GaussNewtonCanceling, "gc-pgd": GradientCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA,
          "gc-official": OfficialGradientCanceling}
 REQUIRED = {"eps_d": 0.1}  # the bad arguments below are tried on top of these
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")  # never part of config()
@@ -202,7 +202,7 @@ def test_the_one_verb_is_poison(cls):
 def test_every_attack_adds_round_n_eps_d_poisons(name, digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:100], s.y_train[:100]
-    quick = {"gc": dict(epochs=1), "gc-gn": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points"),
+    quick = {"gc-pgd": dict(epochs=1), "gc": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points"),
              "gc-official": dict(epochs=1)}
     attack = ATTACKS[name](0.25, **quick.get(name, {}), **({"progress": False} if "progress" in inspect.signature(ATTACKS[name]).parameters else {}))
     result = attack.poison(model, X, y)

@@ -15,7 +15,7 @@ from poisonreach.attacks import PoisonResult
 from poisonreach.cli import main
 
 # Small but real: 300 digits, short training and GC, so a run takes a few seconds.
-FAST = ["--train-size", "300", "--train-epochs", "3", "--attack-option", "epochs=5", "--eps-w", "0.3"]
+FAST = ["--train-size", "300", "--train-epochs", "3", "--attack", "gc-pgd", "--attack-option", "epochs=5", "--eps-w", "0.3"]
 
 
 def run_cli(capsys, *argv):
@@ -186,7 +186,7 @@ def test_plot_and_report_of_a_fixed_target_grid(tmp_path, capsys):
     from poisonreach.experiments.sweep_file import parse_sweep
 
     grid = [{"weight": [[a, b]], "bias": [0.1]} for a in (-0.6, -0.15) for b in (-0.6, -0.15)]
-    doc = {"name": "or-grid", "run": {"dataset": "or2d", "target": "fixed", "eps_d": [0.5], "attack_options": {"epochs": 3},
+    doc = {"name": "or-grid", "run": {"dataset": "or2d", "target": "fixed", "eps_d": [0.5], "attack": "gc-pgd", "attack_options": {"epochs": 3},
                                       "training": {"epochs": 5}}, "grid": {"target_options": grid}}
     sweep = parse_sweep(doc, "test", lookup=lambda *a, **k: None)
     out = tmp_path / "sweep"
@@ -221,7 +221,7 @@ def test_eps_d_tau_is_skipped_for_a_target_with_tau_zero(tmp_path):
     from poisonreach.experiments.run import run
 
     config = RunConfig(target="fixed", target_options={"weight": [[0.0]], "bias": [0.1]}, dataset="toy",
-                       eps_d=[0.1, "tau"], training={"epochs": 2}, attack_options={"epochs": 2})
+                       eps_d=[0.1, "tau"], training={"epochs": 2}, attack="gc-pgd", attack_options={"epochs": 2})
     messages = []
     metrics = run(config, tmp_path / "tau0", log=messages.append)
     assert metrics["tau"] == 0 and [r["eps_d"] for r in metrics["results"]] == [0.1]

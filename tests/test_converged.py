@@ -138,10 +138,10 @@ def test_a_converged_planted_target_is_cancelled_exactly_by_its_own_poisons(digi
 
 
 def test_converged_protocol_options_and_the_weight_decay_handed_to_gc():
-    config = RunConfig(protocol="converged", attack="gc-gn", eps_d=[0.1])
+    config = RunConfig(protocol="converged", attack="gc", eps_d=[0.1])
     config.validate()
     assert config.weight_decay == 1e-3 and config.make_attacks()[0].weight_decay == 1e-3
-    config = RunConfig(protocol="converged", attack="gc-gn", eps_d=[0.1], training={"weight_decay": 0.01},
+    config = RunConfig(protocol="converged", attack="gc", eps_d=[0.1], training={"weight_decay": 0.01},
                        attack_options={"weight_decay": 0.5})
     assert config.make_attacks()[0].weight_decay == 0.5  # the attack's own option wins
     assert RunConfig(training={"weight_decay": 5e-4}, eps_d=[0.1]).make_attacks()[0].weight_decay == 5e-4
@@ -153,7 +153,7 @@ def test_converged_protocol_options_and_the_weight_decay_handed_to_gc():
 
 
 def test_converged_run_reaches_a_planted_digits_target(tmp_path):
-    config = RunConfig(dataset="digits", protocol="converged", target="labelflip", eps_d=[0.1], attack="gc-gn",
+    config = RunConfig(dataset="digits", protocol="converged", target="labelflip", eps_d=[0.1], attack="gc",
                        target_options={"strategy": "least-likely", "eps_d": 0.1}, training={"tolerance": 1e-6})
     metrics = run(config, tmp_path, log=lambda *a: None)
     entry = metrics["results"][0]

@@ -13,7 +13,7 @@ from poisonreach.cli import main
 from poisonreach.defenses import DEFENSES, Filter, FilterResult
 from poisonreach.experiments.defend import defend
 
-FAST = ["--train-size", "300", "--train-epochs", "3", "--attack-option", "epochs=5", "--eps-w", "0.3"]
+FAST = ["--train-size", "300", "--train-epochs", "3", "--attack", "gc-pgd", "--attack-option", "epochs=5", "--eps-w", "0.3"]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_unknown_attack_options_are_named(tmp_path, capsys):
 def test_a_target_made_by_a_baseline_attack(tmp_path):
     """Table 7: the model retrained on label-flip poisons becomes GC's target."""
     out = tmp_path / "lf-target"
-    argv = ["run", "--train-size", "300", "--train-epochs", "5", "--train-batch-size", "16", "--attack-option", "epochs=5", "--eps-d", "0.1",
+    argv = ["run", "--train-size", "300", "--train-epochs", "5", "--train-batch-size", "16", "--attack", "gc-pgd", "--attack-option", "epochs=5", "--eps-d", "0.1",
             "--target", "labelflip", "--target-option", "eps_d=0.5", "--target-option", "strategy=loss"]
     assert main([*argv, "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())

@@ -304,8 +304,9 @@ def test_the_command_line_and_sweeps_carry_the_protocol(tmp_path, capsys, monkey
     assert io.read_yaml(tmp_path / "cli" / "config.yaml")["protocol"] == "official"
     assert main(["run", "--protocol", "official", "--model", "nn", "--out", str(tmp_path / "nn")]) == 2
     assert "supports only --model lr" in capsys.readouterr().err
-    doc = {"name": "official", "run": {"train_size": 200, "eps_d": [0.1], "attack_options": {"epochs": 3}, "training": {"epochs": 2}},
-           "grid": {"protocol": ["honest", "official"]}}
+    # gc is Gauss-Newton under the honest protocol and the official code's GC under the official one
+    doc = {"name": "official", "run": {"train_size": 200, "eps_d": [0.1], "training": {"epochs": 2}},
+           "grid": {"protocol+attack_options": [["honest", {"iterations": 3}], ["official", {"epochs": 3}]]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
     rows = run_sweep(load_sweep(tmp_path / "sweep.yaml", lookup=None), tmp_path / "sweep", log=quiet)
     honest, official = rows

@@ -60,7 +60,7 @@ def test_shipped_cpu_profile_runs_end_to_end(tmp_path, monkeypatch, name, datase
 
     # what ran is the shipped cpu profile, but for the shrunk sizes
     (cid, shipped), = load_sweep(name, profile="cpu").cells
-    assert (shipped.dataset, shipped.model, shipped.attack) == (dataset, model, "gc")
+    assert (shipped.dataset, shipped.model, shipped.attack) == (dataset, model, "gc-pgd")
     expected = shipped.to_dict()
     for key, value in SHRINK.items():
         *parents, last = key.split(".")
@@ -75,7 +75,7 @@ def test_shipped_cpu_profile_runs_end_to_end(tmp_path, monkeypatch, name, datase
         rows = list(csv.DictReader(f))
     assert [row["eps_d"] for row in rows] == [str(e) for e in shipped.eps_d]  # one row per budget
     for row in rows:
-        assert (row["dataset"], row["model"], row["attack"]) == (dataset, model, "gc")
+        assert (row["dataset"], row["model"], row["attack"]) == (dataset, model, "gc-pgd")
         clean, poisoned = finite(row["clean_acc"]), finite(row["poisoned_acc"])
         assert 0 <= clean <= 100 and 0 <= poisoned <= 100 and 0 <= finite(row["target_acc"]) <= 100
         assert finite(row["acc_drop"]) == pytest.approx(clean - poisoned)

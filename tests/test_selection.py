@@ -130,7 +130,7 @@ def test_select_configuration_errors():
 
 
 def test_select_run_records_the_chosen_target_per_eps_d(tmp_path):
-    config = RunConfig(dataset="digits", target="select", eps_d=[0.3], attack="gc-gn", attack_options={"iterations": 8},
+    config = RunConfig(dataset="digits", target="select", eps_d=[0.3], attack="gc", attack_options={"iterations": 8},
                        target_options={"eps_w": [0.25, 2.0], "flip_factors": [1.0, 2.0]}, training={"epochs": 5})
     logged = []
     metrics = run(config, tmp_path, log=logged.append)

@@ -37,7 +37,7 @@ from poisonreach.experiments.sweep_file import cell_id, shipped_sweeps, sweep_pa
 SMALL = {
     "name": "small",
     "run": {"dataset": "digits", "model": "lr", "train_size": 200, "eps_d": [0.1, "tau"],
-            "attack_options": {"epochs": 3}, "training": {"epochs": 5, "batch_size": 32}},
+            "attack": "gc-pgd", "attack_options": {"epochs": 3}, "training": {"epochs": 5, "batch_size": 32}},
     "grid": {"eps_w": [2.0, 3.0]},
 }
 
@@ -156,7 +156,7 @@ def test_unknown_profile_lists_the_profiles(tmp_path):
 def test_layers_defaults_file_profile_overrides(tmp_path):
     doc = {
         "name": "layers",
-        "run": {"train_size": 100, "eps_d": [0.1, 1], "attack_options": {"lr": 0.5, "epochs": 9},
+        "run": {"train_size": 100, "eps_d": [0.1, 1], "attack": "gc-pgd", "attack_options": {"lr": 0.5, "epochs": 9},
                 "training": {"epochs": 1, "batch_size": 64}},
         "grid": {"model": ["lr", "nn"], "eps_w": [0.5]},
         "profiles": {"cpu": {"run": {"train_size": 50, "eps_d": [0.3], "attack_options": {"epochs": 2}, "training": {"epochs": 2}},
@@ -182,7 +182,7 @@ def test_layers_defaults_file_profile_overrides(tmp_path):
 
 
 def test_override_hidden_by_a_grid_axis_is_refused(tmp_path):
-    path = write(tmp_path, {"grid": {"model": ["lr"], "attack_options.epochs": [3]}})
+    path = write(tmp_path, {"run": {"attack": "gc-pgd"}, "grid": {"model": ["lr"], "attack_options.epochs": [3]}})
     with pytest.raises(PoisonReachError, match=r"hidden by the grid axis 'model'.*grid\.model"):
         load_sweep(path, ["run.model=nn"], lookup=None)
     with pytest.raises(PoisonReachError, match="hidden by the grid axis 'attack_options.epochs'"):
@@ -199,7 +199,7 @@ def test_override_values_are_yaml(tmp_path):
 
 
 def test_grid_expansion_is_cartesian_first_axis_slowest(tmp_path):
-    doc = {"run": {"attack_options": {"lr": 0.5}}, "grid": {"eps_w": [0.5, 1], "attack_options.epochs": [3, 5], "seed": [0]}}
+    doc = {"run": {"attack": "gc-pgd", "attack_options": {"lr": 0.5}}, "grid": {"eps_w": [0.5, 1], "attack_options.epochs": [3, 5], "seed": [0]}}
     path = write(tmp_path, doc)
     sweep = load_sweep(path, lookup=None)
     expected = [(w, e) for w in (0.5, 1) for e in (3, 5)]
@@ -231,7 +231,7 @@ def test_repeated_grid_values_fail(tmp_path):
 
 @pytest.mark.parametrize("grid, fragments", [
     ({"model": ["lr", "nope"]}, ["cell model=nope", "model must be one of"]),
-    ({"attack_options.epochs": [3, -1]}, ["cell attack_options.epochs=-1", "epochs"]),
+    ({"attack_options.iterations": [3, -1]}, ["cell attack_options.iterations=-1", "iterations"]),
     ({"attack_options.epoch": [3]}, ["cell attack_options.epoch=3", "'epoch'"]),
     ({"eps_w": ["big"]}, ["cell eps_w=big"]),
 ])
@@ -311,7 +311,7 @@ def test_a_folder_of_another_sweep_is_refused(tmp_path):
 
 
 def test_rows_and_results_csv(tmp_path):
-    doc = {"name": "rows", "run": {"eps_d": [0.1, "tau"]}, "grid": {"eps_w": [0.5, 1.0], "attack_options.epochs": [3]}}
+    doc = {"name": "rows", "run": {"eps_d": [0.1, "tau"], "attack": "gc-pgd"}, "grid": {"eps_w": [0.5, 1.0], "attack_options.epochs": [3]}}
     sweep = load_sweep(write(tmp_path, doc), lookup=None)
     rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
     assert list(rows[0]) == ["cell", "attack_options.epochs", *COLUMNS]
@@ -628,13 +628,13 @@ def test_a_joint_axis_is_named_by_its_scalar_parts_when_they_tell_its_values_apa
 
     lookup = lambda *a, **k: None  # noqa: E731
     doc = {"name": "joint", "run": {"dataset": "digits", "eps_d": [0.1]},
-           "grid": {"attack+attack_options": [["gc", {"epochs": 3, "box": None}], ["gm", {"steps": 2}]]}}
+           "grid": {"attack+attack_options": [["gc-pgd", {"epochs": 3, "box": None}], ["gm", {"steps": 2}]]}}
     sweep = parse_sweep(doc, "test", lookup=lookup)
-    assert [cid for cid, _ in sweep.cells] == ["attack=gc", "attack=gm"]
+    assert [cid for cid, _ in sweep.cells] == ["attack=gc-pgd", "attack=gm"]
     assert [c.attack_options for _, c in sweep.cells] == [{"epochs": 3, "box": None}, {"steps": 2}]
     assert sweep.grid_values["attack=gm"] == {"attack": "gm", "attack_options": {"steps": 2}}  # the rows keep the options
     # the same attack twice: only the options tell the cells apart, so they stay in the name
-    same = parse_sweep({**doc, "grid": {"attack+attack_options": [["gc", {"epochs": 3}], ["gc", {"epochs": 4}]]}}, "test", lookup=lookup)
+    same = parse_sweep({**doc, "grid": {"attack+attack_options": [["gc-pgd", {"epochs": 3}], ["gc-pgd", {"epochs": 4}]]}}, "test", lookup=lookup)
     ids = [cid for cid, _ in same.cells]
     assert len(set(ids)) == 2 and all("epochs" in cid for cid in ids), ids
 
@@ -660,7 +660,7 @@ def test_figures_5_and_6_gc_reaches_the_least_squares_target_and_gm_does_not(tmp
     rows = run_sweep(sweep, tmp_path / "out", log=quiet)
     by = {(r["attack"], r["eps_d"]): r for r in rows}
     for eps_d in (0.1, 1.0):
-        gc, gm = by["gc", eps_d], by["gm", eps_d]
+        gc, gm = by["gc-pgd", eps_d], by["gm", eps_d]
         assert gc["grad_norm_ratio"] < 1e-5 and gc["param_distance"] < 0.02
         assert gc["poisoned_mse"] == pytest.approx(gc["target_mse"], rel=0.02)
         assert gm["param_distance"] > 0.2 and gm["poisoned_mse"] < 0.5 * gm["target_mse"]

@@ -307,7 +307,7 @@ def test_a_folder_written_before_these_fields_is_completed(plain, tmp_path):
 
 
 def test_regression_victim_seeds_report_the_test_mse(tmp_path):
-    c = RunConfig(dataset="regression2d", model="linreg", eps_w=0.5, eps_d=[0.2], attack_options={"epochs": 3, "box": None},
+    c = RunConfig(dataset="regression2d", model="linreg", eps_w=0.5, eps_d=[0.2], attack="gc-pgd", attack_options={"epochs": 3, "box": None},
                   training={"epochs": 3, "batch_size": 16, "optimizer": "sgd", "lr": 0.05}, victim_seeds=[0, 1])
     metrics = run(c, tmp_path / "reg", log=quiet)
     (r,) = metrics["results"]

@@ -117,13 +117,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "poisonreach options minimize describe them)")
 
 
-# The documented shortcuts for attack options (the README tour and the Makefile use them): flag →
-# (the option of the gc attack it sets, add_argument's keywords). Any other option, of any attack,
-# is --attack-option KEY=VALUE.
-SHORTCUT_ATTACK = "gc"
+# The documented shortcuts for the Gradient Canceling attacks' options (the README tour and the
+# Makefile use them): flag → (the option it sets, add_argument's keywords). Any other option, of
+# any attack, is --attack-option KEY=VALUE.
+SHORTCUT_ATTACKS = ("gc", "gc-pgd", "gc-fw")
 SHORTCUTS = {
     "--box": ("box", dict(type=_box, metavar="LOW,HIGH|data-range|none", help="admissible set: LOW,HIGH, 'data-range' (GC-c) or 'none' (default: 0,1)")),
-    "--optimize-labels": ("optimize_labels", dict(action="store_true", help="also optimise the poison labels (default: off, the labels of the points they start from)")),
+    "--optimize-labels": ("optimize_labels", dict(action="store_true", help="gc-pgd only: optimise soft poison labels, a relaxation (default: "
+                                                                            "off, the labels of the points they start from; gc chooses hard labels)")),
     "--replace": ("replace", dict(action="store_true", help="replace clean points instead of adding (appendix C.10; default: off, poisons are added)")),
     "--parameters": ("parameters", dict(choices=PARAMETER_SETS, help="parameters whose gradient is cancelled (default: all)")),
 }
@@ -143,16 +144,21 @@ def _parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
     p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
-    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc", help="gc (Gradient Canceling, default), gc-fw (its Frank-Wolfe solver), gc-gn (its Gauss-Newton solver), gc-official (the official code's GC, what --protocol official runs for gc), gm (Gradient Matching), tgda or labelflip")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="gc",
+                   help="gc (Gradient Canceling by Gauss-Newton steps with hard labels, default), gc-pgd (Algorithm 1's projected "
+                        "gradient descent; --preset paper is the paper's setting of it), gc-fw (Frank-Wolfe over measures), gc-official "
+                        "(the official code's GC, what --protocol official runs for gc), gm (Gradient Matching), tgda or labelflip")
     p.add_argument("--attack-option", dest="attack_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the attack, e.g. --attack-option epochs=50 (repeatable; poisonreach options gc "
                         "lists an attack's)")
-    p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of the attack (its presets; gc's 'paper': SGD momentum, "
-                                                                  "cosine, lr 0.5, 1000 epochs; default: none, the attack's own defaults)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="a named setting of a GC solver; 'paper': gc-pgd with SGD momentum, "
+                                                                  "cosine, lr 0.5, 1000 epochs, also chosen by --attack gc --preset paper "
+                                                                  "(default: none, the attack's own defaults)")
     # shortcuts are left out of the namespace unless given, so the preset's or the class's defaults apply
-    group = p.add_argument_group("Gradient Canceling shortcuts", f"each sets one option of --attack {SHORTCUT_ATTACK}, as --attack-option KEY=VALUE does")
+    group = p.add_argument_group("Gradient Canceling shortcuts", f"each sets one option of --attack {', '.join(SHORTCUT_ATTACKS)}, "
+                                 "as --attack-option KEY=VALUE does")
     for flag, (key, kwargs) in SHORTCUTS.items():
-        group.add_argument(flag, dest=f"{SHORTCUT_ATTACK}.{key}", default=argparse.SUPPRESS, **kwargs)
+        group.add_argument(flag, dest=f"shortcut.{key}", default=argparse.SUPPRESS, **kwargs)
     p.add_argument("--victim-seeds", dest="victim_seeds", type=int, nargs="+", default=None, metavar="SEED",
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
                         "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's (default: none, "
@@ -223,9 +229,8 @@ def _config(args, **extra) -> RunConfig:
 
 
 def _cmd_run(args) -> int:
-    prefix = SHORTCUT_ATTACK + "."
-    shortcuts = {k.removeprefix(prefix): v for k, v in vars(args).items() if k.startswith(prefix)}  # in command-line order
-    if shortcuts and args.attack != SHORTCUT_ATTACK:
+    shortcuts = {k.removeprefix("shortcut."): v for k, v in vars(args).items() if k.startswith("shortcut.")}  # in command-line order
+    if shortcuts and args.attack not in SHORTCUT_ATTACKS:
         flags = {key: flag for flag, (key, _) in SHORTCUTS.items()}
         given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")

@@ -1,7 +1,8 @@
 """Poisoning attacks: constructor hyperparameters, ``poison(model, X, y, loss=None)``, a PoisonResult.
 
-GradientCanceling (Algorithm 1), GaussNewtonCanceling (the same problem (18) by bound-aware
-Gauss–Newton steps with hard labels) and FrankWolfeCanceling (appendix B) attack a target model
+GaussNewtonCanceling (``gc``, the default: problem (18) by bound-aware Gauss–Newton steps with hard
+labels), GradientCanceling (``gc-pgd``, Algorithm 1's projected gradient descent, whose ``paper``
+preset is the paper's setting) and FrankWolfeCanceling (``gc-fw``, appendix B) attack a target model
 (``model_targeted``), and so does OfficialGradientCanceling, the official code's GC (first weight
 tensor, summed losses, normalised space, no box); the baselines attack the clean model.
 :data:`ATTACKS` maps each short name to its class.
@@ -16,7 +17,7 @@ from .label_flip import LabelFlip
 from .official import OfficialGradientCanceling
 from .tgda import TGDA
 
-ATTACKS = {cls.name: cls for cls in (GradientCanceling, GaussNewtonCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA,
+ATTACKS = {cls.name: cls for cls in (GaussNewtonCanceling, GradientCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA,
                                      OfficialGradientCanceling)}
 
 __all__ = ["ATTACKS", "Attack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA",

@@ -112,7 +112,7 @@ class GaussNewtonCanceling(Attack):
         with the same configuration and data is resumed.
     """
 
-    name = "gc-gn"
+    name = "gc"
     model_targeted = True
     constraints = {
         "iterations": Number(low=0, integer=True),

@@ -103,7 +103,7 @@ class GradientCanceling(Attack):
     is appendix C.1's.
     """
 
-    name = "gc"
+    name = "gc-pgd"
     model_targeted = True
     # The paper's setting (appendix C.1): SGD with momentum, cosine schedule, lr 0.5, 1000 epochs,
     # the whole poison set as one block.

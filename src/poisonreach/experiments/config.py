@@ -47,8 +47,9 @@ TARGETS = (*TARGET_GENERATORS, *POISONED_TARGETS, "select")
 PROTOCOLS = ("honest", "converged", "official")
 # the data sets --protocol official accepts: MNIST-like images, as the official LR script assumes
 OFFICIAL_DATASETS = ("digits", "mnist", "mnist17", "fashion-mnist")
-# the named settings of the attacks (their ``presets``), e.g. GC's "paper"
-PRESETS = sorted({name for cls in ATTACKS.values() for name in getattr(cls, "presets", {})})
+# the named settings of the attacks (their ``presets``), e.g. "paper" of gc-pgd, and the attack each belongs to
+PRESET_ATTACKS = {preset: name for name, cls in ATTACKS.items() for preset in getattr(cls, "presets", {})}
+PRESETS = sorted(PRESET_ATTACKS)
 
 
 def set_threads(threads: int) -> None:
@@ -95,9 +96,14 @@ class RunConfig:
 
     @property
     def attack_name(self) -> str:
-        """The attack that runs: ``attack``, except that under the official protocol ``gc`` is the
-        official code's GC (``gc-official``)."""
-        return "gc-official" if self.protocol == "official" and self.attack == "gc" else self.attack
+        """The attack that runs: ``attack``, except for ``gc`` under the official protocol, which is
+        the official code's GC (``gc-official``), and ``gc`` with a preset of another GC solver,
+        which is that solver (``--preset paper``: the paper's projected gradient descent, ``gc-pgd``)."""
+        if self.attack != "gc":
+            return self.attack
+        if self.protocol == "official":
+            return "gc-official"
+        return PRESET_ATTACKS.get(self.preset, "gc") if self.preset is not None else "gc"
 
     @property
     def training_options(self) -> dict:

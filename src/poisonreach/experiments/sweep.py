@@ -1,9 +1,10 @@
 """The sweep engine: every cell of a sweep file, resumable, optionally in parallel, and its table.
 
-    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run]
+    poisonreach sweep NAME|FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run]
 
-The file format and its layers (defaults, file, profile, overrides) are those of
-:mod:`poisonreach.experiments.sweep_file`. A sweep folder (default ``sweeps/<name>``, or
+NAME is a sweep shipped with the package (the paper's tables and figures, e.g. table2-mnist), FILE
+the path of a user's sweep file; the format and its layers (defaults, file, profile, overrides) are
+those of :mod:`poisonreach.experiments.sweep_file`. A sweep folder (default ``sweeps/<name>``, or
 ``sweeps/<name>-<profile>``) holds:
 
     sweep.yaml              the resolved sweep; a folder holding other settings (run, grid,
@@ -63,7 +64,7 @@ from ..validation import check_number
 from .config import RunConfig
 from .defend import defend
 from .run import run, text_table
-from .sweep_file import SETTINGS, Sweep, load_sweep, target_label
+from .sweep_file import SETTINGS, Sweep, load_sweep, shipped_sweeps, target_label
 
 __all__ = ["COLUMNS", "HEADERS", "OFFICIAL_COLUMNS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "show", "show_cell", "shown_columns", "write_results"]
@@ -77,7 +78,7 @@ SEED_COLUMNS = ["victim_seeds", "poisoned_acc_mean", "poisoned_acc_std", "acc_dr
 # under the official protocol (run.protocol: official): the victim's test accuracy over its epochs and
 # the drop against the official retraining on clean data (acc_drop is against the Adadelta clean model)
 OFFICIAL_COLUMNS = ["retrain_acc_min", "retrain_acc_median", "retrain_acc_max", "acc_drop_vs_official_clean"]
-COLUMNS = ["dataset", "model", "eps_w", "attack", "protocol", "defense", "eps_d", "clean_acc", "target_acc", "clean_mse", "target_mse",
+COLUMNS = ["dataset", "model", "eps_w", "attack", "protocol", "defense", "eps_d", "selected_target", "clean_acc", "target_acc", "clean_mse", "target_mse",
            "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
            "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
            *OFFICIAL_COLUMNS, "wall_time_s", "paper_acc_drop"]
@@ -300,9 +301,12 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     m = io.plain(output["metrics"])
     base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
             "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
-            "protocol": config.protocol, "clean_acc": m["clean_acc"], "target_acc": m["target_acc"], "clean_mse": m.get("clean_mse"),
-            "target_mse": m.get("target_mse"), "tau": m["tau"], "clean_grad_norm": m.get("clean_grad_norm"),
+            "protocol": config.protocol, "clean_acc": m["clean_acc"], "target_acc": m.get("target_acc"), "clean_mse": m.get("clean_mse"),
+            "target_mse": m.get("target_mse"), "tau": m.get("tau"), "clean_grad_norm": m.get("clean_grad_norm"),
             "target_grad_norm": m.get("target_grad_norm")}
+    # target: select names a target per ε_d, whose fields its result carries
+    chosen = lambda r: ({"selected_target": r["target"], **{k: r[k] for k in ("target_acc", "target_mse", "tau", "target_grad_norm") if k in r}}  # noqa: E731
+                        if "target" in r else {})
     paper = lambda eps_d, did: sweep.paper_values.get((cid, eps_d, did))
     if not config.eps_d:
         return [{**base, "attack": target_label(config), "acc_drop": m["clean_acc"] - m["target_acc"],
@@ -311,7 +315,7 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     by_eps_d = {r["eps_d"]: r for r in m["results"]}
     done = [(e, by_eps_d[v]) for e in config.eps_d if (v := m["tau"] if e == "tau" else e) in by_eps_d]
     rows = [
-        {**base, "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
+        {**base, **chosen(r), "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
          "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "target_agreement": r.get("target_agreement"),
          "victim_grad_norm": r.get("victim_grad_norm"), **_seed_values(r), **{k: r.get(k) for k in OFFICIAL_COLUMNS},
          "wall_time_s": m["wall_time_s"],
@@ -394,14 +398,14 @@ def show_cell(key: str, row: dict) -> str:
 # are shown only where some row has a value: defenses when one ran, MSEs for regression, accuracies
 # for classification. The CSV keeps everything.
 HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "attack": "attack", "eps_w": "eps_w", "defense": "defense",
-           "eps_d": "eps_d", "clean_acc": "clean", "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
+           "eps_d": "eps_d", "selected_target": "chosen target", "clean_acc": "clean", "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
            "tau": "tau", "poisoned_acc": "poisoned", "poisoned_mse": "poisoned MSE", "acc_drop": "drop", "paper_acc_drop": "paper",
            "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
            "target_agreement": "agree", "victim_grad_norm": "victim ‖∇L‖", "victim_seeds": "victim seeds",
            "poisoned_acc_mean": "poisoned (seeds)", "acc_drop_mean": "drop (seeds)", "target_agreement_mean": "agree (seeds)",
            "retrain_acc_min": "epochs min", "retrain_acc_max": "epochs max", "acc_drop_vs_official_clean": "drop vs SGD clean",
            "wall_time_s": "time (s)"}
-_OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "defended_acc", "recovered", "clean_acc", "target_acc",
+_OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "selected_target", "defended_acc", "recovered", "clean_acc", "target_acc",
              "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse", "target_agreement", "victim_grad_norm",
              "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean", "retrain_acc_min", "retrain_acc_max",
              "acc_drop_vs_official_clean"}
@@ -448,10 +452,11 @@ def describe(sweep: Sweep, out: str | os.PathLike) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``poisonreach sweep``."""
-    p.add_argument("file", help="a sweep file (YAML), e.g. experiments/smoke.yaml")
+    p.add_argument("file", metavar="NAME|FILE",
+                   help=f"a shipped sweep by name ({', '.join(shipped_sweeps())}) or the path of a sweep file (YAML)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a setting by its dotted path, e.g. run.attack_options.epochs=50 or grid.model=[lr] (value read as YAML)")
-    p.add_argument("--profile", default=None, help="apply a profile of the file (e.g. cpu)")
+    p.add_argument("--profile", default=None, help="apply a profile of the file (e.g. cpu; default: none, the file as written)")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process with its share of the cores (default: 1)")
     p.add_argument("--out", default=None, help="sweep folder (default: sweeps/NAME or sweeps/NAME-PROFILE); an existing one is resumed")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")

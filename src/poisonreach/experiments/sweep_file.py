@@ -393,8 +393,10 @@ def paper_keys(config: RunConfig, paper: dict, eps_d, defense: dict | None) -> d
     if eps_d is None:
         keys.update(attack=target_label(config), eps_w=config.eps_w)
     else:
-        gc_c = config.attack == "gc" and config.attack_options.get("box") == "data-range"
-        keys.update(attack="gc-c" if gc_c else config.attack, eps_d=eps_d)
+        # the paper's GC is problem (18), whichever solver runs it; GC-c is GC in the data range
+        canceling = config.attack in ("gc", "gc-pgd")
+        gc_c = canceling and config.attack_options.get("box") == "data-range"
+        keys.update(attack="gc-c" if gc_c else "gc" if canceling else config.attack, eps_d=eps_d)
         targeted = config.make_attacks()[0].model_targeted  # an instance: GM's depends on its objective
         keys["target"] = target_label(config) if targeted else None
         if paper.get("table") == 9:  # adding versus replacing (appendix C.10)

@@ -266,3 +266,19 @@ def test_a_drop_is_printed_positive_where_the_poisons_did_damage(damaging_run, c
     (d,) = json.loads((damaging_run / "metrics.json").read_text())["defenses"]["maxup,m=2"]["results"]
     assert code == 0 and d["acc_drop_defended"] > 0  # MaxUp's noise does not undo flipped labels
     assert table_column(out, "drop after defense") == [f"{d['acc_drop_defended']:.2f}"]
+
+
+def test_gc_is_gauss_newton_and_the_paper_preset_is_projected_gradient_descent(capsys):
+    from poisonreach.attacks import GaussNewtonCanceling, GradientCanceling
+    from poisonreach.experiments.config import RunConfig
+
+    (default,) = RunConfig(eps_d=[0.1]).make_attacks()
+    assert type(default) is GaussNewtonCanceling and default.labels == "greedy"
+    for attack in ("gc", "gc-pgd"):  # a preset names its solver, under gc too
+        config = RunConfig(eps_d=[0.1], attack=attack, preset="paper")
+        config.validate()
+        (paper,) = config.make_attacks()
+        assert type(paper) is GradientCanceling and (paper.epochs, paper.lr, paper.backtrack) == (1000, 0.5, False)
+    # soft labels are a relaxation of projected gradient descent only: one clear line for gc
+    code, _, err = run_cli(capsys, "run", "--optimize-labels", "--out", "unused")
+    assert code == 2 and "optimize_labels" in err and "GaussNewtonCanceling" in err

@@ -4,6 +4,8 @@
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
     poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
+    poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
+    poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
@@ -12,10 +14,10 @@
     poisonreach --version
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
-``defend.defend``, ``sweep.command``, ``plots.plot_folder``, ``report.write_report``, ``run.tau``,
-``options.describe``. Bad input prints one line on stderr and exits with status 2; no traceback.
-Every option's help shows its default (:class:`HelpFormatter`), and the descriptions are the
-experiments' docstrings without their markup.
+``defend.defend``, ``export.export``, ``evaluate.evaluate``, ``sweep.command``, ``plots.plot_folder``,
+``report.write_report``, ``run.tau``, ``options.describe``. Bad input prints one line on stderr and
+exits with status 2; no traceback. Every option's help shows its default (:class:`HelpFormatter`),
+and the descriptions are the experiments' docstrings without their markup.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import yaml
 
 from .experiments import __version__
 from .experiments import defend as defend_module
+from .experiments import evaluate as evaluate_module
+from .experiments import export as export_module
 from .experiments import options as options_module
 from .experiments import plots
 from .experiments import report as report_module
@@ -89,20 +93,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that builds a clean model and a target."""
+def _common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
+    """Options shared by every command that builds a clean model (and a target, unless ``target`` is False)."""
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())} (default: digits)")
     p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())} (default: lr)")
-    p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
-    p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
-    p.add_argument("--target", choices=sorted(TARGETS), default="gradpc",
-                   help="target generator (default: gradpc); fixed: last-layer parameters given with --target-option weight=[[...]]; "
-                        "tgda, labelflip, gm: the model retrained on that attack's poisons (ε_d = 1 unless --target-option eps_d=...)")
-    p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable; "
-                        "poisonreach options gradpc lists a generator's)")
-    p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data split, the models' initialisation and training, the target and the attack")
+    if target:
+        p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
+        p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
+        p.add_argument("--target", choices=sorted(TARGETS), default="gradpc",
+                       help="target generator (default: gradpc); fixed: last-layer parameters given with --target-option weight=[[...]]; "
+                            "tgda, labelflip, gm: the model retrained on that attack's poisons (ε_d = 1 unless --target-option eps_d=...)")
+        p.add_argument("--target-option", dest="target_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="a constructor argument of the target generator, e.g. weight=[[-1,-1]] bias=[0] for fixed (repeatable; "
+                            "poisonreach options gradpc lists a generator's)")
+        p.add_argument("--target-scale", type=float, default=1.0, help="multiply the target's last layer by this (appendix C.6)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data split, the models' initialisation and training"
+                                                       + (", the target and the attack" if target else " (the victim seed unless --victim-seeds)"))
     p.add_argument("--train-size", type=int, default=None, help="use a seeded random subset of the training split (default: all of it)")
     p.add_argument("--data-root", default=None, help="folder holding the data sets (default: $POISONREACH_DATA or ~/.cache/poisonreach)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
@@ -181,6 +187,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
+    p = command("export", "write the poisons of a run as npz, safetensors or PNG files with a manifest", export_module.__doc__)
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `poisonreach run`")
+    p.add_argument("--format", required=True, choices=export_module.FORMATS,
+                   help="npz, safetensors (needs the safetensors package) or png (8-bit images, pixels clipped to [0, 1])")
+    p.add_argument("--out", required=True, help="the folder to write into, one eps_d=E/ folder per cell")
+    p.add_argument("--eps-d", type=float, default=None, help="export this cell only (default: every eps_d cell of the run)")
+    p.add_argument("--allow-soft-labels", action="store_true",
+                   help="export soft labels (probabilities) as float32 y, although they are a relaxation, not data points (default: off, refused)")
+
+    p = command("evaluate", "retrain a fresh victim on clean ∪ given poisons and report the accuracy drop", evaluate_module.__doc__)
+    p.add_argument("--poisons", required=True, help="a .pt, .npz or .safetensors file holding x and y, a run cell eps_d=E/, or a "
+                                                    "folder `poisonreach export` wrote")
+    _common(p, target=False)
+    p.add_argument("--victim-seeds", dest="victim_seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="retrain the victim and a clean model with each of these seeds and report mean ± std over them (e.g. 0 1 2; "
+                        "default: --seed only)")
+    p.add_argument("--protocol", choices=evaluate_module.EVALUATION_PROTOCOLS, default="honest",
+                   help="honest (default): the paper's retraining; converged: full-batch L-BFGS to a stationary point, as "
+                        "`poisonreach run --protocol converged`")
+    p.add_argument("--out", default=None, help="a folder to write evaluation.json into (default: none, print only)")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+
     p = command("sweep", "run a shipped or own sweep file: a grid of runs, resumable, in parallel, with a results table", sweep_module.__doc__)
     sweep_module.add_arguments(p)
 
@@ -211,14 +239,12 @@ def _training(args) -> dict:
 
 
 def _config(args, **extra) -> RunConfig:
+    target = {} if "target" not in args else dict(eps_w=args.eps_w, eps_w_mode=args.eps_w_mode, target=args.target,
+                                                  target_scale=args.target_scale, target_options=dict(args.target_option))
     return RunConfig(
         dataset=args.dataset,
         model=args.model,
-        eps_w=args.eps_w,
-        eps_w_mode=args.eps_w_mode,
-        target=args.target,
-        target_scale=args.target_scale,
-        target_options=dict(args.target_option),
+        **target,
         seed=args.seed,
         train_size=args.train_size,
         data_root=args.data_root,
@@ -249,6 +275,19 @@ def _cmd_defend(args) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     summary = defend(args.run, args.defense, dict(args.option), log=log)
     print(format_defense_table(args.defense, summary))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    for cell in export_module.export(args.run_dir, args.format, args.out, eps_d=args.eps_d, allow_soft_labels=args.allow_soft_labels):
+        print(f"eps_d={cell['eps_d']:g}: {cell['num_poisons']} poisons → {cell['folder']}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    config = _config(args, victim_seeds=args.victim_seeds, protocol=args.protocol)
+    print(evaluate_module.format_evaluation(evaluate_module.evaluate(args.poisons, config, out=args.out, log=log)))
     return 0
 
 
@@ -286,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         set_threads(args.threads)
     try:
-        return {"run": _cmd_run, "defend": _cmd_defend, "sweep": sweep_module.command, "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau,
-                "options": _cmd_options}[args.command](args)
+        return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
+                "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

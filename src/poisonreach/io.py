@@ -122,5 +122,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
         raise PoisonReachError(f"{path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or unsafe files
-        raise CorruptFileError(f"{path} cannot be loaded safely ({type(e).__name__}: {e}); it may be damaged or contain code") from e
+    except Exception as e:  # torch raises several types for damaged or unsafe files, with many-line messages
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a torch.save archive at all
+            unsafe = []
+        if unsafe:
+            raise CorruptFileError(f"{path} holds Python objects other than tensors ({', '.join(unsafe)}): refused") from None
+        raise CorruptFileError(f"{path} cannot be loaded as tensors ({type(e).__name__}): it is damaged or was not written by torch.save") from None

@@ -193,5 +193,14 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, di
     assert torch.equal(resumed.x, full.x) and torch.equal(resumed.y, full.y)
     assert resumed.grad_norm_history == full.grad_norm_history
     assert resumed.extra["labels_changed"] == full.extra["labels_changed"]
-    with pytest.raises(PoisonReachError, match="different configuration"):
-        GaussNewtonCanceling(0.1, checkpoint=path, iterations=5, progress=False, seed=3).poison(target, X, y)
+    # iterations and tolerance only say when to stop: a checkpoint resumes under other values
+    # (a run extended, or a looser tolerance that the saved state already meets)
+    longer = GaussNewtonCanceling(0.1, iterations=6, progress=False, seed=3).poison(target, X, y)
+    assert not torch.equal(longer.x, full.x)
+    GaussNewtonCanceling(0.1, checkpoint=path, checkpoint_every=2, **config).poison(target, X, y)  # saved at step 4
+    extended = GaussNewtonCanceling(0.1, checkpoint=path, checkpoint_every=2, iterations=6, progress=False, seed=3).poison(target, X, y)
+    assert torch.equal(extended.x, longer.x) and extended.grad_norm_history == longer.grad_norm_history
+    loose = GaussNewtonCanceling(0.1, checkpoint=path, tolerance=0.5, iterations=6, progress=False, seed=3).poison(target, X, y)
+    assert torch.equal(loose.x, longer.x)  # the saved state meets it: nothing more to do
+    with pytest.raises(PoisonReachError, match="different configuration"):  # what changes the steps does not resume
+        GaussNewtonCanceling(0.1, checkpoint=path, damping=1e-2, progress=False, seed=3).poison(target, X, y)

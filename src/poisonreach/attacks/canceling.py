@@ -74,10 +74,13 @@ class CancelingProblem:
         return [gm + self.eps_d / self.m * gs for gm, gs in zip(self.g_mu, g_nu_sum)]
 
     def fingerprint(self, attack: Attack) -> str:
-        """What a checkpoint must have been written by: the attack's configuration (its schedule
-        depends on all of it) and these data."""
+        """What a checkpoint must have been written by: the attack's configuration and these data.
+        The options in the attack's ``stopping`` only say when to stop, not what a step does, so
+        they are left out: a run can be extended, or stopped at a looser tolerance, from its
+        checkpoint."""
+        config = {k: v for k, v in attack.config().items() if k not in getattr(attack, "stopping", ())}
         data = [len(self.X), self.m, float(self.X.double().sum()), float(self.y.double().sum())]
-        return json.dumps({"config": attack.config(), "data": data}, sort_keys=True)
+        return json.dumps({"config": config, "data": data}, sort_keys=True)
 
 
 def load_checkpoint(path: str | os.PathLike | None, fingerprint: str, device: torch.device) -> dict | None:

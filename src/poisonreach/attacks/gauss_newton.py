@@ -114,6 +114,7 @@ class GaussNewtonCanceling(Attack):
 
     name = "gc"
     model_targeted = True
+    stopping = ("iterations", "tolerance")  # a step does not depend on them: a checkpoint resumes under others
     constraints = {
         "iterations": Number(low=0, integer=True),
         "cg_iterations": Number(low=1, integer=True),

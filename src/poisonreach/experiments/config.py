@@ -33,7 +33,7 @@ from .selection import check_select_options
 
 __all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-           "load_data", "model_names", "parse_yaml", "set_threads"]
+           "load_data", "mean_std", "model_names", "parse_yaml", "set_threads"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -241,6 +241,12 @@ def fresh_model(config: RunConfig, spec: dict, seed: int | None = None) -> nn.Mo
     """The untrained model every training of the run starts from (the run's seed each time, or
     ``seed``: a victim seed's initialisation)."""
     return models.create(**spec, seed=config.seed if seed is None else seed).to(torch.device(config.device))
+
+
+def mean_std(name: str, values: list[float]) -> dict:
+    """``name_mean`` and ``name_std`` (the sample standard deviation, ddof = 1; 0 for one value)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
 
 
 def cell_name(eps_d: float) -> str:

@@ -34,7 +34,8 @@ from ..errors import CorruptFileError, PoisonReachError
 from ..training import accuracy
 from .config import RunConfig, load_data
 from .export import require_safetensors
-from .run import _fitter, _grad_norm, _mean_std, _pm, text_table
+from .config import mean_std
+from .run import fitter, plus_minus, text_table, trained_grad_norm
 
 # the protocols that retrain a victim the way `poisonreach run` does (official retrains its own way)
 EVALUATION_PROTOCOLS = ("honest", "converged")
@@ -65,10 +66,10 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         f"retraining {config.model} with the {config.protocol} protocol, victim seeds {' '.join(map(str, seeds))}")
     per_seed = {k: [] for k in ("clean_acc", "poisoned_acc", "acc_drop", "clean_grad_norm", "victim_grad_norm")}
     for seed in seeds:
-        fit = _fitter(config, spec, seed)
+        fit = fitter(config, spec, seed)
         clean, victim = fit(X, y), fit(X_mix, y_mix)
         clean_acc, poisoned_acc = accuracy(clean, splits.x_test, splits.y_test), accuracy(victim, splits.x_test, splits.y_test)
-        norms = _grad_norm(config, clean, X, y), _grad_norm(config, victim, X_mix, y_mix)  # each on the data it was trained on
+        norms = trained_grad_norm(config, clean, X, y), trained_grad_norm(config, victim, X_mix, y_mix)  # each on the data it was trained on
         for key, value in zip(per_seed, (clean_acc, poisoned_acc, clean_acc - poisoned_acc, *norms)):
             per_seed[key].append(value)
         log(f"victim seed {seed}: clean {clean_acc:.2f}%, poisoned {poisoned_acc:.2f}% (drop {clean_acc - poisoned_acc:.2f}), "
@@ -81,7 +82,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         **{k: getattr(config, k) for k in ("dataset", "model", "protocol", "seed", "train_size", "training")},
         "victim_seeds": seeds,
         **{f"{k}_per_seed": v for k, v in per_seed.items()},
-        **{k: v for name in ("clean_acc", "poisoned_acc", "acc_drop", "victim_grad_norm") for k, v in _mean_std(name, per_seed[name]).items()},
+        **{k: v for name in ("clean_acc", "poisoned_acc", "acc_drop", "victim_grad_norm") for k, v in mean_std(name, per_seed[name]).items()},
     }
     if out is not None:
         io.write_json(Path(out) / "evaluation.json", record)
@@ -99,8 +100,8 @@ def format_evaluation(record: dict) -> str:
                 record["victim_seeds"], record["clean_acc_per_seed"], record["poisoned_acc_per_seed"], record["acc_drop_per_seed"],
                 record["clean_grad_norm_per_seed"], record["victim_grad_norm_per_seed"])]
     if len(rows) > 1:
-        rows.append(["mean ± std", *(_pm(record[f"{k}_mean"], record[f"{k}_std"]) for k in ("clean_acc", "poisoned_acc", "acc_drop")),
-                     "", _pm(record["victim_grad_norm_mean"], record["victim_grad_norm_std"], ".3g")])
+        rows.append(["mean ± std", *(plus_minus(record[f"{k}_mean"], record[f"{k}_std"]) for k in ("clean_acc", "poisoned_acc", "acc_drop")),
+                     "", plus_minus(record["victim_grad_norm_mean"], record["victim_grad_norm_std"], ".3g")])
     return "\n".join([head, text_table(cols, rows, left_first=True)])
 
 

@@ -45,7 +45,7 @@ from .. import io, models
 from ..attacks import PoisonResult
 from ..targets import parameter_distance
 from ..training import agreement, official_retrain, training_gradient_norm
-from .config import RunConfig, fresh_model
+from .config import RunConfig, fresh_model, mean_std
 
 __all__ = ["CleanReferences", "file_order", "run_cell"]
 
@@ -62,10 +62,6 @@ def _seeds(config: RunConfig) -> list[int]:
     """Every seed a retraining is done with: the run's own first, then the victim seeds."""
     return [config.seed, *[s for s in (config.victim_seeds or []) if s != config.seed]]
 
-
-def _mean_std(name: str, values: list[float]) -> dict:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
 
 
 def _retrain_record(record_path: Path, model_path: Path, config: RunConfig, spec: dict, X, y, splits, seed: int, save, diagnose=None) -> dict:
@@ -109,7 +105,7 @@ class CleanReferences:
                **{f"official_clean_acc_{k}": own[f"acc_{k}"] for k in ("min", "median", "max", "per_epoch")}}
         if self.victim_seeds:
             finals = [self.acc(s) for s in self.victim_seeds]
-            out.update({"official_clean_acc_per_seed": finals, **_mean_std("official_clean_acc", finals)})
+            out.update({"official_clean_acc_per_seed": finals, **mean_std("official_clean_acc", finals)})
         return out
 
 
@@ -199,5 +195,5 @@ def _seed_statistics(seeds: list[int], records: dict, clean_acc: dict[int, float
     out = {"victim_seeds": list(seeds), **{f"{k}_per_seed": v for k, v in per.items()}}
     for k in ("poisoned_acc", "acc_drop", "acc_drop_vs_official_clean", "retrain_acc_min", "retrain_acc_median", "retrain_acc_max",
               "target_agreement", "victim_grad_norm", "param_distance"):
-        out.update(_mean_std(k, per[k]))
+        out.update(mean_std(k, per[k]))
     return out

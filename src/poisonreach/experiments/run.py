@@ -65,7 +65,7 @@ from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
-from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data
+from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 from .selection import TargetSelection
@@ -99,7 +99,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
 
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
-    fit = _fitter(config, spec)
+    fit = fitter(config, spec)
 
     def save(model: nn.Module, path: Path) -> nn.Module:
         models.save_model(model, path, **spec)
@@ -109,7 +109,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
-    clean_grad_norm = _grad_norm(config, clean, X, y)
+    clean_grad_norm = trained_grad_norm(config, clean, X, y)
 
     classification = splits.task != "regression"
     selection = None
@@ -160,7 +160,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
                                              grad_norms=lambda poisons: _grad_norms(poisons, target, X, y, grad_norm_clean)))
             continue
         results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit, save, clean_acc, grad_norm_clean, log,
-                                              grad_norm=lambda model, X_fit, y_fit: _grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
+                                              grad_norm=lambda model, X_fit, y_fit: trained_grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
 
     metrics = {
         "dataset": config.dataset,
@@ -201,13 +201,13 @@ def _describe_target(config: RunConfig, target: nn.Module, clean: nn.Module, X, 
         "tau_multiclass": thr.tau_multiclass,
         "inner": thr.inner,
         "grad_norm_clean": mixed_grad_norm(target, X, y),
-        "target_grad_norm": None if mixed is None else _grad_norm(config, target, *mixed),
+        "target_grad_norm": None if mixed is None else trained_grad_norm(config, target, *mixed),
         **({"target_clean_agreement": agreement(target, clean, splits.x_test)} if classification else {}),
     }
     return fields, thr
 
 
-def _fitter(config: RunConfig, spec: dict, seed: int | None = None):
+def fitter(config: RunConfig, spec: dict, seed: int | None = None):
     """``fit(X, y)``: train a fresh model of the run from scratch (the same seed and protocol each
     time); ``seed`` replaces the run's seed for the initialisation and the batch order."""
     device = torch.device(config.device)
@@ -217,7 +217,7 @@ def _fitter(config: RunConfig, spec: dict, seed: int | None = None):
     return lambda X_fit, y_fit: train(fresh_model(config, spec, seed), X_fit, y_fit, seed=seed, device=device, **config.training)
 
 
-def _grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
+def trained_grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
     """The training-gradient norm of a model of the run trained on (X, y), with the protocol's weight decay."""
     return training_gradient_norm(model, X, y, weight_decay=config.weight_decay, device=torch.device(config.device))
 
@@ -238,13 +238,13 @@ class _SeedPlan:
             else:
                 path = out / f"clean_model_seed={seed}.pt"
                 model = _load_or(path, lambda: save(self.fit(seed)(X, y), path)).to(device)
-                (acc, mse), norm = _evaluate(model, splits.x_test, splits.y_test), _grad_norm(config, model, X, y)
+                (acc, mse), norm = _evaluate(model, splits.x_test, splits.y_test), trained_grad_norm(config, model, X, y)
             self.clean_acc.append(acc)
             self.clean_mse.append(mse)
             self.clean_grad_norm.append(norm)
 
     def fit(self, seed: int):
-        return _fitter(self.config, self.spec, seed)
+        return fitter(self.config, self.spec, seed)
 
     def victim_file(self, cell: Path, seed: int) -> Path:
         return cell / ("retrained_model.pt" if seed == self.config.seed else f"retrained_model_seed={seed}.pt")
@@ -253,15 +253,10 @@ class _SeedPlan:
         """The clean models' fields of metrics.json."""
         regression = self.clean_mse[0] is not None
         return {"victim_seeds": self.seeds,
-                **({"clean_mse_per_seed": self.clean_mse, **_mean_std("clean_mse", self.clean_mse)} if regression
-                   else {"clean_acc_per_seed": self.clean_acc, **_mean_std("clean_acc", self.clean_acc)}),
+                **({"clean_mse_per_seed": self.clean_mse, **mean_std("clean_mse", self.clean_mse)} if regression
+                   else {"clean_acc_per_seed": self.clean_acc, **mean_std("clean_acc", self.clean_acc)}),
                 "clean_grad_norm_per_seed": self.clean_grad_norm}
 
-
-def _mean_std(name: str, values: list[float]) -> dict:
-    """``name_mean`` and ``name_std`` (the sample standard deviation, ddof = 1; 0 for one value)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
 
 
 def make_target(config: RunConfig, clean: nn.Module, X, y, splits, fit, *, poisons_dir: Path | None = None) -> nn.Module:
@@ -295,7 +290,7 @@ def tau(config: RunConfig, target_file: str | os.PathLike | None = None) -> dict
     if target_file:
         target = models.load_model(target_file).to(torch.device(config.device))
     else:
-        fit = _fitter(config, spec)
+        fit = fitter(config, spec)
         target = make_target(config, fit(X, y), X, y, splits, fit)
     thr = threshold(target, X, y, weight_decay=config.weight_decay)
     return {"dataset": config.dataset, "model": config.model, "eps_w": None if target_file else config.eps_w, **thr.to_dict()}
@@ -428,7 +423,7 @@ def _seed_statistics(entry: dict, seeds: "_SeedPlan", cell: Path, target, splits
     for name in [*names, "victim_grad_norm", "param_distance"]:
         out[f"{name}_per_seed"] = [r[name] for r in records]
     for name in [*names[1:], "victim_grad_norm", "param_distance"]:
-        out.update(_mean_std(name, out[f"{name}_per_seed"]))
+        out.update(mean_std(name, out[f"{name}_per_seed"]))
     return out
 
 
@@ -475,7 +470,7 @@ def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = F
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _pm(mean: float, std: float, fmt: str = ".2f") -> str:
+def plus_minus(mean: float, std: float, fmt: str = ".2f") -> str:
     """"mean ± std"."""
     return f"{mean:{fmt}} ± {std:{fmt}}"
 
@@ -493,7 +488,7 @@ def format_table(metrics: dict) -> str:
     if regression:
         quality = f"clean test MSE {metrics['clean_mse']:.4g}, target {target or format(metrics['target_mse'], '.4g')}"
     elif several:
-        quality = f"clean {_pm(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
+        quality = f"clean {plus_minus(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
     else:
         quality = f"clean {metrics['clean_acc']:.2f}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
     head = f"{metrics['dataset']} / {metrics['model']}: {quality}" + ("" if selected else f", tau {_fmt(metrics['tau'])}")
@@ -509,7 +504,7 @@ def format_table(metrics: dict) -> str:
         head += f"\nmean ± std over victim seeds {' '.join(map(str, seeds))}"
     official = metrics.get("protocol") == "official"
     if official:
-        clean_official = (_pm(metrics["official_clean_acc_mean"], metrics["official_clean_acc_std"]) if several
+        clean_official = (plus_minus(metrics["official_clean_acc_mean"], metrics["official_clean_acc_std"]) if several
                           else f"{metrics['official_clean_acc']:.2f}")
         head += ("\nofficial protocol: poisoned = the last of 100 epochs of the official retraining (SGD lr 0.1, float64), the drop "
                  f"against the clean model above; the official retraining on clean data alone: {clean_official}% ('drop vs SGD clean')")
@@ -524,19 +519,19 @@ def format_table(metrics: dict) -> str:
     def row(r: dict) -> list[str]:
         multi = several and "victim_seeds" in r
         if regression:
-            quality = [_pm(r["poisoned_mse_mean"], r["poisoned_mse_std"], ".4g") if multi else f"{r['poisoned_mse']:.4g}"]
+            quality = [plus_minus(r["poisoned_mse_mean"], r["poisoned_mse_std"], ".4g") if multi else f"{r['poisoned_mse']:.4g}"]
         elif multi:
-            quality = [_pm(r["poisoned_acc_mean"], r["poisoned_acc_std"]), _pm(r["acc_drop_mean"], r["acc_drop_std"])]
+            quality = [plus_minus(r["poisoned_acc_mean"], r["poisoned_acc_std"]), plus_minus(r["acc_drop_mean"], r["acc_drop_std"])]
         else:
             quality = [f"{r['poisoned_acc']:.2f}", f"{r['acc_drop']:.2f}"]
         if official and multi:
             quality += [f"{min(r['retrain_acc_min_per_seed']):.2f}–{max(r['retrain_acc_max_per_seed']):.2f}",
-                        _pm(r["acc_drop_vs_official_clean_mean"], r["acc_drop_vs_official_clean_std"])]
+                        plus_minus(r["acc_drop_vs_official_clean_mean"], r["acc_drop_vs_official_clean_std"])]
         elif official:
             quality += [f"{r['retrain_acc_min']:.2f}–{r['retrain_acc_max']:.2f}", f"{r['acc_drop_vs_official_clean']:.2f}"]
         if agree:
-            quality.append(_pm(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
-        distance = _pm(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"
+            quality.append(plus_minus(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
+        distance = plus_minus(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"
         chosen = [r["target"], f"{r['target_acc']:.2f}", _fmt(r["tau"])] if selected else []
         cells = [f"{r['eps_d']:g}", *chosen, str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
         if converged:

@@ -97,16 +97,17 @@ class TargetSelection:
     def candidates(self, eps_d: float) -> list[Candidate]:
         """The candidates for ``eps_d``: the GradPC grid, then the planted flips by budget E."""
         budgets = sorted({round(f * eps_d, 10) for f in self.options["flip_factors"]} | {float(e) for e in self.options["flip_eps_d"]})
-        wanted = [(f"gradpc-eps_w={e:g}", None) for e in self.options["eps_w"]] + [(f"labelflip-eps_d={e:g}", e) for e in budgets]
-        return [self._candidate(name, budget) for name, budget in wanted]
+        wanted = [(f"gradpc-eps_w={e:g}", float(e), None) for e in self.options["eps_w"]] + [(f"labelflip-eps_d={e:g}", None, e) for e in budgets]
+        return [self._candidate(name, eps_w, budget) for name, eps_w, budget in wanted]
 
-    def _candidate(self, name: str, budget: float | None) -> Candidate:
+    def _candidate(self, name: str, eps_w: float | None, budget: float | None) -> Candidate:
+        """The GradPC target of radius ``eps_w`` or the planted one of budget ``budget``, built once."""
         if name not in self.built:
             path = self.folder / name / "target_model.pt"
             if path.is_file():
                 target = models.load_model(path).to(next(self.clean.parameters()).device)
             elif budget is None:
-                target = self.save(GradPC(float(name.split("=")[1]), seed=self.seed).generate(self.clean, self.X, self.y), path)
+                target = self.save(GradPC(eps_w, seed=self.seed).generate(self.clean, self.X, self.y), path)
             else:
                 flips = LabelFlip(budget, strategy=self.options["flip_strategy"], seed=self.seed).poison(self.clean, self.X, self.y)
                 target = self.save(self.fit(*flips.mixed(self.X, self.y, models.last_linear(self.clean).out_features)), path)

@@ -124,6 +124,9 @@ class Attack(Estimator):
     # True when ``poison`` takes the target model w (model-targeted, as GC); False when it takes the
     # clean model the attacker knows (the baselines).
     model_targeted = False
+    # Options that only say when to stop, not what a step does: a checkpoint written under other
+    # values of them resumes (left out of the canceling problem's fingerprint).
+    stopping: tuple[str, ...] = ()
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> "PoisonResult":
         """Craft poisons against ``model`` on the clean training data (X, y)."""

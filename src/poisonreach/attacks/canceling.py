@@ -78,7 +78,7 @@ class CancelingProblem:
         The options in the attack's ``stopping`` only say when to stop, not what a step does, so
         they are left out: a run can be extended, or stopped at a looser tolerance, from its
         checkpoint."""
-        config = {k: v for k, v in attack.config().items() if k not in getattr(attack, "stopping", ())}
+        config = {k: v for k, v in attack.config().items() if k not in attack.stopping}
         data = [len(self.X), self.m, float(self.X.double().sum()), float(self.y.double().sum())]
         return json.dumps({"config": config, "data": data}, sort_keys=True)
 

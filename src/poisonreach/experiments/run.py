@@ -151,7 +151,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
             if not (cell / "poisons.pt").is_file():
                 poisons.save(cell)
             chosen = {"target": next(c.name for c in records if c.kept), **_describe_target(config, target, clean, X, y, splits)[0]}
-        grad_norm_clean = chosen.get("grad_norm_clean", about.get("grad_norm_clean"))
+        grad_norm_clean = {**about, **chosen}["grad_norm_clean"]  # ‖g(µ)‖ at this cell's target
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
         if official is not None:
             clean_by_seed = {config.seed: clean_acc, **(dict(zip(seeds.seeds, seeds.clean_acc)) if seeds is not None else {})}

@@ -125,9 +125,10 @@ EXAMPLES = [
      dict(eps_d=0.2, epochs=7, lr=0.3, momentum=0.5, schedule="constant", backtrack=False, block_size=4, chunk_size=9, box="data-range",
           optimize_labels=True, replace=True, parameters="last", seed=3, device="cpu", progress=False, checkpoint=Path("x.ckpt"),
           checkpoint_every=5),
+     # the canceling problem's shared parameters (CancelingAttack.shared) come after the solver's own
      "GradientCanceling(eps_d=0.2, epochs=7, lr=0.3, momentum=0.5, schedule='constant', backtrack=False, block_size=4, chunk_size=9, "
-     "box='data-range', optimize_labels=True, replace=True, parameters='last', seed=3, device='cpu', progress=False, "
-     "checkpoint=PosixPath('x.ckpt'), checkpoint_every=5)"),
+     "optimize_labels=True, checkpoint=PosixPath('x.ckpt'), checkpoint_every=5, box='data-range', replace=True, parameters='last', "
+     "seed=3, device='cpu', progress=False)"),
     (GaussNewtonCanceling, dict(eps_d=0.1, iterations=5, labels="fixed", box=None),
      "GaussNewtonCanceling(eps_d=0.1, iterations=5, labels='fixed', box=None)"),
     (FrankWolfeCanceling, dict(eps_d=0.1, step="open-loop", starts=3, start_steps=0, box="data-range"),

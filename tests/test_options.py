@@ -126,8 +126,10 @@ def test_both_section_styles_and_shared_entries():
 def test_entries_come_from_base_classes_and_references():
     by_name = lambda cls: {o.name: o.help for o in options.options_of(cls)}  # noqa: E731
     gc, gn = by_name(GradientCanceling), by_name(GaussNewtonCanceling)
-    # GaussNewtonCanceling documents box as "as in :class:`GradientCanceling`"
+    # both inherit box from the docstring of their base CancelingAttack; GaussNewtonCanceling
+    # documents seed as "as in :class:`GradientCanceling`"
     assert gn["box"] == gc["box"] and gc["box"].startswith("the admissible set")
+    assert gn["seed"] == gc["seed"] and gc["seed"].startswith("seeds the initial subsample")
     # device is documented once, in the base class every estimator shares
     assert gc["device"] == gn["device"] and gc["device"].startswith("where the computation runs")
     assert gc["checkpoint_every"].startswith("how often the state is saved")

@@ -8,6 +8,11 @@ Each class declares how its arguments are checked in ``constraints`` (name → a
 ``check(name, value) -> stored value``, e.g. :class:`poisonreach.validation.Number`), merged along
 the class hierarchy, and its constructor ends with ``self._set_params(locals())``, which validates
 and stores every argument of its signature (an argument without a constraint is stored as given).
+
+Keyword parameters that a family of classes shares (``seed``, ``device``, ``progress``; the canceling
+problem's ``box``, ``weight_decay``, ...) are declared once, in the class attribute ``shared``: a
+constructor whose signature ends in ``**shared`` takes them, and its signature (``inspect``, ``help``,
+``poisonreach options``) lists them after its own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ from tqdm.auto import tqdm
 from .validation import Number, progress_flag
 
 
+def keywords(stub: Callable) -> tuple[inspect.Parameter, ...]:
+    """The keyword-only parameters of ``stub``, a function written only to declare them."""
+    return tuple(p for p in inspect.signature(stub).parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def _runtime(*, seed: int = 0, device: str | torch.device | None = None, progress: bool | None = None):
+    """What most estimators take besides their hyperparameters: a seed, a device and a progress bar."""
+
+
 class Estimator:
     """Base class: parameters are the constructor's keyword arguments, stored under their names.
 
@@ -33,11 +47,29 @@ class Estimator:
     progress: a tqdm bar on stderr: True, False, or None (shown only on a terminal).
     """
 
+    # A name means one thing: the checks of the names several classes use live here (a class may
+    # narrow one, e.g. a target generator's ``epochs`` must be at least 1).
     constraints: dict[str, Callable[[str, Any], Any]] = {
         "seed": Number(integer=True),
         "chunk_size": Number(low=1, integer=True),
         "progress": progress_flag,
+        "epochs": Number(low=0, integer=True),
+        "iterations": Number(low=0, integer=True),
+        "lr": Number(low=0, low_open=True),
+        "cg_iterations": Number(low=1, integer=True),
+        "damping": Number(low=0),
     }
+    # The parameters a constructor ending in ``**shared`` takes, after its own.
+    shared: tuple[inspect.Parameter, ...] = keywords(_runtime)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = vars(cls).get("__init__")
+        if init is None:
+            return
+        own = list(inspect.signature(init).parameters.values())
+        if own and own[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            init.__signature__ = inspect.Signature(own[:-1] + list(cls.shared))
 
     @classmethod
     def _signature(cls) -> dict[str, inspect.Parameter]:
@@ -54,9 +86,13 @@ class Estimator:
     def _set_params(self, values: dict[str, Any]) -> None:
         """Validate the constructor's arguments (its ``locals()``) in signature order and store them."""
         constraints = self._constraints()
-        for name in self._signature():
-            check = constraints.get(name)
-            setattr(self, name, values[name] if check is None else check(name, values[name]))
+        shared = dict(values.get("shared", {}))
+        unknown = sorted(set(shared) - {p.name for p in self.shared})
+        if unknown:  # what Python says of an unknown keyword argument
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}")
+        for name, param in self._signature().items():
+            value = values[name] if name in values else shared.get(name, param.default)
+            setattr(self, name, value if (check := constraints.get(name)) is None else check(name, value))
 
     def get_params(self) -> dict[str, Any]:
         """The constructor arguments; ``type(self)(**self.get_params())`` is an equal object."""

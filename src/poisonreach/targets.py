@@ -142,9 +142,7 @@ class GradPC(_Corruption):
         step_size: float | None = None,
         batch_size: int = 64,
         epochs: int = 1,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
 

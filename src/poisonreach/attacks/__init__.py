@@ -9,6 +9,7 @@ tensor, summed losses, normalised space, no box); the baselines attack the clean
 """
 
 from .base import Attack, PoisonResult
+from .canceling import CancelingAttack
 from .frank_wolfe import FrankWolfeCanceling
 from .gauss_newton import GaussNewtonCanceling
 from .gradient_canceling import GradientCanceling
@@ -20,5 +21,5 @@ from .tgda import TGDA
 ATTACKS = {cls.name: cls for cls in (GaussNewtonCanceling, GradientCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA,
                                      OfficialGradientCanceling)}
 
-__all__ = ["ATTACKS", "Attack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA",
+__all__ = ["ATTACKS", "Attack", "CancelingAttack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA",
            "OfficialGradientCanceling"]

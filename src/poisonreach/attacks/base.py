@@ -92,6 +92,7 @@ class Attack(Estimator):
         "replace": flag,
         "checkpoint_every": Number(low=1, integer=True),
         "weight_decay": Number(low=0),
+        "schedule": Choice(SCHEDULES),
     }
 
     def num_poisons(self, n: int) -> int:

@@ -11,7 +11,8 @@ attacks' ``weight_decay``), its stationarity at w is g(µ) + ε_d·g(ν̂) + (1 
 
 :class:`~poisonreach.attacks.GradientCanceling` descends on the m points (Algorithm 1);
 :class:`~poisonreach.attacks.FrankWolfeCanceling` optimises over measures (appendix B) and rounds
-to m points. :func:`canceling_problem` does what both need first: the replaced subset of appendix
+to m points; :class:`~poisonreach.attacks.GaussNewtonCanceling` takes Gauss–Newton steps.
+:class:`CancelingAttack`, their base, declares the problem's parameters once. :func:`canceling_problem` does what they all need first: the replaced subset of appendix
 C.10, the seeded start points, the box Γ, the threshold τ and g(µ), an explicit sum over chunks.
 """
 
@@ -31,8 +32,33 @@ from ..errors import PoisonReachError
 from ..gradients import gradient_sum, select_parameters
 from ..losses import LossFn, resolve
 from ..reachability import threshold
+from ..estimator import keywords
 from ..validation import check_model_data
 from .base import Attack, box_bounds, draw_sources
+
+
+def _problem(*, box: tuple[float, float] | str | None = (0.0, 1.0), replace: bool = False, parameters: str = "all",
+             weight_decay: float = 0.0):
+    """The parameters of problem (18) every solver takes (documented in :class:`CancelingAttack`)."""
+
+
+class CancelingAttack(Attack):
+    """Base of the attacks that solve problem (18); their constructors take its parameters as
+    ``**shared`` (with ``seed``, ``device`` and ``progress``).
+
+    Parameters
+    ----------
+    box: the admissible set Γ for the features: ``(low, high)`` pixel bounds, ``"data-range"`` (the
+        per-feature range of the clean data, the paper's GC-c), or None (unconstrained).
+    replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
+    parameters: which parameters' gradient to cancel: ``all`` (default), ``last`` (Theorem 4) or
+        ``first`` (the official code's behaviour).
+    weight_decay: the victim's weight decay λ (it minimises the mean loss plus λ/2·‖w‖²); its
+        stationarity then carries the term (1 + ε_d)·λw.
+    """
+
+    model_targeted = True
+    shared = keywords(_problem) + Attack.shared
 
 
 @dataclass
@@ -101,7 +127,7 @@ def save_checkpoint(path: str | os.PathLike, fingerprint: str, state: dict) -> N
     io.save_tensors(path, {"fingerprint": fingerprint, "state": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}})
 
 
-def canceling_problem(attack: Attack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:
+def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:
     """Set up problem (18) for ``attack`` (its ``eps_d``, ``seed``, ``replace``, ``box``,
     ``parameters``, ``chunk_size``) against the target ``model`` on the clean data (X, y)."""
     gen = torch.Generator().manual_seed(attack.seed)

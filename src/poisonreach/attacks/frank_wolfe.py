@@ -17,8 +17,8 @@ from ..gradients import cancel_gradient, flat_norm, inner
 from ..losses import task_of, to_probabilities
 from ..rounding import largest_remainder
 from ..validation import Choice, Number, evaluating
-from .base import Attack, PoisonResult, clamp_box
-from .canceling import CancelingProblem, canceling_problem
+from .base import PoisonResult, clamp_box
+from .canceling import CancelingAttack, CancelingProblem, canceling_problem
 
 # line-search: the exact minimiser of (B.1) along the FW direction; open-loop: η_t = 2/(t + 2) (appendix B)
 STEPS = ("line-search", "open-loop")
@@ -106,7 +106,7 @@ def label_set(y: Tensor, num_outputs: int, device) -> Tensor:
     return to_probabilities(classes, num_outputs) if y.is_floating_point() else classes
 
 
-class FrankWolfeCanceling(Attack):
+class FrankWolfeCanceling(CancelingAttack):
     """Gradient Canceling solved over poisoning measures by Frank–Wolfe (appendix B).
 
     ν_0 is uniform on the clean points GradientCanceling starts from (projected onto the box), so
@@ -125,16 +125,11 @@ class FrankWolfeCanceling(Attack):
     chunk_size: rows per forward/backward chunk; bounds memory, not the result.
     box: the admissible set Γ of the features: ``(low, high)`` or ``"data-range"``; it must be
         bounded, since (B.5) has no minimum over unbounded features.
-    replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
-    parameters: which parameters' gradient to cancel: ``all``, ``last`` or ``first``.
-    weight_decay: the victim's weight decay, as in :class:`GradientCanceling`.
     seed: seeds the initial subsample, the replaced subset and the starts of the subproblems.
     """
 
     name = "gc-fw"
-    model_targeted = True
     constraints = {
-        "iterations": Number(low=0, integer=True),
         "step": Choice(STEPS),
         "starts": Number(low=1, integer=True),
         "start_steps": Number(low=0, integer=True),
@@ -149,13 +144,7 @@ class FrankWolfeCanceling(Attack):
         starts: int = 8,
         start_steps: int = 30,
         chunk_size: int = 128,
-        box: tuple[float, float] | str = (0.0, 1.0),
-        replace: bool = False,
-        parameters: str = "all",
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
         if self.box is None:

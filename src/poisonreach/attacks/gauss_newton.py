@@ -37,8 +37,8 @@ from ..gradients import cancel_gradient, chunks, conjugate_gradient, flat_norm, 
 from ..losses import cross_entropy, logistic
 from ..models import features, last_linear
 from ..validation import Choice, Number, evaluating
-from .base import Attack, PoisonResult, clamp_box
-from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
+from .base import PoisonResult, clamp_box
+from .canceling import CancelingAttack, CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
 
 LABELS = ("greedy", "fixed")
 
@@ -91,7 +91,7 @@ def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple
     return y, [W.reshape(r[0].shape), b.reshape(r[1].shape)], changed
 
 
-class GaussNewtonCanceling(Attack):
+class GaussNewtonCanceling(CancelingAttack):
     """Gradient Canceling by bound-aware Gauss–Newton / Levenberg–Marquardt steps with hard labels
     (see the module docstring).
 
@@ -107,17 +107,14 @@ class GaussNewtonCanceling(Attack):
         every step; needs the cancelled parameters to be the last linear layer and the
         cross-entropy or logistic loss) or ``fixed`` (the labels of the clean points they start from).
     tolerance: stop once ‖r‖ / ‖r_0‖ ≤ tolerance.
-    box, replace, parameters, weight_decay, chunk_size, seed, device, progress: as in :class:`GradientCanceling`.
+    chunk_size, seed: as in :class:`GradientCanceling`.
     checkpoint: a file to save the state to every ``checkpoint_every`` steps; a checkpoint written
         with the same configuration and data is resumed.
     """
 
     name = "gc"
-    model_targeted = True
     stopping = ("iterations", "tolerance")  # a step does not depend on them: a checkpoint resumes under others
     constraints = {
-        "iterations": Number(low=0, integer=True),
-        "cg_iterations": Number(low=1, integer=True),
         "cg_tolerance": Number(low=0, low_open=True, high=1),
         "damping": Number(low=0, low_open=True),
         "active_set_rounds": Number(low=0, integer=True),
@@ -137,15 +134,9 @@ class GaussNewtonCanceling(Attack):
         labels: str = "greedy",
         tolerance: float = 1e-4,
         chunk_size: int = 1024,
-        box: tuple[float, float] | str | None = (0.0, 1.0),
-        replace: bool = False,
-        parameters: str = "all",
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 5,
+        **shared,
     ):
         self._set_params(locals())
 

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from ..gradients import cancel_gradient, flat_norm
 from ..losses import task_of, to_probabilities
-from ..validation import Choice, Number, evaluating, flag
-from .base import SCHEDULES, Attack, PoisonResult, clamp_box, scheduled_lr
-from .canceling import CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
+from ..validation import Number, evaluating, flag
+from .base import PoisonResult, clamp_box, scheduled_lr
+from .canceling import CancelingAttack, CancelingProblem, canceling_problem, load_checkpoint, save_checkpoint
 
 
 def project_simplex(p: Tensor) -> Tensor:
@@ -68,7 +68,7 @@ class Point:
     norm: float
 
 
-class GradientCanceling(Attack):
+class GradientCanceling(CancelingAttack):
     """Gradient Canceling: poisons that make a target model w stationary on clean ∪ poisons.
 
     Parameters
@@ -86,15 +86,8 @@ class GradientCanceling(Attack):
     block_size: poisons updated per step; None updates all at once (the paper). With a block size
         the running g(ν̂) is updated exactly after each block (block-coordinate descent).
     chunk_size: rows per forward/backward chunk; bounds memory, not the result.
-    box: the admissible set Γ for the features: ``(low, high)`` pixel bounds, ``"data-range"`` (the
-        per-feature range of the clean data, the paper's GC-c), or None (unconstrained).
     optimize_labels: also optimise the labels: class probabilities projected onto the simplex, or
         regression targets (free without a box, within the clean targets' range with one).
-    replace: appendix C.10: a random subset of size n/(1+ε_d) of the clean data stands in for µ.
-    parameters: which parameters' gradient to cancel: ``all`` (default), ``last`` (Theorem 4) or
-        ``first`` (the official code's behaviour).
-    weight_decay: the victim's weight decay λ (it minimises the mean loss plus λ/2·‖w‖²); its
-        stationarity then carries the term (1 + ε_d)·λw (:mod:`~poisonreach.attacks.canceling`).
     seed: seeds the initial subsample, the replaced subset and the block order.
     checkpoint: a file to save the state to every ``checkpoint_every`` epochs; an existing
         checkpoint written with the same configuration and data is resumed.
@@ -104,15 +97,11 @@ class GradientCanceling(Attack):
     """
 
     name = "gc-pgd"
-    model_targeted = True
     # The paper's setting (appendix C.1): SGD with momentum, cosine schedule, lr 0.5, 1000 epochs,
     # the whole poison set as one block.
     presets = {"paper": dict(epochs=1000, lr=0.5, momentum=0.9, schedule="cosine", backtrack=False, block_size=None)}
     constraints = {
-        "epochs": Number(low=0, integer=True),
-        "lr": Number(low=0, low_open=True),
         "momentum": Number(low=0, high=1),
-        "schedule": Choice(SCHEDULES),
         "backtrack": flag,
         "block_size": Number(low=1, integer=True, optional=True),
         "optimize_labels": flag,
@@ -129,16 +118,10 @@ class GradientCanceling(Attack):
         backtrack: bool = True,
         block_size: int | None = None,
         chunk_size: int = 128,
-        box: tuple[float, float] | str | None = (0.0, 1.0),
         optimize_labels: bool = False,
-        replace: bool = False,
-        parameters: str = "all",
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 25,
+        **shared,
     ):
         self._set_params(locals())
 

@@ -136,9 +136,8 @@ class GradientMatching(Attack):
     constraints = {
         "objective": Choice(OBJECTIVES),
         "steps": Number(low=0, integer=True),
-        "lr": Number(low=0, low_open=True),
         "optimizer": Choice(OPTIMIZERS),
-        "schedule": Choice(SCHEDULES),
+        "schedule": Choice(SCHEDULES),  # its own schedules, not the canceling attacks'
         "restarts": Number(low=1, integer=True),
         "eps_perturbation": Number(low=0, low_open=True, optional=True),
     }
@@ -157,9 +156,7 @@ class GradientMatching(Attack):
         box: tuple[float, float] | str | None = (0.0, 1.0),
         parameters: str = "all",
         chunk_size: int = 128,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
         if self.restarts > 1 and self.eps_perturbation is None:

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from ..gradients import cancel_gradient, flat_norm, gradient_sum, select_parameters
 from ..losses import resolve
 from ..reachability import threshold
-from ..validation import Choice, Number, check_model_data
-from .base import SCHEDULES, Attack, PoisonResult, scheduled_lr
+from ..validation import Number, check_model_data
+from .base import Attack, PoisonResult, scheduled_lr
 
 
 
@@ -109,9 +109,6 @@ class OfficialGradientCanceling(Attack):
     name = "gc-official"
     model_targeted = True
     constraints = {
-        "epochs": Number(low=0, integer=True),
-        "lr": Number(low=0, low_open=True),
-        "schedule": Choice(SCHEDULES),
         "stop_below": Number(low=0),
     }
 
@@ -124,9 +121,7 @@ class OfficialGradientCanceling(Attack):
         schedule: str = "cosine",
         stop_below: float = 1.0,
         chunk_size: int = 1024,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
 

@@ -185,13 +185,10 @@ class TGDA(Attack):
 
     name = "tgda"
     constraints = {
-        "epochs": Number(low=0, integer=True),
         "leader_lr": Number(low=0, low_open=True),
         "follower_lr": Number(low=0, low_open=True),
         "leader_steps": Number(low=1, integer=True),
         "follower_steps": Number(low=1, integer=True),
-        "cg_iterations": Number(low=1, integer=True),
-        "damping": Number(low=0),
         "generator": Choice(GENERATORS),
         "batch_size": Number(low=1, integer=True, optional=True),
         "pretrain_follower": Number(low=0, integer=True),
@@ -213,9 +210,7 @@ class TGDA(Attack):
         batch_size: int | None = 1000,
         pretrain_follower: int = 0,
         chunk_size: int = 1000,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
 

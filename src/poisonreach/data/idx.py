@@ -42,14 +42,21 @@ class IdxSet:
     fallback_hint: str = ""
 
 
+# The four files of a set in MNIST's format (60,000 training and 10,000 test images of 28×28
+# pixels) and their sizes: a 16-byte header and a byte a pixel, an 8-byte header and a byte a label.
+_FILES = {"train-images-idx3-ubyte": 16 + 60_000 * 784, "train-labels-idx1-ubyte": 8 + 60_000,
+          "t10k-images-idx3-ubyte": 16 + 10_000 * 784, "t10k-labels-idx1-ubyte": 8 + 10_000}
+
+
+def _checksums(*md5: str) -> dict[str, Known]:
+    """The files of :data:`_FILES` with their MD5s, given in that order."""
+    return {name: Known(size, digest) for (name, size), digest in zip(_FILES.items(), md5, strict=True)}
+
+
 MNIST = IdxSet(
     name="mnist",
-    checksums={
-        "train-images-idx3-ubyte": Known(47040016, "6bbc9ace898e44ae57da46a324031adb"),
-        "train-labels-idx1-ubyte": Known(60008, "a25bea736e30d166cdddb491f175f624"),
-        "t10k-images-idx3-ubyte": Known(7840016, "2646ac647ad5339dbf082846283269ea"),
-        "t10k-labels-idx1-ubyte": Known(10008, "27ae3e4e09519cfbb04c329615203637"),
-    },
+    checksums=_checksums("6bbc9ace898e44ae57da46a324031adb", "a25bea736e30d166cdddb491f175f624",
+                         "2646ac647ad5339dbf082846283269ea", "27ae3e4e09519cfbb04c329615203637"),
     mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
 )
 
@@ -57,12 +64,8 @@ MNIST = IdxSet(
 # the uncompressed Fashion-MNIST files.
 FASHION_MNIST = IdxSet(
     name="fashion-mnist",
-    checksums={
-        "train-images-idx3-ubyte": Known(47040016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-        "train-labels-idx1-ubyte": Known(60008, "9018921c3c673c538a1fc5bad174d6f9"),
-        "t10k-images-idx3-ubyte": Known(7840016, "8181f5470baa50b63fa0f6fddb340f0a"),
-        "t10k-labels-idx1-ubyte": Known(10008, "15d484375f8d13e6eb1aabb0c3f46965"),
-    },
+    checksums=_checksums("f4a8712d7a061bf5bd6d2ca38dc4d50a", "9018921c3c673c538a1fc5bad174d6f9",
+                         "8181f5470baa50b63fa0f6fddb340f0a", "15d484375f8d13e6eb1aabb0c3f46965"),
     mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     fallback=Path("/usr/share/datasets/fashion-mnist"),
     fallback_hint="install Debian's package dataset-fashion-mnist "

@@ -58,7 +58,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .. import losses, training
 from ..errors import PoisonReachError
-from ..estimator import Estimator
+from ..estimator import Estimator, keywords
 from ..validation import Number, check_inputs, check_labels, check_number, num_outputs
 
 # float32 holds every integer below 2**24 exactly, so vote counts stay exact as floats.
@@ -292,24 +292,10 @@ class DeepPartitionAggregation(Estimator):
         "group_size": Number(low=1, integer=True),
         "seed": Number(low=0, integer=True),
     }
+    # Each base model's training: train's hyperparameters, with its defaults.
+    shared = tuple(p for p in keywords(training.train) if p.name in training.HYPERPARAMETERS) + Estimator.shared
 
-    def __init__(
-        self,
-        num_partitions: int,
-        *,
-        epochs: int = 14,
-        lr: float = 1.0,
-        batch_size: int = 64,
-        optimizer: str = "adadelta",
-        gamma: float = 0.7,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        group_size: int = 64,
-        chunk_size: int = 256,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
-    ):
+    def __init__(self, num_partitions: int, *, group_size: int = 64, chunk_size: int = 256, **shared):
         self._set_params(locals())
 
     # -- partitions and base models ---------------------------------------------------------------

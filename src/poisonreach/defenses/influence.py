@@ -83,8 +83,6 @@ class Influence(Filter):
     name = "influence"
     constraints = {
         "solver": Choice(SOLVERS),
-        "damping": Number(low=0),
-        "cg_iterations": Number(low=1, integer=True),
         "cg_tolerance": Number(low=0, low_open=True),
         "lissa_depth": Number(low=1, integer=True),
         "lissa_scale": Number(low=0, low_open=True),
@@ -108,9 +106,7 @@ class Influence(Filter):
         lissa_batch_size: int = 64,
         block_size: int = 64,
         chunk_size: int = 128,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
 

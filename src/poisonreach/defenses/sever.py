@@ -95,9 +95,7 @@ class Sever(Filter):
         power_tol: float = 1e-6,
         cache_mb: float = 1024.0,
         chunk_size: int = 128,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-        progress: bool | None = None,
+        **shared,
     ):
         self._set_params(locals())
 

@@ -16,13 +16,13 @@ import torch
 from contract import bad_cases, check_estimator, examples, kwargs_id
 
 from poisonreach.attacks import (
-    ATTACKS, TGDA, Attack, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip,
+    ATTACKS, TGDA, Attack, Construction, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip,
     OfficialGradientCanceling, PoisonResult,
 )
 from poisonreach.errors import PoisonReachError
 
 NAMES = {"gc": GaussNewtonCanceling, "gc-pgd": GradientCanceling, "gc-fw": FrankWolfeCanceling, "gm": GradientMatching, "labelflip": LabelFlip, "tgda": TGDA,
-         "gc-official": OfficialGradientCanceling}
+         "gc-official": OfficialGradientCanceling, "construct": Construction}
 REQUIRED = {"eps_d": 0.1}  # the bad arguments below are tried on top of these
 RUNTIME = ("device", "progress", "checkpoint", "checkpoint_every")  # never part of config()
 BAD_BUDGETS = [0, -0.1, math.nan, math.inf, "0.1", True]  # every attack rejects these as eps_d
@@ -88,6 +88,13 @@ BAD_PARAMS = {
         dict(schedule="linear"),
         dict(stop_below=-1), dict(stop_below=math.inf),
         dict(chunk_size=0),
+        dict(seed="0"),
+        dict(progress="yes"),
+    ],
+    Construction: [
+        dict(iterations=-1), dict(iterations=1.5),
+        dict(tolerance=-1e-3), dict(tolerance=math.nan),
+        dict(weight_decay=-1.0),
         dict(seed="0"),
         dict(progress="yes"),
     ],
@@ -204,7 +211,7 @@ def test_every_attack_adds_round_n_eps_d_poisons(name, digits_lr):
     s, model = digits_lr
     X, y = s.x_train[:100], s.y_train[:100]
     quick = {"gc-pgd": dict(epochs=1), "gc": dict(iterations=1), "gm": dict(steps=1), "tgda": dict(epochs=1, follower_steps=1, generator="points"),
-             "gc-official": dict(epochs=1)}
+             "gc-official": dict(epochs=1), "construct": dict(iterations=1)}
     attack = ATTACKS[name](0.25, **quick.get(name, {}), **({"progress": False} if "progress" in inspect.signature(ATTACKS[name]).parameters else {}))
     result = attack.poison(model, X, y)
     assert len(result.x) == 25 and result.x.shape[1:] == X.shape[1:]

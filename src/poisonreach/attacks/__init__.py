@@ -4,12 +4,14 @@ GaussNewtonCanceling (``gc``, the default: problem (18) by bound-aware Gauss–N
 labels), GradientCanceling (``gc-pgd``, Algorithm 1's projected gradient descent, whose ``paper``
 preset is the paper's setting) and FrankWolfeCanceling (``gc-fw``, appendix B) attack a target model
 (``model_targeted``), and so does OfficialGradientCanceling, the official code's GC (first weight
-tensor, summed losses, normalised space, no box); the baselines attack the clean model.
+tensor, summed losses, normalised space, no box), and so does Construction (``construct``, the
+constructive poisons of Theorems 5/6 for linear models, unbounded); the baselines attack the clean model.
 :data:`ATTACKS` maps each short name to its class.
 """
 
 from .base import Attack, PoisonResult
 from .canceling import CancelingAttack
+from .construction import Construction
 from .frank_wolfe import FrankWolfeCanceling
 from .gauss_newton import GaussNewtonCanceling
 from .gradient_canceling import GradientCanceling
@@ -19,7 +21,7 @@ from .official import OfficialGradientCanceling
 from .tgda import TGDA
 
 ATTACKS = {cls.name: cls for cls in (GaussNewtonCanceling, GradientCanceling, FrankWolfeCanceling, GradientMatching, LabelFlip, TGDA,
-                                     OfficialGradientCanceling)}
+                                     OfficialGradientCanceling, Construction)}
 
 __all__ = ["ATTACKS", "Attack", "CancelingAttack", "PoisonResult", "GradientCanceling", "GaussNewtonCanceling", "FrankWolfeCanceling", "GradientMatching", "LabelFlip", "TGDA",
-           "OfficialGradientCanceling"]
+           "OfficialGradientCanceling", "Construction"]

@@ -150,12 +150,14 @@ class GaussNewtonCanceling(CancelingAttack):
             started = time.perf_counter()
             problem = canceling_problem(self, model, X, y, loss, device)
             self._check_labels(problem, loss)
-            s = self._solve(problem, started)
+            s = self.solve(problem, started)
         return self._result(s.x, s.y, problem.source, history=s.history, tau=problem.tau, kept=problem.kept, num_clean=problem.n,
                             num_poisons=problem.m, time_history=s.time_history, labels_changed=s.labels_changed,
                             damping_history=s.damping_history)
 
-    def _solve(self, p: CancelingProblem, started: float) -> Iterate:
+    def solve(self, p: CancelingProblem, started: float) -> Iterate:
+        """Run the solver on problem ``p`` (from a checkpoint when one matches), ``started`` the
+        clock the time history counts from."""
         fingerprint = p.fingerprint(self)
         saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
         state = Iterate(**saved) if saved is not None else self._start(p)

@@ -14,7 +14,6 @@ import torch
 
 from poisonreach import data, models, training
 from poisonreach.attacks import Construction
-from poisonreach.attacks.construction import affine_features
 from poisonreach.errors import PoisonReachError
 from poisonreach.gradients import flat_norm, gradient_sum, select_parameters
 from poisonreach.losses import resolve
@@ -68,7 +67,7 @@ def test_below_tau_the_residual_stays_and_at_tau_it_vanishes():
 def test_the_features_of_a_linear_model_are_inverted_and_others_refused():
     s = data.load("digits", seed=0)
     lr = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
-    scale, shift = affine_features(lr, s.input_shape, torch.device("cpu"))
+    scale, shift = models.affine_features(lr, s.input_shape, torch.device("cpu"))
     x = torch.rand(3, *s.input_shape)
     torch.testing.assert_close(models.features(lr, x).double(), scale * x.flatten(1).double() + shift, rtol=1e-5, atol=1e-5)
     nn_model = models.create("nn", s.input_shape, s.num_classes, seed=0)

@@ -276,6 +276,24 @@ def features(model: nn.Module, x: Tensor) -> Tensor:
     return captured[-1]
 
 
+def affine_features(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    """(s, t) with φ(x) = s ⊙ x + t, φ the input of the last linear layer, pixel by pixel (a linear
+    model's normalisation, float64); a model whose φ is anything else (a hidden layer, a
+    convolution) gets a clear error: what needs this (Theorems 5/6, the box-aware threshold) holds
+    for linear models only."""
+    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.rand(shape, generator=torch.Generator().manual_seed(0))]).to(device)
+    with torch.no_grad():
+        phi = features(model, probe).flatten(1).double()
+    t, s = phi[0], phi[1] - phi[0]
+    flat = probe[2].flatten().double()
+    if phi.shape[1] != flat.numel() or not torch.allclose(phi[2], s * flat + t, rtol=1e-5, atol=1e-5) or not bool((s != 0).all()):
+        raise PoisonReachError(
+            f"this needs a linear model (its last nn.Linear acting on the normalised pixels, as --model lr); "
+            f"{type(model).__name__} transforms its inputs first"
+        )
+    return s, t
+
+
 def _spec(name: str, input_shape: Sequence[int], num_classes: int, mean: Stats, std: Stats) -> dict:
     """The arguments of :func:`create` as plain Python values, loadable without executing code."""
 

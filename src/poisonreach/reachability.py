@@ -21,12 +21,13 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.optimize import minimize_scalar
 from scipy.special import lambertw
 from torch import Tensor, nn
 
 from .errors import PoisonReachError
 from .losses import task_of
-from .models import last_linear
+from .models import affine_features, last_linear
 from .validation import check_model_data, check_number, evaluating
 
 W_1_OVER_E = float(lambertw(1 / math.e).real)  # ≈ 0.2785: −inf_t t·l'(t) for the logistic loss
@@ -248,3 +249,128 @@ def _inner_sum(h: Tensor, y: Tensor) -> Tensor:
     p = torch.softmax(h, dim=1)
     target = y.to(h.dtype) if y.is_floating_point() else torch.nn.functional.one_hot(y, h.shape[1]).to(h.dtype)
     return (h * (p - target)).sum()
+
+
+@dataclass(frozen=True)
+class SharpenedThreshold:
+    """The necessary threshold of (A.17) maximised over the matrix A (:func:`sharpened_threshold`).
+
+    tau: the sharpened threshold, ≥ ``tau_multiclass`` (τ(c)); below it no poisons reach the target.
+    tau_multiclass: τ(c) (A = I over all logits, equation (10)).
+    matrix: the A attaining ``tau`` (c × c).
+    inner: g_A(µ) = E_µ ⟨A∇_h l, h⟩ (with A = I: ⟨W, G(µ)⟩).
+    infimum, supremum: a and b, the infimum and supremum of ⟨A∇_h l, h⟩ over the poisons the domain
+        allows (or bounds of them that keep the threshold necessary).
+    domain: ``logits`` (every logit vector) or ``box`` (inputs in a box, through a linear model).
+    """
+
+    tau: float
+    tau_multiclass: float
+    matrix: list[list[float]]
+    inner: float
+    infimum: float
+    supremum: float
+    domain: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sharpened_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple[Tensor | float, Tensor | float] | None = None,
+                        weight_decay: float = 0.0, chunk_size: int = 256, device=None) -> SharpenedThreshold:
+    """The necessary condition (A.17), 0 = (1 − λ)·g_A(µ) + λ·g_A(ν) with g_A(z) = ⟨A∇_h l, h⟩,
+    maximised over the matrix A: with a, b the infimum and supremum of g_A over the poisons the
+    domain allows, ε_d must pass equation (6)'s test for every A.
+
+    **Over all logits A = I is optimal**, so the value is τ(c). The softmax is invariant to
+    h ↦ h + s·1, so a finite infimum needs A1 ∝ 1; and along a ray h = t·v whose largest entry is
+    v_k, ∇_h l → e_k − e_y and g_A ≈ t·(e_k − e_y)⊤A v, which stays bounded below for every such v
+    and every label y only if A⊤(e_k − e_y) lies in the cone of the e_k − e_j, j ≠ k; for all pairs
+    (k, y) at once that forces A⊤ = αI + r1⊤ (α ≥ 0), i.e. g_A = α·g_I. Every other A has infimum
+    −∞ and threshold 0.
+
+    **With a box** (``box=(low, high)``, the poisons' pixels, for a linear model only) the logits are
+    bounded, so a rises and b falls. For A = I they are taken over the logit differences
+    d_k = h_k − h_y, each within the exact range the box allows (a product of intervals that holds
+    the true set: the values bound the box's infimum and supremum, so the threshold stays
+    necessary). There g_I = Σ_k e^{d_k} d_k / Σ_k e^{d_k} is unimodal in each d_k with its minimum
+    at d_k = f − 1 (f the value), so the minimiser over the intervals is d_k = clip(f − 1) for one
+    scalar f (:func:`_box_minimum`) and a maximiser is a corner (:func:`_box_maximum`). With one
+    logit the box bounds the margins and Corollary 1 applies to them. A target with ⟨W, G(µ)⟩ < 0,
+    τ(c) = 0, can so need a budget: the poisons must supply g_I > 0, at most b. Other A are not
+    searched over the box (no certified bound of their a and b): the matrix reported is I.
+
+    ``weight_decay`` shifts the clean term and a, b by R = λ‖W‖² as in :func:`threshold`. The value
+    is the larger of this and τ(c), both necessary.
+    """
+    base = threshold(model, X, y, weight_decay=weight_decay, chunk_size=chunk_size, device=device)
+    c = int(base.constant.get("c", 1))
+    a, b = -base.constant.get("W((c-1)/e)", base.constant["W(1/e)"]), math.inf
+    if box is not None:
+        a, b = _box_constants(model, X.shape[1:], c, box, device or next(model.parameters()).device)
+    shift = float(base.constant.get("regulariser", 0.0))
+    tau = _from_constants(base.inner + shift, a + shift, b + shift).tau
+    return SharpenedThreshold(tau=max(tau, base.tau_multiclass), tau_multiclass=base.tau_multiclass, matrix=torch.eye(c).tolist(),
+                              inner=base.inner, infimum=a, supremum=b, domain="logits" if box is None else "box")
+
+
+def _box_constants(model: nn.Module, shape, c: int, box, device) -> tuple[float, float]:
+    """(a, b): the infimum and supremum of ⟨h, ∇_h l⟩ over the labels and the inputs in ``box``
+    (bounds of them; :func:`sharpened_threshold`), the logits h = W'x + b' of a linear model."""
+    scale, offset = affine_features(model, tuple(shape), device)
+    head = last_linear(model)
+    weight = head.weight.detach().double()
+    W = weight * scale
+    bias = weight @ offset + (head.bias.detach().double() if head.bias is not None else 0.0)
+    low, high = (torch.as_tensor(v, dtype=torch.float64, device=device).flatten().expand(W.shape[1]) for v in box)
+    if c == 1:  # the margins t = ±h over the box, either label
+        h_lo, h_hi = (float(v + bias[0]) for v in _range_over_box(W[0], low, high))
+        return _margin_constants("logistic", min(h_lo, -h_hi), max(h_hi, -h_lo))
+    a, b = math.inf, -math.inf
+    for label in range(c):
+        lo, hi = _range_over_box(W - W[label], low, high)
+        lo, hi = lo + bias - bias[label], hi + bias - bias[label]
+        lo[label] = hi[label] = 0.0
+        a = min(a, _box_minimum(lo, hi, lambert_w_constant(c)))
+        b = max(b, _box_maximum(lo, hi))
+    return a, b
+
+
+def _range_over_box(weights: Tensor, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
+    """The least and largest value of weights·x over x in the box [low, high] (row by row)."""
+    return (torch.minimum(weights * low, weights * high).sum(-1), torch.maximum(weights * low, weights * high).sum(-1))
+
+
+def _softmax_mean(d: Tensor) -> Tensor:
+    """Σ_k e^{d_k}·d_k / Σ_k e^{d_k} over the last dimension: ⟨h, p − e_y⟩ with d = h − h_y."""
+    return (torch.softmax(d, -1) * d).sum(-1)
+
+
+def _box_minimum(lo: Tensor, hi: Tensor, bound: float) -> float:
+    """min of :func:`_softmax_mean` over d ∈ [lo, hi]: the least of ψ(f) = F(clip(f − 1, lo, hi))
+    over the values f can take, [−bound, max hi] (bound = W((c − 1)/e): F ≥ −bound everywhere, and
+    F ≤ max d). A grid, then a bounded scalar search around its best point, in float64."""
+    lo, hi = lo.double(), hi.double()
+
+    def psi(f: float) -> float:
+        return float(_softmax_mean(torch.clamp(torch.full_like(lo, f - 1.0), lo, hi)))
+
+    grid = torch.linspace(-bound, max(float(hi.max()), 0.0), 401, dtype=torch.float64).tolist()
+    values = [psi(f) for f in grid]
+    i = min(range(len(grid)), key=values.__getitem__)
+    found = minimize_scalar(psi, bounds=(grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]), method="bounded", options={"xatol": 1e-12})
+    return min(values[i], float(found.fun))
+
+
+def _box_maximum(lo: Tensor, hi: Tensor, corners: int = 1 << 16) -> float:
+    """max of :func:`_softmax_mean` over d ∈ [lo, hi]: F is unimodal (a minimum, no maximum
+    inside) in each coordinate, so a maximiser is a corner; with too many corners, max hi (F is a
+    mean of the d_k)."""
+    lo, hi = lo.double(), hi.double()
+    free = (hi > lo).nonzero().flatten()
+    if 2 ** len(free) > corners:
+        return float(hi.max())
+    bits = (torch.arange(2 ** len(free))[:, None] >> torch.arange(len(free))) & 1
+    d = lo.repeat(len(bits), 1)
+    d[:, free] = torch.where(bits.bool(), hi[free], lo[free])
+    return float(_softmax_mean(d).max())

@@ -23,28 +23,11 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..errors import PoisonReachError
-from ..models import features, last_linear
+from ..models import affine_features, features, last_linear
 from ..validation import Number, evaluating
 from .base import Attack, PoisonResult
 from .canceling import canceling_problem
 from .gauss_newton import GaussNewtonCanceling
-
-
-def affine_features(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(s, t) with φ(x) = s ⊙ x + t, φ the input of the last linear layer, pixel by pixel; a model
-    whose φ is anything else (a hidden layer, a convolution) gets a clear error."""
-    probe = torch.stack([torch.zeros(shape), torch.ones(shape), torch.rand(shape, generator=torch.Generator().manual_seed(0))]).to(device)
-    with torch.no_grad():
-        phi = features(model, probe).flatten(1).double()
-    t, s = phi[0], phi[1] - phi[0]
-    flat = probe[2].flatten().double()
-    if phi.shape[1] != flat.numel() or not torch.allclose(phi[2], s * flat + t, rtol=1e-5, atol=1e-5) or not bool((s != 0).all()):
-        raise PoisonReachError(
-            f"the construction of Theorems 5/6 needs a linear model (its last nn.Linear acting on the normalised pixels, "
-            f"as --model lr); {type(model).__name__} transforms its inputs first: use an attack (--attack gc) instead"
-        )
-    return s, t
 
 
 class Construction(Attack):

@@ -20,13 +20,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-from scipy.optimize import minimize_scalar
+import scipy.sparse as sparse
+from scipy.optimize import linprog, minimize_scalar
 from scipy.special import lambertw
 from torch import Tensor, nn
 
 from .errors import PoisonReachError
-from .losses import task_of
+from .gradients import gradient_sum
+from .losses import resolve, task_of
 from .models import affine_features, last_linear
 from .validation import check_model_data, check_number, evaluating
 
@@ -214,7 +217,7 @@ def threshold(
             h = h.reshape(len(h), -1)
             c = h.shape[1]
             yb = y[start : start + chunk_size].to(device)
-            total += float(_inner_sum(h, yb))
+            total += float(inner_sum(h, yb))
     inner = total / len(X)
     shift = weight_decay * _squared_norm(last_linear(model)) if weight_decay else 0.0
     w1 = W_1_OVER_E
@@ -239,7 +242,7 @@ def _shifted_tau(inner: float, bound: float, shift: float) -> float:
     return (inner + shift) / (bound - shift) if bound > shift else math.inf
 
 
-def _inner_sum(h: Tensor, y: Tensor) -> Tensor:
+def inner_sum(h: Tensor, y: Tensor) -> Tensor:
     """Σ ⟨h, ∇_h l(h, y)⟩ over a chunk: ⟨h, p − y⟩ for cross-entropy, t·l'(t) for one logit."""
     if h.shape[1] == 1:
         if y.is_floating_point() and y.dim() == 2:
@@ -262,6 +265,7 @@ class SharpenedThreshold:
     infimum, supremum: a and b, the infimum and supremum of ⟨A∇_h l, h⟩ over the poisons the domain
         allows (or bounds of them that keep the threshold necessary).
     domain: ``logits`` (every logit vector) or ``box`` (inputs in a box, through a linear model).
+    tau_lp: with a box, :func:`box_threshold` (part of ``tau``); None without one.
     """
 
     tau: float
@@ -271,6 +275,7 @@ class SharpenedThreshold:
     infimum: float
     supremum: float
     domain: str
+    tau_lp: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -300,18 +305,91 @@ def sharpened_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple[Te
     τ(c) = 0, can so need a budget: the poisons must supply g_I > 0, at most b. Other A are not
     searched over the box (no certified bound of their a and b): the matrix reported is I.
 
+    With a box the value also takes :func:`box_threshold`, the whole stationarity condition over
+    the box as a linear programme, with a and b among its constraints (so it is at least the
+    scalar test's value).
+
     ``weight_decay`` shifts the clean term and a, b by R = λ‖W‖² as in :func:`threshold`. The value
-    is the larger of this and τ(c), both necessary.
+    is the largest of these and τ(c), all necessary.
     """
     base = threshold(model, X, y, weight_decay=weight_decay, chunk_size=chunk_size, device=device)
     c = int(base.constant.get("c", 1))
     a, b = -base.constant.get("W((c-1)/e)", base.constant["W(1/e)"]), math.inf
+    tau_lp = None
     if box is not None:
         a, b = _box_constants(model, X.shape[1:], c, box, device or next(model.parameters()).device)
+        tau_lp = box_threshold(model, X, y, box=box, weight_decay=weight_decay, bounds=(a, b), chunk_size=chunk_size, device=device)
     shift = float(base.constant.get("regulariser", 0.0))
-    tau = _from_constants(base.inner + shift, a + shift, b + shift).tau
-    return SharpenedThreshold(tau=max(tau, base.tau_multiclass), tau_multiclass=base.tau_multiclass, matrix=torch.eye(c).tolist(),
-                              inner=base.inner, infimum=a, supremum=b, domain="logits" if box is None else "box")
+    tau = max(_from_constants(base.inner + shift, a + shift, b + shift).tau, base.tau_multiclass, tau_lp or 0.0)
+    return SharpenedThreshold(tau=tau, tau_multiclass=base.tau_multiclass, matrix=torch.eye(c).tolist(), inner=base.inner,
+                              infimum=a, supremum=b, domain="logits" if box is None else "box", tau_lp=tau_lp)
+
+
+def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_decay: float = 0.0,
+                  bounds: tuple[float, float] = (-math.inf, math.inf), chunk_size: int = 256, device=None) -> float:
+    """The least ε_d for which the victim's stationarity at a linear target can hold with poisons
+    in ``box``: a linear programme over a relaxation of the poisons' gradients (appendix A's
+    condition (A.10) itself, not a scalar projection of it).
+
+    A poison z's gradient is ∇_h l ⊗ z̄ with z̄ = (φ(x), 1), x in the box, and ∇_h l = p − e_y a
+    convex combination of the e_k − e_y, k ≠ y (for one logit σ(h) − y ∈ [−1, 1]: of ±1). So
+    ε_d·E_ν[∇ℓ] is Σ_u u ⊗ β_u with β_u = (mass·mean φ, mass) =: (β_u, α_u), α_u·low ≤ β_u ≤ α_u·high
+    over the features' box, and Σ α_u = ε_d. The stationarity G(µ) + ε_d·E_ν[∇ℓ] + (1 + ε_d)·λW̄ = 0
+    is linear in (β, α), and so are the scalar bounds a·ε_d ≤ ⟨W̄, ε_d·E_ν[∇ℓ]⟩ ≤ b·ε_d
+    (``bounds``, :func:`sharpened_threshold`): the least Σ α is a necessary threshold — p is let
+    free of z, so it is a relaxation, and poisons that meet it need not exist. ``inf``: no ε_d.
+
+    The last layer is taken with its rows centred (W̄ − 1·mean_k W̄_k: the same predictions and
+    probabilities; a victim trained with weight decay is centred, since the loss's gradients have
+    rows that sum to 0 and the regulariser pins the common part at 0). Solved by HiGHS's interior
+    point method (``scipy.optimize.linprog``; its simplex stalls on MNIST's); it has c(c − 1)·(d + 1) unknowns (70,650 for MNIST-LR).
+    """
+    device = device or next(model.parameters()).device
+    head = last_linear(model)
+    scale, offset = affine_features(model, tuple(X.shape[1:]), device)
+    num = head.out_features
+    with evaluating(model):
+        G = gradient_sum(model, [head.weight, head.bias], X, y, resolve(num, y, None), chunk_size=chunk_size, device=device)
+    G = torch.cat([g.reshape(num, -1) for g in G], 1).double().cpu().numpy() / len(X)
+    W = torch.cat([head.weight.detach().double(), head.bias.detach().double().reshape(-1, 1)], 1).cpu().numpy()
+    if num > 1:
+        W = W - W.mean(0, keepdims=True)
+    ends = [scale * torch.as_tensor(v, dtype=torch.float64, device=scale.device).flatten() + offset for v in box]
+    lo, hi = torch.minimum(*ends).cpu().numpy(), torch.maximum(*ends).cpu().numpy()
+    eye = np.eye(num)
+    # the directions u of ∇_h l (rows), and one more without a gradient: the mass p_y·0 of a poison's
+    # own class, so that the masses add up to ε_d
+    U = np.stack([eye[0], -eye[0]] if num == 1 else [eye[k] - eye[j] for k in range(num) for j in range(num) if k != j])
+    P, d = len(U), len(lo)
+    n_beta, n_vars = P * d, P * (d + 1) + 1
+    alpha = n_beta + np.arange(P + 1)  # the masses α_u and the gradient-free one
+    # equation (cls, i), i ≤ d the bias: Σ_u u_cls·(β_u, α_u)_i + (Σ α)·λW̄_{cls,i} = −(G + λW̄)_{cls,i}
+    eq = np.arange(num * (d + 1)).reshape(num, d + 1)
+    rows = [np.repeat(eq[:, :d], P, axis=0).reshape(num, P, d).ravel(), np.repeat(eq[:, d], P),
+            np.tile(eq.ravel(), P + 1)]
+    cols = [np.tile(np.arange(n_beta), num), np.tile(alpha[:P], num), np.repeat(alpha, num * (d + 1))]
+    vals = [np.repeat(U.T, d, axis=1).ravel(), U.T.ravel(), np.tile(weight_decay * W.ravel(), P + 1)]
+    A_eq = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num * (d + 1), n_vars))
+    b_eq = -(G + weight_decay * W).ravel()
+    # α_u·low ≤ β_u ≤ α_u·high, feature by feature
+    beta = sparse.hstack([sparse.identity(n_beta), sparse.csr_matrix((n_beta, P + 1))])
+    spread = sparse.hstack([sparse.csr_matrix((n_beta, n_beta)), sparse.kron(sparse.identity(P), np.ones((d, 1))), sparse.csr_matrix((n_beta, 1))])
+    A_ub = [beta - sparse.diags(np.tile(hi, P)) @ spread, sparse.diags(np.tile(lo, P)) @ spread - beta]
+    b_ub = [np.zeros(2 * n_beta)]
+    # a·ε_d ≤ ⟨W̄, Σ_u u ⊗ (β_u, α_u)⟩ ≤ b·ε_d, with ⟨W̄, u ⊗ (β, α)⟩ = (W̄⊤u)·(β, α)
+    coupling = np.concatenate([(U @ W[:, :d]).ravel(), U @ W[:, d], [0.0]])
+    masses = np.concatenate([np.zeros(n_beta), np.ones(P + 1)])
+    for sign, constant in ((-1.0, bounds[0]), (1.0, bounds[1])):
+        if math.isfinite(constant):
+            A_ub.append(sparse.csr_matrix(sign * (coupling - constant * masses)))
+            b_ub.append(np.zeros(1))
+    found = linprog(masses, A_ub=sparse.vstack(A_ub).tocsr(), b_ub=np.concatenate(b_ub), A_eq=A_eq, b_eq=b_eq,
+                    bounds=[(None, None)] * n_beta + [(0, None)] * (P + 1), method="highs-ipm")
+    if found.status == 2:
+        return math.inf
+    if found.status != 0:
+        raise PoisonReachError(f"the box threshold's linear programme did not solve (status {found.status}): {found.message}")
+    return float(found.fun)
 
 
 def _box_constants(model: nn.Module, shape, c: int, box, device) -> tuple[float, float]:

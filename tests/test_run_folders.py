@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,6 @@ def finished(tmp_path_factory):
 
 
 def copy(finished, dest: Path) -> Path:
-    import shutil
-
     shutil.copytree(finished[0], dest)
     return dest
 

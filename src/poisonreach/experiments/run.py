@@ -18,6 +18,7 @@ One run writes one self-contained folder:
                           retrained_model_seed=S.pt (victim seed S ≠ the run's seed)
     *.png, *.pdf          figures (poisonreach.experiments.plots.plot_run): gc_history, eps_d_curves,
                           poisons (image data)
+    tensorboard/, mlruns/ with --log tensorboard or mlflow: the run's records (:mod:`.tracking`)
 
 How close the victim came to the target is ``target_agreement``, the percentage of test points where
 the two predict the same class (:func:`poisonreach.training.agreement`; classification only): the

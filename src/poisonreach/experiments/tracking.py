@@ -109,7 +109,7 @@ def add_arguments(p: argparse.ArgumentParser, *, store: str) -> None:
                         f"install 'poisonreach[mlflow]'), in {store} (default: none)")
     p.add_argument("--log-uri", default=None, metavar="URI",
                    help="where --log writes instead: a folder for tensorboard (a subfolder per run), a folder or an MLflow "
-                        f"tracking URI (file:..., sqlite:///..., http://...) for mlflow (default: {store})")
+                        f"tracking URI (e.g. file:PATH) for mlflow (default: {store})")
 
 
 def from_arguments(args: argparse.Namespace, **settings) -> "Tracking | None":

@@ -155,7 +155,7 @@ def test_converged_protocol_options_and_the_weight_decay_handed_to_gc():
 def test_converged_run_reaches_a_planted_digits_target(tmp_path):
     config = RunConfig(dataset="digits", protocol="converged", target="labelflip", eps_d=[0.1], attack="gc",
                        target_options={"strategy": "least-likely", "eps_d": 0.1}, training={"tolerance": 1e-6})
-    metrics = run(config, tmp_path, log=lambda *a: None)
+    metrics = run(config, tmp_path)
     entry = metrics["results"][0]
     for key in ("clean_grad_norm", "target_grad_norm"):
         assert metrics[key] <= 2e-6

@@ -46,7 +46,7 @@ class _DropPoisons(Filter):
 
 def test_a_filter_that_removes_exactly_the_poisons_recovers_the_clean_accuracy(run_copy, monkeypatch):
     monkeypatch.setitem(DEFENSES, "oracle", _DropPoisons)
-    summary = defend(run_copy, "oracle", log=lambda *a: None)
+    summary = defend(run_copy, "oracle")
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert metrics["defenses"]["oracle"] == json.loads(json.dumps(summary))
     for r, cell in zip(summary["results"], metrics["results"]):
@@ -71,16 +71,15 @@ def test_maxup_defense_through_the_cli_resumes(run_copy, capsys):
 
 
 def test_each_defense_setting_gets_its_own_folder_and_metrics_entry(run_copy):
-    quiet = lambda *a: None
-    defend(run_copy, "maxup", {"m": 2}, log=quiet)
-    defend(run_copy, "maxup", {"m": 3, "strength": 0.2}, log=quiet)
+    defend(run_copy, "maxup", {"m": 2})
+    defend(run_copy, "maxup", {"m": 3, "strength": 0.2})
     metrics = json.loads((run_copy / "metrics.json").read_text())
     assert set(metrics["defenses"]) == {"maxup,m=2", "maxup,m=3,strength=0.2"}
     assert (run_copy / "eps_d=0.3" / "defense=maxup,m=3,strength=0.2" / "result.json").is_file()
 
 
 def test_a_defense_folder_of_other_settings_is_refused(run_copy, capsys):
-    defend(run_copy, "maxup", {"m": 2}, log=lambda *a: None)
+    defend(run_copy, "maxup", {"m": 2})
     saved = run_copy / "eps_d=0.1" / "defense=maxup,m=2" / "defense.yaml"
     saved.write_text(saved.read_text().replace("m: 2", "m: 5"))
     assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--option", "m=2"]) == 2

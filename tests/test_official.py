@@ -38,10 +38,6 @@ from poisonreach.targets import GradPC
 from poisonreach.training import accuracy, official_retrain, train
 
 
-def quiet(*_):
-    pass
-
-
 @pytest.fixture(scope="module")
 def small():
     """300 digits, a clean LR and a GradPC target."""
@@ -201,7 +197,7 @@ def official_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("official") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("poisonreach.experiments.run.plot_run", lambda out: [])
-        metrics = run(RunConfig(**BASE, victim_seeds=[0, 1]), out, log=quiet)
+        metrics = run(RunConfig(**BASE, victim_seeds=[0, 1]), out)
     return out, metrics
 
 
@@ -262,9 +258,9 @@ def test_the_run_is_deterministic_and_resumes_without_retraining(official_run, t
     out, metrics = official_run
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("poisonreach.experiments.run.plot_run", lambda out: [])
-        again = run(RunConfig(**BASE, victim_seeds=[0, 1]), tmp_path / "again", log=quiet)
+        again = run(RunConfig(**BASE, victim_seeds=[0, 1]), tmp_path / "again")
         stamps = {p: p.stat().st_mtime_ns for p in sorted(out.rglob("*.pt"))}
-        resumed = run(RunConfig(**BASE, victim_seeds=[0, 1]), out, log=quiet)
+        resumed = run(RunConfig(**BASE, victim_seeds=[0, 1]), out)
         assert {p: p.stat().st_mtime_ns for p in sorted(out.rglob("*.pt"))} == stamps
     timeless = lambda r: {k: v for k, v in r.items() if not k.endswith("time_s")}  # noqa: E731
     assert [timeless(r) for r in again["results"]] == [timeless(r) for r in metrics["results"]]
@@ -308,7 +304,7 @@ def test_the_command_line_and_sweeps_carry_the_protocol(tmp_path, capsys, monkey
     doc = {"name": "official", "run": {"train_size": 200, "eps_d": [0.1], "training": {"epochs": 2}},
            "grid": {"protocol+attack_options": [["honest", {"iterations": 3}], ["official", {"epochs": 3}]]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
-    rows = run_sweep(load_sweep(tmp_path / "sweep.yaml", lookup=None), tmp_path / "sweep", log=quiet)
+    rows = run_sweep(load_sweep(tmp_path / "sweep.yaml", lookup=None), tmp_path / "sweep")
     honest, official = rows
     assert honest["protocol"] == "honest" and official["protocol"] == "official"
     assert all(honest[k] is None for k in OFFICIAL_COLUMNS) and all(official[k] is not None for k in OFFICIAL_COLUMNS)

@@ -13,7 +13,7 @@ from poisonreach.attacks import GaussNewtonCanceling, LabelFlip
 from poisonreach.errors import PoisonReachError
 from poisonreach.experiments import selection as selection_module
 from poisonreach.experiments.config import RunConfig
-from poisonreach.experiments.run import run
+from poisonreach.experiments.run import format_table, run
 from poisonreach.experiments.selection import SELECT_DEFAULTS, TargetSelection, check_select_options
 from poisonreach.reachability import threshold
 from poisonreach.targets import GradPC
@@ -24,7 +24,7 @@ OPTIONS = {"eps_w": [0.25, 0.5, 2.0], "flip_eps_d": [0.3], "flip_factors": []}
 def test_planted_budgets_follow_eps_d(digits_lr, tmp_path):
     s, clean = digits_lr
     sel = TargetSelection({"eps_w": [], "flip_factors": [1.0, 2.0], "flip_eps_d": [0.2]}, clean, s.x_train, s.y_train, s, fit_for(s),
-                          save_for(s), tmp_path, weight_decay=0.0, seed=0, log=lambda *a: None)
+                          save_for(s), tmp_path, weight_decay=0.0, seed=0)
     assert [c.budget for c in sel.candidates(0.1)] == [0.1, 0.2]  # 2·0.1 and the absolute 0.2 are one candidate
     assert [c.budget for c in sel.candidates(0.03)] == [0.03, 0.06, 0.2]
     assert sorted(sel.built) == ["labelflip-eps_d=0.03", "labelflip-eps_d=0.06", "labelflip-eps_d=0.1", "labelflip-eps_d=0.2"]
@@ -67,7 +67,7 @@ def chosen(digits_lr, tmp_path_factory):
         patch.setattr(selection_module, "accuracy", lambda m, Xa, ya, **kw: seen.append(Xa) or real_accuracy(m, Xa, ya, **kw))
         patch.setattr(GaussNewtonCanceling, "poison", counting)
         sel = TargetSelection(OPTIONS, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path / "candidates",
-                              weight_decay=0.0, seed=0, log=lambda *a: None)
+                              weight_decay=0.0, seed=0)
         attack = GaussNewtonCanceling(0.1, iterations=30, checkpoint=tmp_path / "cell" / "checkpoint.pt")
         target, poisons, records = sel.choose(attack, tmp_path / "cell")
         yield s, clean, sel, target, poisons, records, seen, attacks, attack, tmp_path
@@ -117,7 +117,7 @@ def test_choose_again_reads_every_attempt_back(chosen):
 def test_nothing_reached(digits_lr, tmp_path):
     s, clean = digits_lr
     sel = TargetSelection({"eps_w": [2.0], "flip_factors": []}, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s), tmp_path,
-                          weight_decay=0.0, seed=0, log=lambda *a: None)
+                          weight_decay=0.0, seed=0)
     target, poisons, records = sel.choose(GaussNewtonCanceling(0.05, iterations=2), tmp_path / "cell")
     assert target is None and poisons is None and "tau" in records[0].reason
 
@@ -132,12 +132,11 @@ def test_select_configuration_errors():
 def test_select_run_records_the_chosen_target_per_eps_d(tmp_path):
     config = RunConfig(dataset="digits", target="select", eps_d=[0.3], attack="gc", attack_options={"iterations": 8},
                        target_options={"eps_w": [0.25, 2.0], "flip_factors": [1.0, 2.0]}, training={"epochs": 5})
-    logged = []
-    metrics = run(config, tmp_path, log=logged.append)
+    metrics = run(config, tmp_path)
     (entry,) = metrics["results"]
     saved = io.read_json(tmp_path / "eps_d=0.3" / "selection.json")
     assert entry["target"] == saved["chosen"] and "tau" in entry and "target_acc" in entry and "grad_norm_clean" in entry
     assert "tau" not in metrics and metrics["target"] == "select"
-    assert entry["target"] in logged[-1]  # the table names it
+    assert entry["target"] in format_table(metrics)  # the table names it
     # the planted candidates at E = ε_d and 2·ε_d were built for this ε_d and cached
     assert all((tmp_path / "candidates" / f"labelflip-eps_d={e:g}" / "target_model.pt").is_file() for e in (0.3, 0.6))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import os
 import re
 from pathlib import Path
@@ -48,10 +49,6 @@ def write(tmp_path: Path, doc: dict, name: str = "sweep.yaml") -> Path:
     return path
 
 
-def quiet(*_):
-    pass
-
-
 def without_time(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rows]
 
@@ -62,7 +59,7 @@ class FakeRunner:
     def __init__(self, fail=()):
         self.calls, self.fail = [], set(fail)
 
-    def __call__(self, config: RunConfig, out, log=print):
+    def __call__(self, config: RunConfig, out, tracking=None):
         out = Path(out)
         self.calls.append(out.name)
         if out.name in self.fail:
@@ -81,7 +78,7 @@ class FakeRunner:
 
 
 def fake_defender(calls):
-    def defend(run_dir, name, options, log=print):
+    def defend(run_dir, name, options):
         calls.append((Path(run_dir).name, name, options))
         metrics = io.read_json(Path(run_dir) / "metrics.json")
         results = [{"eps_d": r["eps_d"], "poisoned_acc": r["poisoned_acc"], "defended_acc": r["poisoned_acc"] + 5,
@@ -238,7 +235,7 @@ def test_repeated_grid_values_fail(tmp_path):
 def test_every_cell_is_validated_at_load(tmp_path, grid, fragments):
     runner = FakeRunner()
     with pytest.raises(PoisonReachError) as info:
-        run_sweep(load_sweep(write(tmp_path, {"grid": grid}), lookup=None), tmp_path / "out", runner=runner, log=quiet)
+        run_sweep(load_sweep(write(tmp_path, {"grid": grid}), lookup=None), tmp_path / "out", runner=runner)
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
     assert runner.calls == [] and not (tmp_path / "out").exists()
@@ -257,35 +254,34 @@ def test_defenses_are_validated_at_load(tmp_path):
 FAKE = {"name": "fake", "run": {"eps_d": [0.1, "tau"]}, "grid": {"eps_w": [0.5, 1.0], "seed": [0, 1]}}
 
 
-def test_finished_cells_are_skipped(tmp_path):
+def test_finished_cells_are_skipped(tmp_path, caplog):
     sweep = load_sweep(write(tmp_path, FAKE), lookup=None)
     runner = FakeRunner()
-    rows = run_sweep(sweep, tmp_path / "out", runner=runner, log=quiet)
+    rows = run_sweep(sweep, tmp_path / "out", runner=runner)
     assert runner.calls == [cid for cid, _ in sweep.cells]
     for cid, _ in sweep.cells:
         assert (tmp_path / "out" / "cells" / cid / "metrics.json").is_file()
 
     again = FakeRunner()
-    logs = []
-    assert run_sweep(sweep, tmp_path / "out", runner=again, log=logs.append) == rows
-    assert again.calls == [] and sum("skipped" in line for line in logs) == len(sweep.cells)
+    with caplog.at_level(logging.INFO, logger="poisonreach"):
+        assert run_sweep(sweep, tmp_path / "out", runner=again) == rows
+    assert again.calls == [] and sum("skipped" in line for line in caplog.messages) == len(sweep.cells)
 
     # a finished folder of another configuration is not this cell's: it goes to the runner
     cid, config = sweep.cells[0]
     io.write_yaml(tmp_path / "out" / "cells" / cid / "config.yaml", {**config.to_dict(), "train_size": 7})
-    run_sweep(sweep, tmp_path / "out", runner=again, log=quiet)
+    run_sweep(sweep, tmp_path / "out", runner=again)
     assert again.calls == [cid]
 
 
-def test_failing_cell_is_reported_and_the_others_run(tmp_path):
+def test_failing_cell_is_reported_and_the_others_run(tmp_path, caplog):
     sweep = load_sweep(write(tmp_path, FAKE), lookup=None)
     bad = sweep.cells[1][0]
-    logs = []
     with pytest.raises(SweepFailed) as info:
-        run_sweep(sweep, tmp_path / "out", runner=FakeRunner(fail={bad}), log=logs.append)
+        run_sweep(sweep, tmp_path / "out", runner=FakeRunner(fail={bad}))
     assert bad in str(info.value) and f"boom in {bad}" in str(info.value)
     assert list(info.value.failures) == [bad]
-    assert any(line.startswith(f"[{bad}] failed: RuntimeError: boom") for line in logs)
+    assert any(r.levelname == "ERROR" and r.getMessage().startswith(f"[{bad}] failed: RuntimeError: boom") for r in caplog.records)
     assert "boom" in (tmp_path / "out" / "errors" / f"{bad}.txt").read_text()
     finished = [cid for cid, _ in sweep.cells if cid != bad]
     assert [r["cell"] for r in info.value.rows] == [cid for cid in finished for _ in range(2)]
@@ -293,27 +289,27 @@ def test_failing_cell_is_reported_and_the_others_run(tmp_path):
         assert [r["cell"] for r in csv.DictReader(f)] == [r["cell"] for r in info.value.rows]
 
     retry = FakeRunner()
-    rows = run_sweep(sweep, tmp_path / "out", runner=retry, log=quiet)
+    rows = run_sweep(sweep, tmp_path / "out", runner=retry)
     assert retry.calls == [bad] and not (tmp_path / "out" / "errors" / f"{bad}.txt").exists()
-    assert without_time(rows) == without_time(run_sweep(sweep, tmp_path / "clean", runner=FakeRunner(), log=quiet))
+    assert without_time(rows) == without_time(run_sweep(sweep, tmp_path / "clean", runner=FakeRunner()))
 
 
 def test_a_folder_of_another_sweep_is_refused(tmp_path):
     path = write(tmp_path, FAKE)
-    run_sweep(load_sweep(path, lookup=None), tmp_path / "out", runner=FakeRunner(), log=quiet)
+    run_sweep(load_sweep(path, lookup=None), tmp_path / "out", runner=FakeRunner())
     with pytest.raises(PoisonReachError, match=r"other settings \(run differ\).*another --out"):
-        run_sweep(load_sweep(path, ["run.train_size=50"], lookup=None), tmp_path / "out", runner=FakeRunner(), log=quiet)
+        run_sweep(load_sweep(path, ["run.train_size=50"], lookup=None), tmp_path / "out", runner=FakeRunner())
     with pytest.raises(PoisonReachError, match=r"other settings \(grid differ\)"):
-        run_sweep(load_sweep(path, ["grid.seed=[0]"], lookup=None), tmp_path / "out", runner=FakeRunner(), log=quiet)
+        run_sweep(load_sweep(path, ["grid.seed=[0]"], lookup=None), tmp_path / "out", runner=FakeRunner())
     renamed = load_sweep(path, ["description=same settings"], lookup=None)  # text only: the same sweep
-    run_sweep(renamed, tmp_path / "out", runner=FakeRunner(), log=quiet)
+    run_sweep(renamed, tmp_path / "out", runner=FakeRunner())
     assert io.read_yaml(tmp_path / "out" / "sweep.yaml")["description"] == "same settings"
 
 
 def test_rows_and_results_csv(tmp_path):
     doc = {"name": "rows", "run": {"eps_d": [0.1, "tau"], "attack": "gc-pgd"}, "grid": {"eps_w": [0.5, 1.0], "attack_options.epochs": [3]}}
     sweep = load_sweep(write(tmp_path, doc), lookup=None)
-    rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
+    rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner())
     assert list(rows[0]) == ["cell", "attack_options.epochs", *COLUMNS]
     labels, numbers = [], []
     for w in (0.5, 1.0):
@@ -332,7 +328,7 @@ def test_rows_and_results_csv(tmp_path):
 
 def test_target_only_run_is_one_row_about_the_target(tmp_path):
     sweep = load_sweep(write(tmp_path, {"run": {"eps_d": [], "eps_w": 0.5}}), lookup=None)
-    (row,) = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
+    (row,) = run_sweep(sweep, tmp_path / "out", runner=FakeRunner())
     assert (row["attack"], row["eps_d"], row["poisoned_acc"]) == ("gradpc", None, None)
     assert row["acc_drop"] == pytest.approx(10.0)  # clean 90 − target (90 − 20·0.5)
 
@@ -370,7 +366,7 @@ def test_paper_numbers_are_looked_up_per_row(tmp_path):
     assert sweep.paper_values[(cells[1], 0.03, None)] is None
 
     defended = []
-    rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), defender=fake_defender(defended), log=quiet)
+    rows = run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), defender=fake_defender(defended))
     assert [r["paper_acc_drop"] for r in rows] == [11.28, None, 9.66, None, None, 69.66, None, None]
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         assert [r["paper_acc_drop"] for r in csv.DictReader(f)] == ["11.28", "", "9.66", "", "", "69.66", "", ""]
@@ -414,7 +410,7 @@ def test_results_csv_puts_the_papers_drop_beside_ours_with_one_sign(tmp_path):
     """acc_drop and paper_acc_drop are both clean − attacked: where both did damage (the fake
     runner's drops, every drop of Table 2) both are positive, in the CSV and in the printed table."""
     sweep = load_sweep("table2-mnist", ["grid.model+eps_w=[[lr, 1.0]]"])
-    run_sweep(sweep, tmp_path / "out", runner=FakeRunner(), log=quiet)
+    run_sweep(sweep, tmp_path / "out", runner=FakeRunner())
     with open(tmp_path / "out" / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["eps_d"], r["paper_acc_drop"]) for r in rows] == [("0.03", "22.97"), ("0.1", "63.83"), ("1", "67.01"), ("tau", "69.66")]
@@ -434,7 +430,7 @@ def test_defense_rows(tmp_path):
     doc = {**FAKE, "grid": {"eps_w": [0.5]}, "defenses": [{"name": "maxup", "options": {"m": 2}}]}
     calls = []
     rows = run_sweep(load_sweep(write(tmp_path, doc), lookup=None), tmp_path / "out", runner=FakeRunner(),
-                     defender=fake_defender(calls), log=quiet)
+                     defender=fake_defender(calls))
     assert calls == [("eps_w=0.5", "maxup", {"m": 2})]
     plain, defended = rows[:2], rows[2:]
     assert [r["defense"] for r in rows] == [None, None, "maxup,m=2", "maxup,m=2"]
@@ -466,7 +462,7 @@ def test_dry_run_lists_cells_and_their_state(tmp_path, capsys):
     path = write(tmp_path, FAKE)
     out = tmp_path / "out"
     sweep = load_sweep(path, lookup=None)
-    run_sweep(sweep, out, runner=FakeRunner(), log=quiet)
+    run_sweep(sweep, out, runner=FakeRunner())
     first = sweep.cells[0][0]
     (out / "cells" / first / "metrics.json").unlink()
     parser = argparse.ArgumentParser()
@@ -488,7 +484,7 @@ def reference(tmp_path_factory):
     """SMALL run without interruption, in this process."""
     folder = tmp_path_factory.mktemp("reference")
     sweep = load_sweep(write(folder, SMALL), lookup=None)
-    return run_sweep(sweep, folder / "out", log=quiet)
+    return run_sweep(sweep, folder / "out")
 
 
 def test_reference_sweep_ran_every_cell(reference):
@@ -504,63 +500,69 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path, reference):
     (first, _), (second, _) = sweep.cells
     started = []
 
-    def killed_after_first_cell(config, folder, log):
+    def killed_after_first_cell(config, folder, tracking=None):
         if started:
             raise KeyboardInterrupt  # the process dies here: nothing of the second cell is written
         started.append(Path(folder).name)
-        return run(config, folder, log=log)
+        return run(config, folder)
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, out, runner=killed_after_first_cell, log=quiet)
+        run_sweep(sweep, out, runner=killed_after_first_cell)
     assert (out / "cells" / first / "metrics.json").is_file() and not (out / "cells" / second).exists()
 
     resumed = []
 
-    def counting(config, folder, log):
+    def counting(config, folder, tracking=None):
         resumed.append(Path(folder).name)
-        return run(config, folder, log=log)
+        return run(config, folder)
 
-    rows = run_sweep(sweep, out, runner=counting, log=quiet)
+    rows = run_sweep(sweep, out, runner=counting)
     assert resumed == [second]
     assert without_time(rows) == without_time(reference)
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(reference)
 
 
-def test_half_written_cell_is_redone_to_the_same_result(tmp_path, reference):
+def test_half_written_cell_is_redone_to_the_same_result(tmp_path, reference, caplog):
     sweep = load_sweep(write(tmp_path, SMALL), ["grid.eps_w=[3.0]"], lookup=None)
     out = tmp_path / "out"
     (cid, _), = sweep.cells
 
-    def dies_after_the_target(config, folder, log):
-        def log_then_die(message):
-            if str(message).startswith("clean accuracy"):
+    class DieAfterTheTarget(logging.Handler):
+        def emit(self, record):
+            if "clean accuracy" in record.getMessage():
                 raise KeyboardInterrupt  # killed after the clean model, the target and τ were saved
-        return run(config, folder, log=log_then_die)
 
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, out, runner=dies_after_the_target, log=quiet)
+    logger, handler = logging.getLogger("poisonreach.experiments.run"), DieAfterTheTarget()
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.INFO, logger="poisonreach"):
+            run_sweep(sweep, out)
+    finally:
+        logger.removeHandler(handler)
     cell = out / "cells" / cid
     assert (cell / "config.yaml").is_file() and (cell / "target_model.pt").is_file()
     assert not (cell / "metrics.json").exists()
     assert "partial" in describe(sweep, out)
 
-    rows = run_sweep(sweep, out, log=quiet)
+    rows = run_sweep(sweep, out)
     assert without_time(rows) == without_time([r for r in reference if r["cell"] == cid])
 
 
-def pinned_run(config, out, log):
+def pinned_run(config, out, tracking=None):
     """run, after logging the worker's CPU set and torch threads (importable by spawned workers)."""
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    log(f"pinned cores={cores} threads={torch.get_num_threads()}")
-    return run(config, out, log=log)
+    logging.getLogger("poisonreach.test_sweep").info(f"pinned cores={cores} threads={torch.get_num_threads()} pid={os.getpid()}")
+    return run(config, out)
 
 
 @pytest.mark.slow
-def test_two_jobs_give_the_same_table(tmp_path, reference):
+def test_two_jobs_give_the_same_table(tmp_path, reference, caplog):
+    """... and every log line of a worker reaches this process's handlers, each line starting with its cell id."""
     sweep = load_sweep(write(tmp_path, SMALL), lookup=None)
-    logs = []
-    rows = run_sweep(sweep, tmp_path / "out", jobs=2, runner=pinned_run, log=logs.append)
+    with caplog.at_level(logging.INFO, logger="poisonreach"):
+        rows = run_sweep(sweep, tmp_path / "out", jobs=2, runner=pinned_run)
+    logs = caplog.messages
     # the workers may use another thread count than this process (cores // 2): float sums may
     # differ in the last bits, nothing more
     assert [{k: v for k, v in r.items() if not isinstance(v, float)} for r in without_time(rows)] == \
@@ -574,6 +576,7 @@ def test_two_jobs_give_the_same_table(tmp_path, reference):
     pins = {m.group(1): ([int(c) for c in re.findall(r"\d+", m.group(2))], int(m.group(3))) for line in logs
             if (m := re.match(r"\[(eps_w=\d)\] pinned cores=(\[.*\]) threads=(\d+)", line))}
     assert set(pins) == {"eps_w=2", "eps_w=3"}
+    assert os.getpid() not in {r.process for r in caplog.records if "pinned cores" in r.getMessage()}  # made in the workers
     if hasattr(os, "sched_getaffinity"):
         available = len(os.sched_getaffinity(0))
         (cores_a, threads_a), (cores_b, threads_b) = pins.values()
@@ -657,7 +660,7 @@ def test_figures_5_and_6_gc_reaches_the_least_squares_target_and_gm_does_not(tmp
     near the clean line (appendix C.4: GM 'achieves different model parameters for every ε_d').
     Observed: GC ‖w − w_t‖ 0.0014 / 0.0008, GM 0.32 / 0.23 with the clean line 0.33 away."""
     sweep = load_sweep("fig5-6-regression", overrides=["run.eps_d=[0.1, 1.0]"])
-    rows = run_sweep(sweep, tmp_path / "out", log=quiet)
+    rows = run_sweep(sweep, tmp_path / "out")
     by = {(r["attack"], r["eps_d"]): r for r in rows}
     for eps_d in (0.1, 1.0):
         gc, gm = by["gc-pgd", eps_d], by["gm", eps_d]
@@ -687,7 +690,7 @@ def test_victim_seeds_in_a_sweep_reach_the_table_and_may_grow(tmp_path):
                                     "victim_seeds": [0, 1]}, "grid": {"eps_w": [2.0]}}
     path = write(tmp_path, doc)
     out = tmp_path / "out"
-    (row,) = run_sweep(load_sweep(path, lookup=None), out, log=quiet)
+    (row,) = run_sweep(load_sweep(path, lookup=None), out)
     (r,) = io.read_json(out / "cells" / "eps_w=2" / "metrics.json")["results"]
     assert row["victim_seeds"] == "0 1"
     for key in ("target_agreement", "victim_grad_norm", "acc_drop_mean", "acc_drop_std", "poisoned_acc_mean", "target_agreement_std"):
@@ -704,7 +707,7 @@ def test_victim_seeds_in_a_sweep_reach_the_table_and_may_grow(tmp_path):
     io.write_yaml(out / "sweep.yaml", saved)
     cell = out / "cells" / "eps_w=2"
     before = {p.name: p.stat().st_mtime_ns for p in cell.rglob("*.pt")}
-    (row,) = run_sweep(load_sweep(path, ["run.victim_seeds=[0, 1, 2]"], lookup=None), out, log=quiet)
+    (row,) = run_sweep(load_sweep(path, ["run.victim_seeds=[0, 1, 2]"], lookup=None), out)
     after = {p.name: p.stat().st_mtime_ns for p in cell.rglob("*.pt")}
     assert sorted(k for k in after if after[k] != before.get(k)) == ["clean_model_seed=2.pt", "retrained_model_seed=2.pt"]
     assert row["victim_seeds"] == "0 1 2"

@@ -324,3 +324,32 @@ def test_agreement_ignores_the_flat_directions_the_parameter_distance_sees():
     from poisonreach.targets import parameter_distance
     assert parameter_distance(moved, model) > 5
     assert training.agreement(moved, model, X) == 100.0
+
+
+def test_train_callback_reports_each_epochs_mean_loss_and_changes_nothing():
+    X, y = tiny(n=50)
+    seen = []
+    model = fit("lr", X, y, 3, epochs=3, batch_size=16, seed=4, callback=lambda step, values: seen.append((step, values)))
+    assert same(params(model), params(fit("lr", X, y, 3, epochs=3, batch_size=16, seed=4)))  # the hook only reads
+    assert [step for step, _ in seen] == [1, 2, 3] and all(set(v) == {"loss"} for _, v in seen)
+    # with steps too small to move the model, the epoch's mean loss is the mean loss at the start
+    start = models.create("lr", X.shape[1:], 3)
+    expected = nn.functional.cross_entropy(start(X), y).item()
+    seen.clear()
+    training.train(start, X, y, epochs=1, batch_size=16, optimizer="sgd", lr=1e-12, momentum=0.0, progress=False,
+                   callback=lambda step, values: seen.append(values["loss"]))
+    assert seen == [pytest.approx(expected, rel=1e-6)]
+
+
+def test_minimize_callback_reports_the_objective_and_gradient_norm_of_each_round():
+    X, y = tiny(n=60)
+    seen = []
+    model = training.minimize(models.create("lr", X.shape[1:], 3), X, y, weight_decay=1e-2, tolerance=1e-6, progress=False,
+                              callback=lambda step, values: seen.append((step, values)))
+    steps = [s for s, _ in seen]
+    assert steps == sorted(steps) and steps[0] > 0 and all(set(v) == {"objective", "grad_norm"} for _, v in seen)
+    double = models.create("lr", X.shape[1:], 3).double()
+    double.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    objective = nn.functional.cross_entropy(double(X.double()), y).item() + 1e-2 / 2 * sum((p * p).sum().item() for p in double.parameters())
+    assert seen[-1][1]["objective"] == pytest.approx(objective, rel=1e-6)
+    assert seen[-1][1]["grad_norm"] <= 1e-6

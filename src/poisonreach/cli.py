@@ -2,11 +2,11 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
-    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official]
+    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official] [--log tensorboard|mlflow [--log-uri URI]]
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
     poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
-    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
+    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--log tensorboard|mlflow]
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
@@ -15,9 +15,11 @@
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
 ``defend.defend``, ``export.export``, ``evaluate.evaluate``, ``sweep.command``, ``plots.plot_folder``,
-``report.write_report``, ``run.tau``, ``options.describe``. Bad input prints one line on stderr and
-exits with status 2; no traceback. Every option's help shows its default (:class:`HelpFormatter`),
-and the descriptions are the experiments' docstrings without their markup.
+``report.write_report``, ``run.tau``, ``options.describe``. Tables and results go to stdout; log
+lines (progress, what a run is doing) to stderr (``tracking.console_logging``; ``--quiet`` keeps
+warnings only). Bad input prints one line on stderr and exits with status 2; no traceback. Every
+option's help shows its default (:class:`HelpFormatter`), and the descriptions are the experiments'
+docstrings without their markup.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from .experiments import plots
 from .experiments import report as report_module
 from .experiments import run as run_module
 from .experiments import sweep as sweep_module
+from .experiments import tracking
 from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
                                  PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
 from .experiments.defend import defend, format_defense_table
@@ -149,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     p = command("run", "clean model → target → τ → GC for each ε_d → retrain → metrics", run_module.__doc__)
     _common(p)
     p.add_argument("--eps-d", type=_budget, nargs="+", default=[0.03, 0.1, 1.0], help="poison budgets ε_d; 'tau' means ε_d = τ of the target (default: 0.03 0.1 1)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-epswE-seedS); an existing folder of the same run is resumed")
+    p.add_argument("--out", default=None, help="run folder (default: runs/DATASET-MODEL-ATTACK-epswE-seedS); an existing folder of the same "
+                                               "run is resumed, with more eps_d or victim seeds too")
     p.add_argument("--attack", choices=sorted(ATTACKS), default="gc",
                    help="gc (Gradient Canceling by Gauss-Newton steps with hard labels, default), gc-pgd (Algorithm 1's projected "
                         "gradient descent; --preset paper is the paper's setting of it), gc-fw (Frank-Wolfe over measures), gc-official "
@@ -176,7 +180,8 @@ def _parser() -> argparse.ArgumentParser:
                         "first weight tensor, summed losses, unsquared norm, normalised pixels, no box, lr 10, 1000 epochs, the first "
                         "eps_d*n images) and its retraining (float64 LR, SGD lr 0.1, batch 10000, 100 epochs, test accuracy every epoch); "
                         "logistic regression on MNIST-like data only")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    tracking.add_arguments(p, store="the run folder: RUN/tensorboard/ or RUN/mlruns/")
+    p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
     p = command("defend", "apply a defense to every ε_d cell of a finished run", defend_module.__doc__)
     p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
@@ -185,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable; "
                         "poisonreach options sever lists a defense's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
     p = command("export", "write the poisons of a run as npz, safetensors or PNG files with a manifest", export_module.__doc__)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `poisonreach run`")
@@ -207,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="honest (default): the paper's retraining; converged: full-batch L-BFGS to a stationary point, as "
                         "`poisonreach run --protocol converged`")
     p.add_argument("--out", default=None, help="a folder to write evaluation.json into (default: none, print only)")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
     p = command("sweep", "run a shipped or own sweep file: a grid of runs, resumable, in parallel, with a results table", sweep_module.__doc__)
     sweep_module.add_arguments(p)
@@ -262,18 +267,15 @@ def _cmd_run(args) -> int:
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
     config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
                      victim_seeds=args.victim_seeds, protocol=args.protocol)
-    out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    metrics = run(config, out, log=log)
-    if args.quiet:
-        print(format_table(metrics))
+    out = args.out or run_module.default_out(config)
+    metrics = run(config, out, tracking=tracking.from_arguments(args))
+    print(format_table(metrics))
     print(f"run folder: {out}", file=sys.stderr)
     return 0
 
 
 def _cmd_defend(args) -> int:
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    summary = defend(args.run, args.defense, dict(args.option), log=log)
+    summary = defend(args.run, args.defense, dict(args.option))
     print(format_defense_table(args.defense, summary))
     return 0
 
@@ -285,9 +287,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     config = _config(args, victim_seeds=args.victim_seeds, protocol=args.protocol)
-    print(evaluate_module.format_evaluation(evaluate_module.evaluate(args.poisons, config, out=args.out, log=log)))
+    print(evaluate_module.format_evaluation(evaluate_module.evaluate(args.poisons, config, out=args.out)))
     return 0
 
 
@@ -325,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         set_threads(args.threads)
     try:
-        return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
-                "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "options": _cmd_options}[args.command](args)
+        with tracking.console_logging(quiet=getattr(args, "quiet", False)):
+            return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
+                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -18,12 +18,13 @@ constructor whose signature ends in ``**shared`` takes them, and its signature (
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .progress import Progress
 from .validation import Number, progress_flag
 
 
@@ -44,7 +45,8 @@ class Estimator:
     seed: seeds every random choice the object makes.
     chunk_size: rows per forward/backward chunk; bounds memory, not the result.
     device: where the computation runs ("cpu", "cuda:0"); None: where the model's parameters are.
-    progress: a tqdm bar on stderr: True, False, or None (shown only on a terminal).
+    progress: a tqdm bar on stderr: True, False, or None (a bar on a terminal, elsewhere a log line
+        every 30 s of a long loop, :mod:`poisonreach.progress`).
     """
 
     # A name means one thing: the checks of the names several classes use live here (a class may
@@ -113,6 +115,6 @@ class Estimator:
         """``device`` when given, else where the model's parameters are."""
         return torch.device(self.device) if self.device is not None else next(model.parameters()).device
 
-    def _progress(self, iterable=None, **kwargs) -> tqdm:
-        """A tqdm bar honouring ``progress`` (None: shown only on a terminal), removed when done."""
-        return tqdm(iterable, disable=None if self.progress is None else not self.progress, leave=False, **kwargs)
+    def _progress(self, iterable=None, **kwargs) -> Progress:
+        """The progress of a loop, honouring ``progress``, logged as the estimator's module; the bar is removed when done."""
+        return Progress(iterable, show=self.progress, logger=logging.getLogger(type(self).__module__), leave=False, **kwargs)

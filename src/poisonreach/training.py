@@ -17,18 +17,17 @@ import copy
 import logging
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from . import losses
 from .errors import PoisonReachError
 from .gradients import flat_norm, gradient_sum, select_parameters
-from .validation import Choice, Number, check_inputs, check_labels, check_number, evaluating, num_outputs
+from .progress import Progress
+from .validation import Choice, Number, check_inputs, check_labels, check_number, evaluating, num_outputs, progress_flag
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 # The protocol's hyperparameters (keyword arguments of :func:`train`) and their checks; DPA's base
@@ -44,7 +43,9 @@ HYPERPARAMETERS = {
 }
 
 Augment = Callable[[Tensor, torch.Generator], Tensor]
-log = logging.getLogger(__name__)
+# callback(step, values): a training's numbers after each epoch (or L-BFGS round), e.g. for tracking
+Callback = Callable[[int, dict], None]
+logger = logging.getLogger(__name__)
 
 
 def train(
@@ -66,6 +67,7 @@ def train(
     progress: bool | None = None,
     augment: Augment | None = None,
     worst_of: int = 1,
+    callback: Callback | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on (X, y) by mini-batch descent and return it in eval mode.
 
@@ -88,17 +90,19 @@ def train(
         loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
         device: where to train; the model is moved there. None: where the model's parameters are.
         progress: a tqdm bar over epochs on stderr, with the epoch's mean loss. None shows it only
-            on a terminal, False never.
+            on a terminal (elsewhere a log line every 30 s, :mod:`poisonreach.progress`), False never.
         augment: ``augment(x, generator) -> x'`` draws a random augmentation of a CPU batch; the
             generator is seeded from ``seed`` alone, so augmented training is reproducible too.
         worst_of: with ``augment``, each sample's loss is the largest over this many independent
             augmentations (MaxUp, :class:`poisonreach.defenses.MaxUp`); 1 is plain augmentation.
+        callback: ``callback(epoch, {"loss": mean loss})`` after every epoch (1-based), the loss
+            the bar shows (the mean over the epoch's batches as they were trained).
 
     Each epoch splits a fresh permutation into ⌈N / batch_size⌉ batches of near-equal size (at most
     ``batch_size``), so that no trailing batch of a single sample breaks BatchNorm.
     """
     n = check_inputs(X)
-    disable = _disable(progress)
+    progress_flag("progress", progress)
     check_number("seed", seed, integer=True)
     given = locals()
     for name, check in HYPERPARAMETERS.items():
@@ -122,8 +126,8 @@ def train(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(seed))
         model.train()
-        with tqdm(range(epochs), desc="train", unit="epoch", file=sys.stderr, disable=disable) as bar:
-            for _ in bar:
+        with Progress(range(epochs), desc="train", unit="epoch", show=progress, logger=logger) as bar:
+            for epoch in bar:
                 total = torch.zeros((), device=device)
                 for idx in torch.randperm(n, generator=shuffle).tensor_split(num_batches):
                     batch_loss = _batch_loss(
@@ -134,7 +138,10 @@ def train(
                     opt.step()
                     total += batch_loss.detach() * len(idx)
                 scheduler.step()
-                bar.set_postfix(loss=f"{total.item() / n:.4g}")
+                mean_loss = total.item() / n
+                bar.set_postfix(loss=f"{mean_loss:.4g}")
+                if callback is not None:
+                    callback(epoch + 1, {"loss": mean_loss})
     return model.eval()
 
 
@@ -160,6 +167,7 @@ def minimize(
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
     progress: bool | None = None,
+    callback: Callback | None = None,
 ) -> nn.Module:
     """Train ``model`` in place to a stationary point of (1/N) Σ ℓ(z; w) + λ/2·‖w‖² and return it
     in eval mode: full-batch L-BFGS with a strong-Wolfe line search, stopped once the gradient norm
@@ -185,14 +193,17 @@ def minimize(
         loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
         chunk_size: rows per forward/backward pass; bounds memory.
         device: where to train; the model is moved there. None: where the model's parameters are.
-        progress: a tqdm bar over iterations on stderr. None shows it only on a terminal, False never.
+        progress: a tqdm bar over iterations on stderr. None shows it only on a terminal (elsewhere
+            a log line every 30 s), False never.
+        callback: ``callback(iterations, {"objective": value, "grad_norm": norm})`` after every
+            round of L-BFGS iterations, with the iterations done so far.
     """
     n = check_inputs(X)
     given = locals()
     for name, check in CONVERGED_OPTIONS.items():
         check(name, given[name])
     check_number("chunk_size", chunk_size, low=1, integer=True)
-    disable = _disable(progress)
+    progress_flag("progress", progress)
     device = _device(model, device)
     outputs = num_outputs(model, X, device)
     y = check_labels(y, n, outputs, strict=not callable(loss))
@@ -220,19 +231,21 @@ def minimize(
         return total + penalty.detach()
 
     group, norm, value = opt.param_groups[0], math.inf, math.inf
-    with evaluating(work), tqdm(total=max_iterations, desc="minimize", unit="it", file=sys.stderr, disable=disable) as bar:
+    with evaluating(work), Progress(total=max_iterations, desc="minimize", unit="it", show=progress, logger=logger) as bar:
         while _iterations(opt, params) < max_iterations and norm > tolerance:
             previous, before = value, _iterations(opt, params)
             group["max_iter"] = min(_ITERATIONS_PER_CHECK, max_iterations - before)
             group["max_eval"] = 3 * group["max_iter"]  # line-search evaluations included
             opt.step(objective)
             value, norm = float(objective()), flat_norm([p.grad for p in params])
-            bar.update(_iterations(opt, params) - before)
             bar.set_postfix(grad_norm=f"{norm:.3g}")
+            bar.update(_iterations(opt, params) - before)
+            if callback is not None:
+                callback(_iterations(opt, params), {"objective": value, "grad_norm": norm})
             if not value < previous:
                 break  # no decrease over a whole round: the precision floor of the objective
     if norm > tolerance:
-        log.warning("minimize stopped at gradient norm %.3g after %d L-BFGS iterations, above the tolerance %g: raise "
+        logger.warning("minimize stopped at gradient norm %.3g after %d L-BFGS iterations, above the tolerance %g: raise "
                     "max_iterations or weight_decay (a better-conditioned objective), or the tolerance",
                     norm, _iterations(opt, params), tolerance)
     with torch.no_grad():
@@ -302,7 +315,7 @@ def official_retrain(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("chunk_size", chunk_size)):
         check_number(name, value, low=1, integer=True)
     check_number("lr", lr, low=0, low_open=True)
-    disable = _disable(progress)
+    progress_flag("progress", progress)
     device = _device(model, device)
     model.to(device=device, dtype=torch.float64)
     outputs = num_outputs(model, X.to(torch.float64), device)
@@ -315,7 +328,7 @@ def official_retrain(
     accs = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int(seed))
-        with tqdm(range(epochs), desc="official retrain", unit="epoch", file=sys.stderr, disable=disable) as bar:
+        with Progress(range(epochs), desc="official retrain", unit="epoch", show=progress, logger=logger) as bar:
             for _ in bar:
                 model.train()
                 for idx in torch.randperm(n, generator=shuffle).split(batch_size):
@@ -479,13 +492,6 @@ def _device(model: nn.Module, device: str | torch.device | None) -> torch.device
     device = torch.device(device)
     model.to(device)
     return device
-
-
-def _disable(progress: bool | None) -> bool | None:
-    if progress is not None and not isinstance(progress, bool):
-        raise PoisonReachError(f"progress must be True, False or None, got {progress!r}")
-    # tqdm's disable=None turns the bar off when stderr is not a terminal.
-    return None if progress is None else not progress
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -31,9 +31,9 @@ from ..training import minimize
 from ..validation import check_choice, check_number, check_options
 from .selection import check_select_options
 
-__all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
+__all__ = ["ADDITIVE_FIELDS", "ATTACKS", "ATTACK_FIELDS", "CELL_PREFIX", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-           "load_data", "mean_std", "model_names", "parse_yaml", "set_threads"]
+           "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -50,6 +50,18 @@ OFFICIAL_DATASETS = ("digits", "mnist", "mnist17", "fashion-mnist")
 # the named settings of the attacks (their ``presets``), e.g. "paper" of gc-pgd, and the attack each belongs to
 PRESET_ATTACKS = {preset: name for name, cls in ATTACKS.items() for preset in getattr(cls, "presets", {})}
 PRESETS = sorted(PRESET_ATTACKS)
+
+
+# Fields that say where a run reads its data and computes, not what it computes: no part of a run's
+# identity (RunConfig.differing_keys leaves them out), so a run folder may move between machines.
+RUNTIME_FIELDS = ("data_root", "device")
+# Fields a run grows by: each ε_d has a cell folder and each victim seed models of its own, so a
+# resumed run computes the new ones and reads the others back.
+ADDITIVE_FIELDS = ("eps_d", "victim_seeds")
+# Fields that only the ε_d cells depend on (the poisons and the victims), not the clean model or the target.
+ATTACK_FIELDS = ("attack", "preset", "attack_options")
+# the start of every ε_d cell's folder name (cell_name)
+CELL_PREFIX = "eps_d="
 
 
 def set_threads(threads: int) -> None:
@@ -214,12 +226,14 @@ class RunConfig:
         return asdict(self)
 
     def differing_keys(self, saved: dict) -> list[str]:
-        """The fields in which a saved configuration (a config.yaml read back) differs from this one.
-        A field the saved file lacks was written before the field existed and counts as its default."""
+        """The fields in which a saved configuration (a config.yaml read back) differs from this one,
+        :data:`RUNTIME_FIELDS` left out. A field the saved file lacks was written before the field
+        existed and counts as its default."""
         mine, defaults = io.plain(self.to_dict()), io.plain(RunConfig().to_dict())
         if not isinstance(saved, dict):
             return ["(the saved file is not a configuration)"]
-        return [k for k in mine if saved.get(k, defaults[k]) != mine[k]] + sorted(set(saved) - set(mine))
+        return ([k for k in mine if k not in RUNTIME_FIELDS and saved.get(k, defaults[k]) != mine[k]]
+                + sorted(set(saved) - set(mine)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -250,6 +264,6 @@ def mean_std(name: str, values: list[float]) -> dict:
 
 
 def cell_name(eps_d: float) -> str:
-    return f"eps_d={eps_d:g}"
+    return f"{CELL_PREFIX}{eps_d:g}"
 
 

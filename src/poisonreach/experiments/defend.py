@@ -17,6 +17,7 @@ Finished cells are read back, so an interrupted ``defend`` continues where it st
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from ..training import accuracy, train
 from ..validation import check_choice, check_options
 from .config import RunConfig, cell_name, fresh_model, load_data
 from .run import text_table
+
+logger = logging.getLogger(__name__)
 
 
 def make_defense(name: str, options: dict | None, config: RunConfig, *, poison_share: float = 0.0):
@@ -65,7 +68,7 @@ def _compact(value) -> str:
     return "".join(c if c.isalnum() or c in "-_.+[]" else "_" for c in text)
 
 
-def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=print) -> dict:
+def defend(run_dir: str | Path, name: str, options: dict | None = None) -> dict:
     """Apply defense ``name`` to every ε_d cell of the finished run in ``run_dir``; returns its metrics
     (also stored in metrics.json under ``defenses[defense_id(name, options)]``)."""
     run_dir = Path(run_dir)
@@ -90,7 +93,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
     summary = {"config": record, "results": []}
     if name == "dpa":
         summary["clean"] = _cached(run_dir / f"defense={key}", record, lambda: _dpa(defense, config, spec, X, y, splits, 0))
-        log(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
+        logger.info(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
     for entry in metrics["results"]:
         cell = run_dir / cell_name(entry["eps_d"])
         result = PoisonResult.load(cell)
@@ -117,7 +120,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
             "recovered": out["defended_acc"] - entry["poisoned_acc"],
         }
         summary["results"].append(out)
-        log(f"eps_d={entry['eps_d']:g}: {name} accuracy {out['defended_acc']:.2f}% (drop {out['acc_drop_defended']:.2f}, recovered {out['recovered']:+.2f})")
+        logger.info(f"eps_d={entry['eps_d']:g}: {name} accuracy {out['defended_acc']:.2f}% (drop {out['acc_drop_defended']:.2f}, recovered {out['recovered']:+.2f})")
     metrics.setdefault("defenses", {})[key] = summary
     io.write_json(run_dir / "metrics.json", metrics)
     return summary

@@ -18,6 +18,7 @@ from a stationary point each training stopped.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from pathlib import Path
@@ -37,6 +38,7 @@ from .export import require_safetensors
 from .config import mean_std
 from .run import fitter, plus_minus, text_table, trained_grad_norm
 
+logger = logging.getLogger(__name__)
 # the protocols that retrain a victim the way `poisonreach run` does (official retrains its own way)
 EVALUATION_PROTOCOLS = ("honest", "converged")
 # what a folder of poisons holds, in the order looked for: a run cell, an npz or safetensors export, a png export
@@ -45,7 +47,7 @@ FOLDER_FILES = ("poisons.pt", "poisons.npz", "poisons.safetensors", "labels.csv"
 PIXEL_BOX = (0.0, 1.0)
 
 
-def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.PathLike | None = None, log=print) -> dict:
+def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.PathLike | None = None) -> dict:
     """Retrain fresh victims on the clean training set of ``config`` ∪ the poisons in ``poisons``
     and return clean and poisoned test accuracy, ``acc_drop`` and training-gradient norms per
     victim seed (``config.victim_seeds``, else the run seed) with their means and sample standard
@@ -62,7 +64,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     X, y = splits.x_train, splits.y_train
     X_mix, y_mix = result.mixed(X, y)
     seeds = list(config.victim_seeds or [config.seed])
-    log(f"{len(result.x)} poisons from {file} on {len(X)} {config.dataset} training points (eps_d {result.eps_d:.4g}); "
+    logger.info(f"{len(result.x)} poisons from {file} on {len(X)} {config.dataset} training points (eps_d {result.eps_d:.4g}); "
         f"retraining {config.model} with the {config.protocol} protocol, victim seeds {' '.join(map(str, seeds))}")
     per_seed = {k: [] for k in ("clean_acc", "poisoned_acc", "acc_drop", "clean_grad_norm", "victim_grad_norm")}
     for seed in seeds:
@@ -72,7 +74,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         norms = trained_grad_norm(config, clean, X, y), trained_grad_norm(config, victim, X_mix, y_mix)  # each on the data it was trained on
         for key, value in zip(per_seed, (clean_acc, poisoned_acc, clean_acc - poisoned_acc, *norms)):
             per_seed[key].append(value)
-        log(f"victim seed {seed}: clean {clean_acc:.2f}%, poisoned {poisoned_acc:.2f}% (drop {clean_acc - poisoned_acc:.2f}), "
+        logger.info(f"victim seed {seed}: clean {clean_acc:.2f}%, poisoned {poisoned_acc:.2f}% (drop {clean_acc - poisoned_acc:.2f}), "
             f"victim ‖∇L‖ {per_seed['victim_grad_norm'][-1]:.3g}")
     record = {
         "poisons": str(file),

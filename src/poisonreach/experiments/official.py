@@ -35,6 +35,7 @@ load as float32). A finished retraining is read back from its JSON file, never r
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 
@@ -46,6 +47,8 @@ from ..attacks import PoisonResult
 from ..targets import parameter_distance
 from ..training import agreement, official_retrain, training_gradient_norm
 from .config import RunConfig, fresh_model, mean_std
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CleanReferences", "file_order", "run_cell"]
 
@@ -110,7 +113,7 @@ class CleanReferences:
 
 
 def run_cell(attack, model: nn.Module, target: nn.Module, X, y, splits, cell: Path, *, config: RunConfig, spec: dict, save,
-             clean_acc: dict[int, float], references: CleanReferences, grad_norms, log) -> dict:
+             clean_acc: dict[int, float], references: CleanReferences, grad_norms) -> dict:
     """One ε_d under the official protocol: poison ``model`` (the target, or the clean model for a
     baseline) with the training split in file order, or load the saved poisons; retrain the
     official way once per seed; write and return the result. ``clean_acc`` maps each seed to its
@@ -175,7 +178,7 @@ def run_cell(attack, model: nn.Module, target: nn.Module, X, y, splits, cell: Pa
         text += (f"; over victim seeds {list(config.victim_seeds)}: poisoned {entry['poisoned_acc_mean']:.2f} ± "
                  f"{entry['poisoned_acc_std']:.2f}%, drop {entry['acc_drop_mean']:.2f} ± {entry['acc_drop_std']:.2f}, "
                  f"epochs over all seeds {min(entry['retrain_acc_min_per_seed']):.2f}–{max(entry['retrain_acc_max_per_seed']):.2f}%")
-    log(text)
+    logger.info(text)
     return entry
 
 

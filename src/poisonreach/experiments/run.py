@@ -18,6 +18,7 @@ One run writes one self-contained folder:
                           retrained_model_seed=S.pt (victim seed S ≠ the run's seed)
     *.png, *.pdf          figures (poisonreach.experiments.plots.plot_run): gc_history, eps_d_curves,
                           poisons (image data)
+    tensorboard/, mlruns/ with --log tensorboard or mlflow: the run's records (:mod:`.tracking`)
 
 How close the victim came to the target is ``target_agreement``, the percentage of test points where
 the two predict the same class (:func:`poisonreach.training.agreement`; classification only): the
@@ -40,14 +41,21 @@ victims as the official code does; the clean model, the target and τ are the sa
 protocol, and each result also carries the spread of the victim's test accuracy over its epochs.
 
 A folder that already holds the same configuration is resumed: finished steps are loaded, not rerun.
-A different ``victim_seeds`` is not a different run: the seeds not yet trained are trained, the
-others read back. :func:`tau` makes the same clean model and target and stops at τ, writing nothing.
+Other budgets ``eps_d`` or ``victim_seeds`` are not a different run: the cells and seeds not yet
+done are computed, the others read back; ``data_root`` and ``device`` say where a run reads and
+computes, not what, and may change too. A folder whose results another configuration made is
+refused, naming what differs; one that holds no results yet (a run that failed before its first
+model, or before its first ε_d cell for a change of the attack alone) is taken over
+(:func:`claim`). :func:`tau` makes the same clean model and target and stops at τ, writing nothing.
+Progress and results are logged (:mod:`logging`); ``tracking`` records the run in TensorBoard or
+MLflow (:mod:`.tracking`).
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -65,10 +73,14 @@ from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
-from .config import POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std
+from .config import ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 from .selection import TargetSelection
+from .tracking import FOLDERS as TRACKING_FOLDERS
+from .tracking import Tracker, Tracking, open_tracker
+
+logger = logging.getLogger(__name__)
 
 
 def _load_or(path: Path, make):
@@ -78,35 +90,75 @@ def _load_or(path: Path, make):
     return make()
 
 
-def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
-    """Run the main job into folder ``out`` and return its metrics (also written to metrics.json)."""
+def run(config: RunConfig, out: str | os.PathLike, *, tracking: Tracking | None = None) -> dict:
+    """Run the main job into folder ``out`` and return its metrics (also written to metrics.json);
+    ``tracking`` records it (:mod:`.tracking`)."""
     config.validate()
     out = Path(out)
+    claim(config, out)
+    with open_tracker(tracking, out, config.to_dict()) as tracker:
+        return _run(config, out, tracker)
+
+
+def default_out(config: RunConfig) -> Path:
+    """The run folder ``poisonreach run`` writes without --out: ``runs/DATASET-MODEL-ATTACK-epswE-seedS``."""
+    return Path("runs") / f"{config.dataset}-{config.model}-{config.attack}-epsw{config.eps_w:g}-seed{config.seed}"
+
+
+# what a run folder holds that is no result of its configuration: the configuration, tracking stores
+_NOT_RESULTS = ("config.yaml", *TRACKING_FOLDERS.values())
+
+
+def claim(config: RunConfig, out: Path) -> None:
+    """Write ``config`` to ``out/config.yaml``, or refuse the folder, naming the fields that differ
+    and their two values, when it holds results that another configuration made: a differing field
+    other than the budgets and victim seeds (which a run grows by) blocks a folder with any result,
+    one of the attack's only a folder with files in its ε_d cells (the clean model and the target
+    do not depend on the attack)."""
     saved = out / "config.yaml"
     if saved.is_file():
         previous = io.read_yaml(saved)
         differ = config.differing_keys(previous)
-        if [k for k in differ if k != "victim_seeds"]:
-            raise PoisonReachError(f"{out} holds a run with a different configuration ({', '.join(differ)} differ): "
-                                   "choose another --out folder")
-        log(f"resuming the run in {out}")
-        if differ:
-            log(f"victim_seeds changed from {previous.get('victim_seeds')} to {config.victim_seeds}: "
-                "training the victims of new seeds, reading back the others")
+        blocking = [k for k in differ if k not in ADDITIVE_FIELDS and _holds_results(out, cells_only=k in ATTACK_FIELDS)]
+        if blocking:
+            mine = io.plain(config.to_dict())
+            shown = "; ".join(f"{k}: {json.dumps(previous.get(k) if isinstance(previous, dict) else previous)} there, "
+                              f"{json.dumps(mine.get(k))} here" for k in blocking)
+            raise PoisonReachError(f"{out} holds results of a run with a different configuration ({shown}): choose another "
+                                   f"--out folder, or delete {out}")
+        taken = [k for k in differ if k not in ADDITIVE_FIELDS]
+        logger.info(f"resuming the run in {out}" if not taken else
+                    f"{out} holds no results that depend on {', '.join(taken)}: running the new configuration in it")
+        for k in (k for k in ADDITIVE_FIELDS if k in differ):
+            logger.info(f"{k} changed from {previous.get(k)} to {getattr(config, k)}: computing what is new, reading back the rest")
     io.write_yaml(saved, config.to_dict())
+
+
+def _holds_results(out: Path, *, cells_only: bool) -> bool:
+    """Whether ``out`` holds a file a run made (a model, poisons, a result), in its ε_d cells only with ``cells_only``."""
+    for path in out.rglob("*"):
+        top = path.relative_to(out).parts[0]
+        if top not in _NOT_RESULTS and (top.startswith(CELL_PREFIX) or not cells_only) and path.is_file():
+            return True
+    return False
+
+
+def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
+    """The body of :func:`run`, its folder claimed."""
     device = torch.device(config.device)
     started = time.perf_counter()
 
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
-    fit = fitter(config, spec)
+    fit = fitter(config, spec, callback=tracker.training_step)
 
     def save(model: nn.Module, path: Path) -> nn.Module:
         models.save_model(model, path, **spec)
+        tracker.trained(path.relative_to(out).with_suffix("").as_posix())  # the losses of its training, if trained now
         return model
 
     fresh_model(config, spec)  # fail on a model that does not fit the data before any output or work
-    log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
+    logger.info(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
     clean_grad_norm = trained_grad_norm(config, clean, X, y)
@@ -116,7 +168,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
     if config.target == "select":  # a target per ε_d, chosen in the loop below
         target, about, thr = None, {}, None
         selection = TargetSelection(config.target_options, clean, X, y, splits, fit, save, out / "candidates",
-                                    weight_decay=config.weight_decay, seed=config.seed, log=log)
+                                    weight_decay=config.weight_decay, seed=config.seed)
     else:
         target = _load_or(out / "target_model.pt", lambda: save(make_target(config, clean, X, y, splits, fit, poisons_dir=out / "target_poisons"),
                                                                 out / "target_model.pt")).to(device)
@@ -126,27 +178,28 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         io.write_json(out / "threshold.json", thr.to_dict())
         quality = (f"clean test MSE {clean_mse:.4g}, target test MSE {about['target_mse']:.4g}" if not classification
                    else f"clean accuracy {clean_acc:.2f}%, target accuracy {about['target_acc']:.2f}%")
-        log(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
+        logger.info(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
-    seeds = _SeedPlan(config, spec, save, out, clean, (clean_acc, clean_mse, clean_grad_norm), splits) if config.victim_seeds else None
+    seeds = (_SeedPlan(config, spec, save, out, clean, (clean_acc, clean_mse, clean_grad_norm), splits, callback=tracker.training_step)
+             if config.victim_seeds else None)
     if seeds is not None:
-        log(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
+        logger.info(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
             else f"victim seeds {config.victim_seeds}: clean test MSE " + ", ".join(f"{m:.4g}" for m in seeds.clean_mse))
     official = CleanReferences(config, spec, save, out, splits) if config.protocol == "official" else None
     if official is not None:
-        log(f"official protocol: the official retraining on clean data reaches {official.acc(config.seed):.2f}% at its last epoch "
+        logger.info(f"official protocol: the official retraining on clean data reaches {official.acc(config.seed):.2f}% at its last epoch "
             f"(epochs {official.records[config.seed]['acc_min']:.2f}–{official.records[config.seed]['acc_max']:.2f}%)")
     results = []
     for budget, attack in zip(config.eps_d, config.make_attacks(thr.tau if thr else 1.0, checkpoint_dir=out)):
         if budget == "tau" and not 0 < thr.tau < math.inf:
             # τ = 0: any ε_d > 0 reaches the target (Theorem 2), so there is no budget to attack at
-            log(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
+            logger.info(f"eps_d 'tau' skipped: this target has τ = {thr.tau:g}, which is no budget")
             continue
         cell, chosen = out / cell_name(attack.eps_d), {}
         if selection is not None:
             target, poisons, records = selection.choose(attack, cell)
             if target is None:
-                log(f"eps_d={attack.eps_d:g} skipped: GC reached none of the candidates (see {cell / 'selection.json'})")
+                logger.info(f"eps_d={attack.eps_d:g} skipped: GC reached none of the candidates (see {cell / 'selection.json'})")
                 continue
             if not (cell / "poisons.pt").is_file():
                 poisons.save(cell)
@@ -156,11 +209,12 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         if official is not None:
             clean_by_seed = {config.seed: clean_acc, **(dict(zip(seeds.seeds, seeds.clean_acc)) if seeds is not None else {})}
             results.append(run_official_cell(attack, victim_of, target, X, y, splits, cell, config=config, spec=spec,
-                                             save=save, clean_acc=clean_by_seed, references=official, log=log,
+                                             save=save, clean_acc=clean_by_seed, references=official,
                                              grad_norms=lambda poisons: _grad_norms(poisons, target, X, y, grad_norm_clean)))
-            continue
-        results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit, save, clean_acc, grad_norm_clean, log,
-                                              grad_norm=lambda model, X_fit, y_fit: trained_grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
+        else:
+            results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit, save, clean_acc, grad_norm_clean,
+                                                  grad_norm=lambda model, X_fit, y_fit: trained_grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
+        tracker.cell(results[-1], cell)
 
     metrics = {
         "dataset": config.dataset,
@@ -180,8 +234,8 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         "wall_time_s": time.perf_counter() - started,
     }
     io.write_json(out / "metrics.json", metrics)
+    tracker.finish(metrics)
     plot_run(out)
-    log(format_table(metrics))
     return metrics
 
 
@@ -207,14 +261,16 @@ def _describe_target(config: RunConfig, target: nn.Module, clean: nn.Module, X, 
     return fields, thr
 
 
-def fitter(config: RunConfig, spec: dict, seed: int | None = None):
+def fitter(config: RunConfig, spec: dict, seed: int | None = None, *, callback=None):
     """``fit(X, y)``: train a fresh model of the run from scratch (the same seed and protocol each
-    time); ``seed`` replaces the run's seed for the initialisation and the batch order."""
+    time); ``seed`` replaces the run's seed for the initialisation and the batch order;
+    ``callback`` is the training's (:func:`poisonreach.training.train`)."""
     device = torch.device(config.device)
     seed = config.seed if seed is None else seed
     if config.protocol == "converged":
-        return lambda X_fit, y_fit: minimize(fresh_model(config, spec, seed), X_fit, y_fit, device=device, **config.training)
-    return lambda X_fit, y_fit: train(fresh_model(config, spec, seed), X_fit, y_fit, seed=seed, device=device, **config.training)
+        return lambda X_fit, y_fit: minimize(fresh_model(config, spec, seed), X_fit, y_fit, device=device, callback=callback, **config.training)
+    return lambda X_fit, y_fit: train(fresh_model(config, spec, seed), X_fit, y_fit, seed=seed, device=device, callback=callback,
+                                      **config.training)
 
 
 def trained_grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
@@ -225,10 +281,10 @@ def trained_grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
 class _SeedPlan:
     """The victim seeds of a run: one clean model per seed (the run's own for the run's seed, else
     ``clean_model_seed=S.pt``, trained once and loaded after), its test accuracy (or MSE) and its
-    training-gradient norm, and the victims' file names."""
+    training-gradient norm, and the victims' file names; ``callback`` is the trainings'."""
 
-    def __init__(self, config: RunConfig, spec: dict, save, out: Path, clean: nn.Module, clean_stats: tuple, splits):
-        self.config, self.spec, self.save, self.seeds = config, spec, save, list(config.victim_seeds)
+    def __init__(self, config: RunConfig, spec: dict, save, out: Path, clean: nn.Module, clean_stats: tuple, splits, *, callback=None):
+        self.config, self.spec, self.save, self.seeds, self.callback = config, spec, save, list(config.victim_seeds), callback
         device = torch.device(config.device)
         X, y = splits.x_train, splits.y_train
         self.clean_acc, self.clean_mse, self.clean_grad_norm = [], [], []
@@ -244,7 +300,7 @@ class _SeedPlan:
             self.clean_grad_norm.append(norm)
 
     def fit(self, seed: int):
-        return fitter(self.config, self.spec, seed)
+        return fitter(self.config, self.spec, seed, callback=self.callback)
 
     def victim_file(self, cell: Path, seed: int) -> Path:
         return cell / ("retrained_model.pt" if seed == self.config.seed else f"retrained_model_seed={seed}.pt")
@@ -311,7 +367,7 @@ def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
     return attack.poison(model, X, y, **({"validation": (splits.x_val, splits.y_val)} if takes_validation else {}))
 
 
-def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, log, *,
+def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, *,
               grad_norm, seeds: "_SeedPlan | None" = None) -> dict:
     """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate; with
     victim ``seeds``, retrain once per seed too. What a finished result.json holds is read back;
@@ -377,7 +433,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     if seeds is not None and classification:
         quality += (f"; over victim seeds {seeds.seeds}: poisoned {entry['poisoned_acc_mean']:.2f} ± {entry['poisoned_acc_std']:.2f}%, "
                     f"drop {entry['acc_drop_mean']:.2f} ± {entry['acc_drop_std']:.2f}")
-    log(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}, "
+    logger.info(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}, "
         f"victim ‖∇L‖ {entry['victim_grad_norm']:.3g}")
     return entry
 

@@ -22,6 +22,7 @@ needs them), each GC attempt in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ SELECT_DEFAULTS = {
     "flip_strategy": "least-likely",
     "reach": 0.1,  # GC must bring the residual to this fraction of its start
 }
+logger = logging.getLogger(__name__)
 _CHECKS = {"flip_strategy": Choice(("random", "loss", "least-likely")), "reach": Number(low=0, low_open=True, high=1)}
 
 
@@ -87,10 +89,10 @@ class TargetSelection:
     writes a model file; ``weight_decay`` is the victims' (for τ)."""
 
     def __init__(self, options: dict, clean: nn.Module, X: Tensor, y: Tensor, splits, fit, save, folder: Path, *,
-                 weight_decay: float, seed: int, log=print):
+                 weight_decay: float, seed: int):
         self.options = check_select_options(options)
         self.clean, self.X, self.y, self.splits, self.fit, self.save, self.folder = clean, X, y, splits, fit, save, folder
-        self.weight_decay, self.seed, self.log = weight_decay, seed, log
+        self.weight_decay, self.seed = weight_decay, seed
         self.targets: dict[str, nn.Module] = {}
         self.built: dict[str, Candidate] = {}
 
@@ -115,7 +117,7 @@ class TargetSelection:
             self.built[name] = Candidate(name, threshold(target, self.X, self.y, weight_decay=self.weight_decay).tau,
                                          accuracy(target, self.splits.x_val, self.splits.y_val), budget)
             c = self.built[name]
-            self.log(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")
+            logger.info(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")
         return self.built[name]
 
     def choose(self, attack: Attack, cell: Path) -> tuple[nn.Module | None, PoisonResult | None, list[Candidate]]:
@@ -141,7 +143,7 @@ class TargetSelection:
                 c.reason = f"GC residual ratio {c.grad_norm_ratio:.3g} > {reach:g}"
         io.write_json(cell / "selection.json", {"eps_d": eps_d, "reach": reach, "chosen": None if chosen is None else chosen.name,
                                                 "candidates": [asdict(c) for c in records]})
-        self.log(f"select eps_d={eps_d:g}: " + (f"{chosen.name} (val {chosen.val_acc:.2f}%, ratio {chosen.grad_norm_ratio:.3g})"
+        logger.info(f"select eps_d={eps_d:g}: " + (f"{chosen.name} (val {chosen.val_acc:.2f}%, ratio {chosen.grad_norm_ratio:.3g})"
                                                 if chosen else "GC reached no candidate"))
         return (None if chosen is None else self.targets[chosen.name]), poisons, records
 

@@ -1,6 +1,6 @@
 """The sweep engine: every cell of a sweep file, resumable, optionally in parallel, and its table.
 
-    poisonreach sweep NAME|FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run]
+    poisonreach sweep NAME|FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run] [--log tensorboard|mlflow]
 
 NAME is a sweep shipped with the package (the paper's tables and figures, e.g. table2-mnist), FILE
 the path of a user's sweep file; the format and its layers (defaults, file, profile, overrides) are
@@ -8,24 +8,30 @@ those of :mod:`poisonreach.experiments.sweep_file`. A sweep folder (default ``sw
 ``sweeps/<name>-<profile>``) holds:
 
     sweep.yaml              the resolved sweep; a folder holding other settings (run, grid,
-                            defenses; run.victim_seeds excepted) is refused, as ``run`` refuses a
-                            folder of another run
+                            defenses; run.eps_d, run.victim_seeds, run.data_root and run.device
+                            excepted) is refused, as ``run`` refuses a folder of another run
     cells/<cell_id>/        one run folder per cell (:func:`poisonreach.experiments.run.run`), named
                             by its grid values, e.g. ``cells/model=lr,attack=gc``
     results.csv             one row per cell, ε_d and defense (:data:`COLUMNS`), rewritten atomically
                             whenever a cell finishes
     errors/<cell_id>.txt    the traceback of a cell that failed (removed once it succeeds)
+    tensorboard/<cell_id>/, mlruns/
+                            with ``--log tensorboard`` or ``--log mlflow``: every cell's record
+                            (:mod:`poisonreach.experiments.tracking`; MLflow's experiment is the
+                            sweep's name, its runs the cell ids)
 
 Resuming: a cell whose folder holds metrics.json and the cell's own config.yaml (and the results of
 every defense of the sweep) is read back, not rerun; any other cell is handed to the runner, which
-resumes a half-written run folder itself. ``run.victim_seeds`` may change between invocations: the
-cells' runs then train the victims of the new seeds only. Running the same command again therefore continues a
-killed sweep and retries its failed cells.
+resumes a half-written run folder itself. ``run.eps_d`` and ``run.victim_seeds`` may change between
+invocations: the cells' runs then compute the new budgets and seeds only. Running the same command
+again therefore continues a killed sweep and retries its failed cells.
 
 Parallel cells (``jobs`` > 1) run in worker processes started with "spawn" (torch does not survive
 fork), each pinned to its own share of the cores: a disjoint CPU set (``os.sched_setaffinity`` where
-the platform has it) and ``len(cores) // jobs`` torch and OpenMP threads. Worker logs reach ``log``
-prefixed with the cell id. A failing cell is reported and the others go on; the sweep then raises
+the platform has it) and ``len(cores) // jobs`` torch and OpenMP threads. Every log record made
+while a cell runs, in a worker or in this process, starts each line with ``[cell_id]``; a worker's
+records are sent to this process and handled by its loggers (so they reach its stderr, or whatever
+handlers it has). A failing cell is reported and the others go on; the sweep then raises
 :class:`SweepFailed` (the CLI exits with status 1) after writing the table of the finished cells.
 
 Rows: the cell id, the grid axes not among the fixed columns, dataset, model, eps_w, attack, defense,
@@ -47,6 +53,8 @@ import argparse
 import csv
 import io as _io
 import json
+import logging
+import logging.handlers
 import math
 import multiprocessing
 import os
@@ -54,20 +62,26 @@ import sys
 import threading
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .. import io
 from ..errors import CorruptFileError, PoisonReachError
+from ..progress import Progress
 from ..validation import check_number
-from .config import RunConfig
+from . import tracking as tracking_module
+from .config import ADDITIVE_FIELDS, RUNTIME_FIELDS, RunConfig
 from .defend import defend
 from .run import run, text_table
 from .sweep_file import SETTINGS, Sweep, load_sweep, shipped_sweeps, target_label
+from .tracking import Tracking
 
 __all__ = ["COLUMNS", "HEADERS", "OFFICIAL_COLUMNS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "show", "show_cell", "shown_columns", "write_results"]
+
+logger = logging.getLogger(__name__)
 
 # accuracies are NaN for regression, which reports test MSE instead (Figure 5); param_distance is
 # ‖w_retrained − w_target‖ and target_agreement the % of test points where victim and target predict
@@ -121,24 +135,34 @@ def _finished(cell_dir: Path, config: RunConfig, defense_ids: list[str]) -> dict
     return {"metrics": metrics, "defenses": {d: defended[d] for d in defense_ids}}
 
 
-_WORKER_LOG = None  # the queue a worker's log lines go to (set by _init_worker)
+@contextmanager
+def _cell_logs(cid: str):
+    """Meanwhile, every log record made in this process (any logger, the library's included) starts
+    each line with ``[cid]``: a process runs one cell at a time."""
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        record.msg, record.args = "\n".join(f"[{cid}] {line}" for line in record.getMessage().splitlines()), None
+        return record
+
+    logging.setLogRecordFactory(factory)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make)
 
 
-def _worker_log(message: str) -> None:
-    _WORKER_LOG.put(message)
-
-
-def _cell_job(cid: str, config: RunConfig, cell_dir: Path, runner, defenses: list[dict], defender, log=None) -> dict:
+def _cell_job(cid: str, config: RunConfig, cell_dir: Path, runner, defenses: list[dict], defender, tracking: Tracking | None) -> dict:
     """Run (or read back) one cell and its defenses: {"metrics": ..., "defenses": {id: summary}}."""
-    log = log or _worker_log
-    say = lambda message: log("\n".join(f"[{cid}] {line}" for line in str(message).splitlines()))
-    metrics = _complete_metrics(cell_dir, config)
-    if metrics is None:
-        metrics = runner(config, cell_dir, log=say)
-    else:
-        say("the run finished earlier: reading it back")
-    defended = metrics.get("defenses", {})
-    summaries = {d["id"]: defended[d["id"]] if d["id"] in defended else defender(cell_dir, d["name"], d["options"], log=say) for d in defenses}
+    with _cell_logs(cid):
+        metrics = _complete_metrics(cell_dir, config)
+        if metrics is None:
+            metrics = runner(config, cell_dir, tracking=tracking)
+        else:
+            logger.info("the run finished earlier: reading it back")
+        defended = metrics.get("defenses", {})
+        summaries = {d["id"]: defended[d["id"]] if d["id"] in defended else defender(cell_dir, d["name"], d["options"]) for d in defenses}
     return {"metrics": metrics, "defenses": summaries}
 
 
@@ -150,9 +174,12 @@ def _core_plan(workers: int) -> tuple[list[list[int]], int]:
     return [cores[i * len(cores) // workers : (i + 1) * len(cores) // workers] for i in range(workers)], len(cores) // workers
 
 
-def _init_worker(core_sets, threads: int, log_queue) -> None:
-    global _WORKER_LOG
-    _WORKER_LOG = log_queue
+def _init_worker(core_sets, threads: int, log_queue, levels: dict[str, int]) -> None:
+    # the worker's records go to the parent (_pump), at the levels the parent's loggers have
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that start their thread pools later
     torch.set_num_threads(threads)
     cores = core_sets.get()
@@ -160,10 +187,10 @@ def _init_worker(core_sets, threads: int, log_queue) -> None:
         os.sched_setaffinity(0, cores)
 
 
-def _pump(queue, log) -> None:
-    """Forward worker log lines to ``log`` until the None that ends them."""
-    while (message := queue.get()) is not None:
-        log(message)
+def _pump(queue) -> None:
+    """Hand the workers' log records to this process's loggers until the None that ends them."""
+    while (record := queue.get()) is not None:
+        logging.getLogger(record.name).handle(record)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +200,12 @@ def _pump(queue, log) -> None:
 
 def _comparable(settings: dict, key: str):
     """A setting as the refusal compares it: ``run`` with the fields a file written before they
-    existed lacks taken as their defaults, and without ``victim_seeds``, which a sweep may change
-    (its runs train the new seeds' victims and keep the others, as ``run`` does)."""
+    existed lacks taken as their defaults, and without those a run folder may change too (the
+    budgets and victim seeds it grows by, where it reads and computes; as ``run`` accepts them)."""
     value = settings.get(key)
     if key != "run" or not isinstance(value, dict):
         return value
-    return {k: v for k, v in {**io.plain(RunConfig().to_dict()), **value}.items() if k != "victim_seeds"}
+    return {k: v for k, v in {**io.plain(RunConfig().to_dict()), **value}.items() if k not in (*ADDITIVE_FIELDS, *RUNTIME_FIELDS)}
 
 
 def _claim(out: Path, sweep: Sweep) -> None:
@@ -192,14 +219,14 @@ def _claim(out: Path, sweep: Sweep) -> None:
     io.write_yaml(saved, sweep.resolved)
 
 
-def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print, runner=run, defender=None) -> list[dict]:
+def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, runner=run, defender=None, tracking: Tracking | None = None) -> list[dict]:
     """Run every unfinished cell of ``sweep`` into ``out/cells/<cell_id>`` and return the rows of the
     results table (also written to ``out/results.csv``), in grid order.
 
-    ``runner(config, folder, log=)`` runs one cell (default :func:`poisonreach.experiments.run.run`);
-    ``defender(run_dir, name, options, log=)`` applies a defense to a finished cell (default
-    :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 both must be importable
-    module-level functions. Raises :class:`SweepFailed` after all cells if any failed.
+    ``runner(config, folder, tracking=)`` runs one cell (default :func:`poisonreach.experiments.run.run`),
+    recording it with ``tracking``; ``defender(run_dir, name, options)`` applies a defense to a
+    finished cell (default :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 both
+    must be importable module-level functions. Raises :class:`SweepFailed` after all cells if any failed.
     """
     check_number("jobs", jobs, low=1, integer=True)
     out = Path(out)
@@ -217,9 +244,10 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print,
             report.unlink(missing_ok=True)
         else:
             failures[cid] = f"{type(error).__name__}: {error}"
-            log(f"[{cid}] failed: {failures[cid]}")
+            logger.error(f"[{cid}] failed: {failures[cid]}")
             io.atomic_write_bytes(report, "".join(traceback.format_exception(error)).encode())
         write_results(out / "results.csv", sweep, _rows(sweep, outputs, defenses))
+        cells.update()
 
     pending = []
     for cid, config in sweep.cells:
@@ -227,19 +255,20 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print,
         if done is None:
             pending.append((cid, config))
         else:
-            log(f"[{cid}] finished earlier: skipped")
+            logger.info(f"[{cid}] finished earlier: skipped")
             outputs[cid] = done
-    log(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(pending)} to run, into {out}")
+    logger.info(f"sweep {sweep.name}: {len(sweep.cells)} cells, {len(pending)} to run, into {out}")
 
     workers = min(jobs, len(pending))
-    if workers <= 1:
-        for cid, config in pending:
-            try:
-                finish(cid, _cell_job(cid, config, out / "cells" / cid, runner, defenses, defender, log))
-            except Exception as e:  # one broken cell must not stop the others
-                finish(cid, error=e)
-    elif pending:
-        _run_parallel(pending, out, workers, runner, defenses, defender, log, finish)
+    with Progress(desc=f"sweep {sweep.name}", total=len(pending), unit="cells", logger=logger) as cells:
+        if workers <= 1:
+            for cid, config in pending:
+                try:
+                    finish(cid, _cell_job(cid, config, out / "cells" / cid, runner, defenses, defender, tracking))
+                except Exception as e:  # one broken cell must not stop the others
+                    finish(cid, error=e)
+        elif pending:
+            _run_parallel(pending, out, workers, runner, defenses, defender, tracking, finish)
 
     rows = _rows(sweep, outputs, defenses)
     write_results(out / "results.csv", sweep, rows)
@@ -255,17 +284,19 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, log=print,
     return rows
 
 
-def _run_parallel(pending, out: Path, workers: int, runner, defenses, defender, log, finish) -> None:
+def _run_parallel(pending, out: Path, workers: int, runner, defenses, defender, tracking, finish) -> None:
     ctx = multiprocessing.get_context("spawn")
     core_sets, threads = _core_plan(workers)
     core_queue, log_queue = ctx.Queue(), ctx.Queue()
     for cores in core_sets:
         core_queue.put(cores)
-    pump = threading.Thread(target=_pump, args=(log_queue, log), daemon=True)
+    pump = threading.Thread(target=_pump, args=(log_queue,), daemon=True)
     pump.start()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(core_queue, threads, log_queue))
+    levels = {name: logging.getLogger(name).getEffectiveLevel() for name in ("", "poisonreach")}
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(core_queue, threads, log_queue, levels))
     try:
-        futures = {pool.submit(_cell_job, cid, config, out / "cells" / cid, runner, defenses, defender): cid for cid, config in pending}
+        futures = {pool.submit(_cell_job, cid, config, out / "cells" / cid, runner, defenses, defender, tracking): cid
+                   for cid, config in pending}
         for future in as_completed(futures):
             try:
                 output = future.result()
@@ -461,7 +492,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="sweep folder (default: sweeps/NAME or sweeps/NAME-PROFILE); an existing one is resumed")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads with --jobs 1 (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
+    tracking_module.add_arguments(p, store="the sweep folder: tensorboard/CELL/ or mlruns/")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -471,9 +503,10 @@ def command(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(sweep, out))
         return 0
-    log = (lambda *a: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+    tracking = tracking_module.from_arguments(args, uri=None if args.log is None else str(out / tracking_module.FOLDERS[args.log]),
+                                              experiment=sweep.name)
     try:
-        rows = run_sweep(sweep, out, jobs=args.jobs, log=log)
+        rows = run_sweep(sweep, out, jobs=args.jobs, tracking=tracking)
     except SweepFailed as e:
         print(format_results(e.rows))
         print(f"poisonreach: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
     poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official]
+    poisonreach run --dataset npz:FILE|folder:DIR --model module.path:Class [--model-option KEY=VALUE ...] ...
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
     poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
@@ -38,7 +39,7 @@ from .experiments import report as report_module
 from .experiments import run as run_module
 from .experiments import sweep as sweep_module
 from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MODES, PARAMETER_SETS, PRESETS, PROTOCOLS, TARGETS, TRAINING_OPTIONS,
-                                 PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
+                                 PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads, short_name)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
 from .experiments.run import format_table, format_tau, run, tau
@@ -95,8 +96,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     """Options shared by every command that builds a clean model (and a target, unless ``target`` is False)."""
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())} (default: digits)")
-    p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())} (default: lr)")
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())}, or your own: npz:FILE (arrays x and y, "
+                                                       "optionally x_test and y_test) or folder:DIR (one sub-folder of PNG/JPEG images "
+                                                       "per class) (default: digits)")
+    p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())}, or your own nn.Module class as module.path:Class, "
+                                                 "importable from the working folder or PYTHONPATH and ending in an nn.Linear (default: lr)")
+    p.add_argument("--model-option", dest="model_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of a module.path:Class model (repeatable); the constructor also receives "
+                        "input_shape, num_classes, mean and std when it names them")
     if target:
         p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
         p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
@@ -244,6 +251,7 @@ def _config(args, **extra) -> RunConfig:
     return RunConfig(
         dataset=args.dataset,
         model=args.model,
+        model_options=dict(args.model_option),
         **target,
         seed=args.seed,
         train_size=args.train_size,
@@ -262,7 +270,7 @@ def _cmd_run(args) -> int:
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
     config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
                      victim_seeds=args.victim_seeds, protocol=args.protocol)
-    out = args.out or f"runs/{args.dataset}-{args.model}-epsw{args.eps_w:g}-seed{args.seed}"
+    out = args.out or f"runs/{short_name(args.dataset)}-{short_name(args.model)}-epsw{args.eps_w:g}-seed{args.seed}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)
     if args.quiet:

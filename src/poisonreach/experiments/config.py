@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import data, io, models
+from .. import data, io, models, user_models
 from ..attacks import ATTACKS, Attack
 from ..data import names as dataset_names
 from ..defenses import DEFENSES
@@ -33,7 +33,7 @@ from .selection import check_select_options
 
 __all__ = ["ATTACKS", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-           "load_data", "mean_std", "model_names", "parse_yaml", "set_threads"]
+           "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "short_name"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -70,10 +70,15 @@ class RunConfig:
     :class:`~poisonreach.attacks.OfficialGradientCanceling`; ``training`` then still sets the clean
     model's (and target's) protocol, not the official retraining, which is fixed. The attacks that
     cancel gradients take the training's weight decay (:attr:`weight_decay`) unless
-    ``attack_options`` sets theirs: the target is a stationary point of the regularised objective."""
+    ``attack_options`` sets theirs: the target is a stationary point of the regularised objective.
+
+    ``dataset`` is a name of :func:`poisonreach.data.names` or the user's own ``npz:PATH`` or
+    ``folder:PATH``; ``model`` a name of :func:`poisonreach.models.names` or the user's own class
+    ``module.path:Class``, constructed with ``model_options`` (:mod:`poisonreach.user_models`)."""
 
     dataset: str = "digits"
     model: str = "lr"
+    model_options: dict = field(default_factory=dict)  # a module.path:Class model's constructor arguments
     eps_w: float = 1.0
     eps_w_mode: str = "absolute"
     target: str = "gradpc"
@@ -117,8 +122,8 @@ class RunConfig:
         return float(self.training.get("weight_decay", default))
 
     def validate(self) -> None:
-        check_choice("dataset", self.dataset, data.names())
-        check_choice("model", self.model, models.names())
+        data.check_name(self.dataset)
+        models.check_name(self.model, self.model_options)
         check_choice("target", self.target, list(TARGETS))
         check_choice("attack", self.attack, ATTACKS)
         check_choice("protocol", self.protocol, PROTOCOLS)
@@ -231,9 +236,14 @@ class RunConfig:
 
 
 def load_data(config: RunConfig) -> tuple[data.Splits, dict]:
-    """The run's data splits and the model specification (``models.create``'s arguments)."""
+    """The run's data splits and the model specification (``models.create``'s arguments). The
+    user class the configuration names may be rebuilt from the run's model files
+    (:func:`poisonreach.user_models.allow`)."""
+    if user_models.is_spec(config.model):
+        user_models.allow(config.model)
     splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
-    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
+    spec = dict(name=config.model, options=config.model_options, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                mean=splits.mean, std=splits.std)
     return splits, spec
 
 
@@ -247,6 +257,14 @@ def mean_std(name: str, values: list[float]) -> dict:
     """``name_mean`` and ``name_std`` (the sample standard deviation, ddof = 1; 0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
     return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
+
+
+def short_name(name: str) -> str:
+    """A data set or model name as part of a folder name: a user's ``npz:PATH`` or ``folder:PATH``
+    becomes the file's stem or the folder's name, ``module.path:Class`` the class."""
+    if data.user.is_spec(name):
+        return Path(name.partition(":")[2]).expanduser().absolute().stem
+    return name.rpartition(":")[2]
 
 
 def cell_name(eps_d: float) -> str:

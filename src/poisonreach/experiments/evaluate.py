@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .. import io
 from ..attacks import PoisonResult
 from ..data import Splits
+from ..data.user import read_images
 from ..errors import CorruptFileError, PoisonReachError
 from ..training import accuracy
 from .config import RunConfig, load_data
@@ -79,7 +79,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         "num_poisons": len(result.x),
         "num_train": len(X),
         "eps_d": result.eps_d,
-        **{k: getattr(config, k) for k in ("dataset", "model", "protocol", "seed", "train_size", "training")},
+        **{k: getattr(config, k) for k in ("dataset", "model", "model_options", "protocol", "seed", "train_size", "training")},
         "victim_seeds": seeds,
         **{f"{k}_per_seed": v for k, v in per_seed.items()},
         **{k: v for name in ("clean_acc", "poisoned_acc", "acc_drop", "victim_grad_norm") for k, v in mean_std(name, per_seed[name]).items()},
@@ -203,20 +203,6 @@ def _read_pt(file: Path) -> dict:
     return arrays
 
 
-def _read_npz(file: Path) -> dict:
-    try:
-        archive = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # not an archive: numpy takes it for a pickle, which it refuses
-        raise CorruptFileError(f"{file} is not a readable .npz archive ({e}): save it with numpy.savez(FILE, x=..., y=...)") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise PoisonReachError(f"{file} holds one array, not an archive of x and y: save it with numpy.savez(FILE, x=..., y=...)")
-    with archive:
-        try:
-            return {name: archive[name] for name in archive.files}
-        except ValueError:
-            raise PoisonReachError(f"{file} holds Python objects other than numeric arrays: refused") from None
-
-
 def _read_safetensors(file: Path) -> dict:
     safetensors = require_safetensors()
     try:
@@ -237,26 +223,11 @@ def _read_png(labels_csv: Path) -> dict:
         labels = np.array([row["label"] for row in rows], dtype=np.float64)
     except ValueError as e:
         raise PoisonReachError(f"{labels_csv}: a label is not a number ({e}): give integer classes") from None
-    images = [_read_image(labels_csv.parent / row["file"]) for row in rows]
-    sizes = {image.shape for image in images}
-    if len(sizes) > 1:
-        raise PoisonReachError(f"the images of {labels_csv} differ in size ({', '.join(map(str, sorted(sizes)))}): give one size")
-    x = np.stack(images).astype(np.float32) / np.float32(255) if images else np.zeros((0,), np.float32)
-    return {"x": x, "y": labels}
+    paths = [labels_csv.parent / row["file"] for row in rows]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing is not None:
+        raise PoisonReachError(f"{missing} is named in labels.csv but does not exist")
+    return {"x": read_images(paths, str(labels_csv)).astype(np.float32) / np.float32(255), "y": labels}
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """One 8-bit grayscale or RGB image as C × H × W."""
-    try:
-        with Image.open(path) as image:
-            mode, pixels = image.mode, np.asarray(image)
-    except FileNotFoundError:
-        raise PoisonReachError(f"{path} is named in labels.csv but does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CorruptFileError(f"{path} is not a readable image ({e})") from None
-    if mode not in ("L", "RGB"):
-        raise PoisonReachError(f"{path} is a {mode} image: give 8-bit grayscale (L) or RGB images")
-    return pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
-
-
-READERS = {".pt": _read_pt, ".npz": _read_npz, ".safetensors": _read_safetensors, ".csv": _read_png}
+READERS = {".pt": _read_pt, ".npz": io.load_npz, ".safetensors": _read_safetensors, ".csv": _read_png}

@@ -93,7 +93,6 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         if differ:
             log(f"victim_seeds changed from {previous.get('victim_seeds')} to {config.victim_seeds}: "
                 "training the victims of new seeds, reading back the others")
-    io.write_yaml(saved, config.to_dict())
     device = torch.device(config.device)
     started = time.perf_counter()
 
@@ -106,6 +105,7 @@ def run(config: RunConfig, out: str | os.PathLike, *, log=print) -> dict:
         return model
 
     fresh_model(config, spec)  # fail on a model that does not fit the data before any output or work
+    io.write_yaml(saved, config.to_dict())  # the data and the models are known good: the folder is this run's
     log(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)

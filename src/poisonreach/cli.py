@@ -2,7 +2,7 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
-    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official]
+    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official] [--victim-model M]
     poisonreach run --dataset npz:FILE|folder:DIR --model module.path:Class [--model-option KEY=VALUE ...] ...
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
@@ -176,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
                         "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's (default: none, "
                         "the run seed's victim only)")
+    p.add_argument("--victim-model", default=None, metavar="M",
+                   help="a transfer victim: retrain this architecture (a name as for --model, or module.path:Class) on clean ∪ poisons, "
+                        "with its own clean model as the reference of the drops (default: none, the victims are --model)")
+    p.add_argument("--victim-model-option", dest="victim_model_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of a module.path:Class --victim-model (repeatable)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="honest",
                    help="honest (default): this library's GC and the paper's retraining; converged: this library's GC, every model "
                         "trained to a stationary point of mean loss + weight_decay/2*|w|^2 by full-batch L-BFGS in float64 "
@@ -269,8 +274,10 @@ def _cmd_run(args) -> int:
         given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
     config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
-                     victim_seeds=args.victim_seeds, protocol=args.protocol)
-    out = args.out or f"runs/{short_name(args.dataset)}-{short_name(args.model)}-epsw{args.eps_w:g}-seed{args.seed}"
+                     victim_seeds=args.victim_seeds, protocol=args.protocol, victim_model=args.victim_model,
+                     victim_model_options=dict(args.victim_model_option))
+    victim = f"-victim-{short_name(args.victim_model)}" if args.victim_model else ""
+    out = args.out or f"runs/{short_name(args.dataset)}-{short_name(args.model)}-epsw{args.eps_w:g}-seed{args.seed}{victim}"
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     metrics = run(config, out, log=log)
     if args.quiet:

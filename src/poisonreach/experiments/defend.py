@@ -28,7 +28,7 @@ from ..defenses import DEFENSES, Filter, certify
 from ..errors import PoisonReachError
 from ..training import accuracy, train
 from ..validation import check_choice, check_options
-from .config import RunConfig, cell_name, fresh_model, load_data
+from .config import RunConfig, cell_name, fresh_model, load_data, victim_spec
 from .run import text_table
 
 
@@ -67,7 +67,9 @@ def _compact(value) -> str:
 
 def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=print) -> dict:
     """Apply defense ``name`` to every ε_d cell of the finished run in ``run_dir``; returns its metrics
-    (also stored in metrics.json under ``defenses[defense_id(name, options)]``)."""
+    (also stored in metrics.json under ``defenses[defense_id(name, options)]``). The retrained
+    models are of the victims' architecture (a transfer run's ``victim_model``), and so is the
+    clean model the drops are measured against."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PoisonReachError(f"{run_dir} is not a run folder (no config.yaml): give the folder `poisonreach run` wrote")
@@ -82,6 +84,8 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
     key = defense_id(name, options)
     defense = make_defense(name, options, config)  # validates the options before any work
     splits, spec = load_data(config)
+    spec = victim_spec(config, spec)
+    clean_acc = metrics.get("victim_clean_acc", metrics["clean_acc"])  # a transfer run's victims have their own clean model
     X, y = splits.x_train, splits.y_train
     device = torch.device(config.device)
     fit = lambda X_fit, y_fit, **kw: train(fresh_model(config, spec), X_fit, y_fit, seed=config.seed, device=device, **config.training, **kw)
@@ -113,7 +117,7 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
             "eps_d": entry["eps_d"],
             **out,
             "poisoned_acc": entry["poisoned_acc"],
-            "acc_drop_defended": metrics["clean_acc"] - out["defended_acc"],
+            "acc_drop_defended": clean_acc - out["defended_acc"],
             "recovered": out["defended_acc"] - entry["poisoned_acc"],
         }
         summary["results"].append(out)

@@ -205,7 +205,7 @@ def digits_npz(path):
 FAST = ["--train-size", "200", "--train-epochs", "3", "--threads", "1"]
 
 
-def test_run_resume_tau_and_evaluate_with_an_own_model_and_npz(usermod, tmp_path, capsys):
+def test_run_resume_tau_evaluate_and_defend_with_an_own_model_and_npz(usermod, tmp_path, capsys):
     data = f"npz:{digits_npz(tmp_path / 'digits.npz')}"
     own = ["--dataset", data, "--model", f"{usermod}:Net", "--model-option", "width=12"]
     argv = ["run", *own, *FAST, "--attack", "labelflip", "--eps-d", "0.1", "--out", "run", "--quiet"]
@@ -232,10 +232,14 @@ def test_run_resume_tau_and_evaluate_with_an_own_model_and_npz(usermod, tmp_path
     assert main(["tau", *own, *FAST, "--target-file", "run/target_model.pt"]) == 0
     capsys.readouterr()
 
-    # the run's poisons evaluated with the same model give the run's numbers
+    # the run's poisons evaluated and defended with the same model give the run's numbers
     assert main(["evaluate", "--poisons", "run/eps_d=0.1", *own, *FAST, "--out", "eval", "--quiet"]) == 0
     record = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert record["poisoned_acc_per_seed"] == [result["poisoned_acc"]] and record["clean_acc_per_seed"] == [metrics["clean_acc"]]
+    assert main(["defend", "--poisons", "run/eps_d=0.1", *own, *FAST, "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
+    assert main(["defend", "--run", "run", "--defense", "maxup", "--option", "m=2", "--quiet"]) == 0
+    tables = capsys.readouterr().out.split("defense maxup")
+    assert tables[1] == tables[2]
 
 
 def test_a_sweep_cell_with_an_own_model(usermod, tmp_path, capsys):

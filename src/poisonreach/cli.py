@@ -5,6 +5,7 @@
     poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official] [--victim-model M]
     poisonreach run --dataset npz:FILE|folder:DIR --model module.path:Class [--model-option KEY=VALUE ...] ...
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
+    poisonreach defend --poisons FILE --defense D [--dataset D] [--model M] [--out DIR]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
     poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N]
@@ -15,7 +16,7 @@
     poisonreach --version
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
-``defend.defend``, ``export.export``, ``evaluate.evaluate``, ``sweep.command``, ``plots.plot_folder``,
+``defend.defend`` (or ``defend.defend_poisons``), ``export.export``, ``evaluate.evaluate``, ``sweep.command``, ``plots.plot_folder``,
 ``report.write_report``, ``run.tau``, ``options.describe``. Bad input prints one line on stderr and
 exits with status 2; no traceback. Every option's help shows its default (:class:`HelpFormatter`),
 and the descriptions are the experiments' docstrings without their markup.
@@ -190,13 +191,20 @@ def _parser() -> argparse.ArgumentParser:
                         "logistic regression on MNIST-like data only")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
-    p = command("defend", "apply a defense to every ε_d cell of a finished run", defend_module.__doc__)
-    p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
+    p = command("defend", "apply a defense to every ε_d cell of a finished run, or to any poison file", defend_module.__doc__)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--run", default=None, help="a run folder written by `poisonreach run`, whose configuration names the data and "
+                                                   "model (no default: give --run or --poisons)")
+    given.add_argument("--poisons", default=None, help="instead of --run: a .pt, .npz or .safetensors file holding x and y, a run cell "
+                                                       "eps_d=E/, or a folder `poisonreach export` wrote, defended on --dataset and --model "
+                                                       "(no default: give --run or --poisons)")
     p.add_argument("--defense", required=True, choices=sorted(DEFENSES), help="sever, influence, maxup or dpa")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable; "
                         "poisonreach options sever lists a defense's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _common(p.add_argument_group("with --poisons", "the data set, model and training the poisons are defended on, as for "
+                                 "`poisonreach evaluate`"), target=False)
+    p.add_argument("--out", default=None, help="with --poisons: a folder to write defense=ID/defense.json into (default: none, print only)")
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
     p = command("export", "write the poisons of a run as npz, safetensors or PNG files with a manifest", export_module.__doc__)
@@ -288,7 +296,18 @@ def _cmd_run(args) -> int:
 
 def _cmd_defend(args) -> int:
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
-    summary = defend(args.run, args.defense, dict(args.option), log=log)
+    if args.run is None:
+        summary = defend_module.defend_poisons(args.poisons, _config(args), args.defense, dict(args.option), out=args.out, log=log)
+    else:
+        # a run folder's configuration names its data, model and training: a flag that would set them is refused, not ignored
+        probe = argparse.ArgumentParser(add_help=False)
+        _common(probe, target=False)
+        given = [f"--{dest.replace('_', '-')}" for dest, default in [*vars(probe.parse_args([])).items(), ("out", None)]
+                 if dest != "threads" and getattr(args, dest) != default]
+        if given:
+            raise PoisonReachError(f"{', '.join(given)}: for --poisons only (a run folder's configuration names its data, model and "
+                                   f"training); drop {'them' if len(given) > 1 else 'it'}")
+        summary = defend(args.run, args.defense, dict(args.option), log=log)
     print(format_defense_table(args.defense, summary))
     return 0
 

@@ -54,11 +54,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     if config.protocol not in EVALUATION_PROTOCOLS:
         raise PoisonReachError(f"evaluate retrains with --protocol {' or '.join(EVALUATION_PROTOCOLS)}, got {config.protocol}: the "
                                "official retraining belongs to the official GC (poisonreach run --protocol official)")
-    splits, spec = load_data(config)
-    if splits.task == "regression":
-        raise PoisonReachError(f"evaluate measures accuracy and {config.dataset} is a regression data set: choose a classification one")
-    file = poison_file(poisons)
-    result = read_poisons(file, splits)
+    splits, spec, file, result = poisoned_set(poisons, config, "evaluate")
     X, y = splits.x_train, splits.y_train
     X_mix, y_mix = result.mixed(X, y)
     seeds = list(config.victim_seeds or [config.seed])
@@ -87,6 +83,17 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     if out is not None:
         io.write_json(Path(out) / "evaluation.json", record)
     return record
+
+
+def poisoned_set(poisons: str | os.PathLike, config: RunConfig, what: str) -> tuple[Splits, dict, Path, PoisonResult]:
+    """The data splits and model specification of ``config``, the file holding ``poisons``
+    (:func:`poison_file`) and its poisons checked against the splits; ``what`` (a command) names
+    the measurement in the error for a regression data set, which has no accuracy."""
+    splits, spec = load_data(config)
+    if splits.task == "regression":
+        raise PoisonReachError(f"{what} measures accuracy and {config.dataset} is a regression data set: choose a classification one")
+    file = poison_file(poisons)
+    return splits, spec, file, read_poisons(file, splits)
 
 
 def format_evaluation(record: dict) -> str:

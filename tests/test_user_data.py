@@ -72,7 +72,7 @@ BAD_NPZ = {
     "five channels": (dict(x=np.zeros((20, 8, 8, 5), np.float32), y=GOOD_Y), "with C = 1 or 3 channels"),
     "outside [0, 1]": (dict(x=GOOD_X + 2, y=GOOD_Y), "x ranges over [2, 2], outside [0, 1]: store 8-bit pixels as uint8"),
     "int64 pixels": (dict(x=GOOD_X.astype(np.int64), y=GOOD_Y), "x is int64; give uint8 pixels (0-255) or floats in [0, 1]"),
-    "nan": (dict(x=np.where(np.arange(20)[:, None, None] == 4, np.nan, GOOD_X), y=GOOD_Y), "1 image(s) of x hold NaN or infinite values (the first is 4)"),
+    "nan": (dict(x=np.where(np.arange(20)[:, None, None] == 4, np.nan, GOOD_X), y=GOOD_Y), "1 x image(s) hold NaN or infinite values (the first is x image 4)"),
     "fractional labels": (dict(x=GOOD_X, y=GOOD_Y + 0.5), "y is float64 with non-integer values"),
     "negative labels": (dict(x=GOOD_X, y=GOOD_Y - 1), "y holds the negative class -1"),
     "label count": (dict(x=GOOD_X, y=GOOD_Y[:5]), "y has shape (5,) but there are 20 images"),
@@ -191,3 +191,14 @@ def test_each_bad_folder_gets_one_line(case, message, tmp_path, capsys):
     assert main(["tau", "--dataset", f"folder:{folder}"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_path_names_its_kind(tmp_path):
+    from poisonreach.data.user import spec_of
+
+    file = digits_npz(tmp_path / "d.npz")
+    image_folder(tmp_path / "set", {"a": 3, "b": 3})
+    assert spec_of(file) == f"npz:{file}" and spec_of(tmp_path / "set") == f"folder:{tmp_path / 'set'}"
+    assert data.load(spec_of(file)).num_classes == 10
+    with pytest.raises(PoisonReachError, match="no file or folder"):
+        spec_of(tmp_path / "missing")

@@ -274,3 +274,33 @@ def test_models_are_plain_modules_at_the_boundary(usermod):
     models.check_last_linear(model, (1, 8, 8))
     with pytest.raises(PoisonReachError, match="not those of its last nn.Linear"):
         models.check_last_linear(nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(1)), (1, 8, 8))
+
+
+def test_weights_trained_elsewhere_load_into_the_class_and_nothing_else(usermod, tmp_path):
+    """What an audit of someone's model does: the class from its spec, the weights from a state-dict file."""
+    trained = create(f"{usermod}:Net", seed=5, width=6)
+    torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    fresh = models.load_weights(create(f"{usermod}:Net", seed=0, width=6), tmp_path / "weights.pt")
+    assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), trained.parameters()))
+    torch.save({"state_dict": trained.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pt")
+    assert torch.equal(models.load_weights(create(f"{usermod}:Net", width=6), tmp_path / "checkpoint.pt").out.bias, trained.out.bias)
+    with pytest.raises(PoisonReachError, match=r"do not fit Net \(body.1.weight is \(6, 64\), not \(9, 64\); body.1.bias is \(6,\)"):
+        models.load_weights(create(f"{usermod}:Net", width=9), tmp_path / "weights.pt")
+    with pytest.raises(PoisonReachError, match=r"do not fit Sequential \(missing 0.weight; missing 0.bias; unexpected mean; 5 more\)"):
+        models.load_weights(nn.Sequential(nn.Linear(64, 10)), tmp_path / "weights.pt")
+    torch.save({"weights": [1, 2]}, tmp_path / "other.pt")
+    with pytest.raises(PoisonReachError, match="holds no state dict of tensors"):
+        models.load_weights(trained, tmp_path / "other.pt")
+
+
+def test_a_pickled_model_is_refused_as_weights(usermod, tmp_path):
+    canary = tmp_path / "executed"
+
+    class Canary:
+        def __reduce__(self):
+            return (open, (str(canary), "w"))
+
+    torch.save({"state_dict": {"out.bias": torch.zeros(10)}, "hook": Canary()}, tmp_path / "unsafe.pt")
+    with pytest.raises(PoisonReachError, match="holds Python objects other than tensors"):
+        models.load_weights(create(f"{usermod}:Net"), tmp_path / "unsafe.pt")
+    assert not canary.exists()

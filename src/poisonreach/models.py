@@ -418,3 +418,23 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     except (KeyError, TypeError, RuntimeError) as e:
         raise CorruptFileError(f"{path} holds an invalid model ({e}); save the model again") from e
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """``model`` with the weights saved in ``path``: a state dict written by ``torch.save`` (alone,
+    under ``"state_dict"``, or a :func:`save_model` file), read with ``weights_only=True``, so a
+    file holding Python objects is refused unopened. Every key and shape must match the model's;
+    otherwise one PoisonReachError names the first differences."""
+    data = io.load_tensors(path)
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PoisonReachError(f"{path} holds no state dict of tensors: save the weights with torch.save(model.state_dict(), FILE)")
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} is {tuple(state[k].shape)}, not {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise PoisonReachError(f"the weights in {path} do not fit {type(model).__name__} ({'; '.join(problems[:3])}"
+                               f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}): build the model with the options "
+                               "they were trained with")
+    model.load_state_dict(state)
+    return model

@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 from poisonreach import io
 from poisonreach.data.splits import Pool, hold_out_test, labels, unit_pixels
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError, PoisonReachError
+from poisonreach.validation import check_values
 
 KINDS = ("npz", "folder")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -53,6 +54,15 @@ class UserData(NamedTuple):
 def is_spec(name) -> bool:
     """Whether ``name`` is ``npz:PATH`` or ``folder:PATH`` rather than a named data set."""
     return isinstance(name, str) and name.partition(":")[0] in KINDS and ":" in name
+
+
+def spec_of(path: str | Path) -> str:
+    """The spec :func:`poisonreach.data.load` reads the data set at ``path`` by: ``npz:PATH`` for a
+    file, ``folder:PATH`` for a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetNotFoundError(f"no file or folder {path.absolute()}: give an .npz archive or a folder of class folders")
+    return f"{'folder' if path.is_dir() else 'npz'}:{path}"
 
 
 def path_of(spec: str) -> Path:
@@ -123,13 +133,7 @@ def _images(path: Path, name: str, a: np.ndarray) -> torch.Tensor:
     if a.dtype.kind != "f":
         raise PoisonReachError(f"{path}: {name} is {a.dtype}; give uint8 pixels (0-255) or floats in [0, 1]")
     x = torch.from_numpy(np.ascontiguousarray(a)).to(torch.float32)
-    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bad.any():
-        raise PoisonReachError(f"{path}: {int(bad.sum())} image(s) of {name} hold NaN or infinite values (the first is "
-                               f"{int(bad.nonzero()[0])}): remove or repair them")
-    if x.min() < 0 or x.max() > 1:
-        raise PoisonReachError(f"{path}: {name} ranges over [{float(x.min()):.6g}, {float(x.max()):.6g}], outside [0, 1]: "
-                               "store 8-bit pixels as uint8, or divide them by 255")
+    check_values(x, str(path), name, f"{name} image", (0.0, 1.0), "[0, 1]: store 8-bit pixels as uint8, or divide them by 255")
     return x
 
 

@@ -83,19 +83,13 @@ def defend(run_dir: str | Path, name: str, options: dict | None = None, *, log=p
     if not (run_dir / "metrics.json").is_file():
         raise PoisonReachError(f"the run in {run_dir} is unfinished (no metrics.json): run the same `poisonreach run` again to finish it")
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
-    _check_protocol(config, str(run_dir))
+    record, key = _settings(name, options, config, str(run_dir))
     metrics = io.read_json(run_dir / "metrics.json")
-    record = {"defense": name, **io.plain(options or {})}
-    key = defense_id(name, options)
-    make_defense(name, options, config)  # validates the options before any work
     splits, spec = load_data(config)
     spec = victim_spec(config, spec)
     clean_acc = metrics.get("victim_clean_acc", metrics["clean_acc"])  # a transfer run's victims have their own clean model
 
-    summary = {"config": record, "results": []}
-    if name == "dpa":
-        summary["clean"] = _cached(run_dir / f"defense={key}", record, lambda: _dpa_clean(name, options, config, spec, splits))
-        log(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
+    summary = _summary(record, options, config, spec, splits, log, cache=run_dir / f"defense={key}")
     for entry in metrics["results"]:
         cell = run_dir / cell_name(entry["eps_d"])
         poisons = PoisonResult.load(cell)
@@ -116,10 +110,7 @@ def defend_poisons(poisons: str | Path, config: RunConfig, name: str, options: d
     applies it to a run cell, and the summary has the same fields plus the poison file's. With
     ``out``, it is also written to ``out/defense=<id>/defense.json`` (a filter's keep mask beside it)."""
     config.validate()
-    _check_protocol(config, "the configuration")
-    record = {"defense": name, **io.plain(options or {})}
-    key = defense_id(name, options)
-    make_defense(name, options, config)  # validates the options before any work
+    record, key = _settings(name, options, config, "the configuration")
     splits, spec, file, result = poisoned_set(poisons, config, f"the {name} defense")
     X, y = splits.x_train, splits.y_train
     fit = fitter(config, spec)
@@ -129,12 +120,9 @@ def defend_poisons(poisons: str | Path, config: RunConfig, name: str, options: d
     victim = fit(*result.mixed(X, y, num_outputs=_outputs(config, spec)))
     poisoned_acc = accuracy(victim, splits.x_test, splits.y_test)
     folder = None if out is None else Path(out) / f"defense={key}"
-    summary = {"config": record, "poisons": str(file), "num_poisons": len(result.x), "num_train": len(X),
+    summary = {**_summary(record, options, config, spec, splits, log), "poisons": str(file), "num_poisons": len(result.x), "num_train": len(X),
                **{k: getattr(config, k) for k in ("dataset", "model", "model_options", "seed", "train_size", "training")},
-               "clean_acc": clean_acc, "results": []}
-    if name == "dpa":
-        summary["clean"] = _dpa_clean(name, options, config, spec, splits)
-        log(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
+               "clean_acc": clean_acc}
     cell = _defend_cell(name, options, config, spec, splits, result, lambda: victim, folder)
     summary["results"].append(_result(name, result.eps_d, cell, clean_acc, poisoned_acc, log))
     if folder is not None:
@@ -142,10 +130,25 @@ def defend_poisons(poisons: str | Path, config: RunConfig, name: str, options: d
     return summary
 
 
-def _check_protocol(config: RunConfig, what: str) -> None:
+def _settings(name: str, options: dict | None, config: RunConfig, what: str) -> tuple[dict, str]:
+    """The defense's settings as defense.yaml records them and its id, once the protocol of
+    ``config`` (``what`` names it) and the options are checked: before any work."""
     if config.protocol != "honest":
         raise PoisonReachError(f"{what} has --protocol {config.protocol}: defenses retrain with the honest protocol, "
                                "so they are measured on honest runs only")
+    make_defense(name, options, config)
+    return {"defense": name, **io.plain(options or {})}, defense_id(name, options)
+
+
+def _summary(record: dict, options: dict | None, config: RunConfig, spec: dict, splits, log, *, cache: Path | None = None) -> dict:
+    """A defense's summary, its results to come; DPA's also holds its accuracy on the clean data
+    alone (Table 4's "Clean (DPA)"), read back from ``cache`` when that holds it."""
+    summary = {"config": record, "results": []}
+    if record["defense"] == "dpa":
+        clean = lambda: _dpa(make_defense("dpa", options, config), config, spec, splits.x_train, splits.y_train, splits, 0)  # noqa: E731
+        summary["clean"] = clean() if cache is None else _cached(cache, record, clean)
+        log(f"DPA on the clean data: accuracy {summary['clean']['defended_acc']:.2f}%")
+    return summary
 
 
 def _outputs(config: RunConfig, spec: dict) -> int:
@@ -208,11 +211,6 @@ def _filter(defense: Filter, folder: Path | None, X_mix, y_mix, n_clean: int, fi
         "poisons_removed": int((~mask[n_clean:]).sum()),
         "clean_removed": int((~mask[:n_clean]).sum()),
     }
-
-
-def _dpa_clean(name: str, options: dict | None, config: RunConfig, spec: dict, splits) -> dict:
-    """DPA on the clean training set alone (Table 4's "Clean (DPA)")."""
-    return _dpa(make_defense(name, options, config), config, spec, splits.x_train, splits.y_train, splits, 0)
 
 
 def _dpa(defense, config: RunConfig, spec: dict, X_train, y_train, splits, num_poisons: int) -> dict:

@@ -32,6 +32,7 @@ from ..data import Splits
 from ..data.user import read_images
 from ..errors import CorruptFileError, PoisonReachError
 from ..training import accuracy
+from ..validation import check_values
 from .config import RunConfig, load_data
 from .export import require_safetensors
 from .config import mean_std
@@ -158,13 +159,8 @@ def check_poisons(arrays: dict, splits: Splits, source: str) -> PoisonResult:
         raise PoisonReachError(f"{source}: x is {str(x.dtype).removeprefix('torch.')}, but {splits.name} inputs are floats"
                                + (" in [0, 1]: divide 8-bit pixels by 255" if box else ": convert x to float32"))
     x = x.to(torch.float32)
-    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bad.any():
-        raise PoisonReachError(f"{source}: {int(bad.sum())} poison(s) hold NaN or infinite values (the first is poison "
-                               f"{int(bad.nonzero()[0])}): remove or repair them")
-    if box is not None and (x.min() < box[0] or x.max() > box[1]):
-        raise PoisonReachError(f"{source}: x ranges over [{float(x.min()):.6g}, {float(x.max()):.6g}], outside {splits.name}'s pixel "
-                               f"box [{box[0]:g}, {box[1]:g}]: clip the poisons to the box (an image holds no other value)")
+    check_values(x, source, "x", "poison", box, f"{splits.name}'s pixel box [{PIXEL_BOX[0]:g}, {PIXEL_BOX[1]:g}]: clip the poisons to "
+                                                "the box (an image holds no other value)")
     kept = _indices(source, "kept_indices", arrays["kept_indices"], len(splits.x_train)) if "kept_indices" in arrays else None
     return PoisonResult(x=x, y=_labels(source, y, splits.num_classes), source_indices=torch.full((len(x),), -1),
                         grad_norm_history=[], tau=math.nan, eps_d=len(x) / len(splits.x_train), config={"file": source}, seed=-1,

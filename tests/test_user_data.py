@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -94,19 +93,11 @@ def test_each_bad_npz_gets_one_line_and_leaves_no_run_folder(case, tmp_path, cap
     assert not (out / "config.yaml").exists()  # the corrected command may use the same folder
 
 
-def test_a_pickle_in_an_npz_is_refused_without_running_it(tmp_path, capsys):
-    canary = tmp_path / "executed"
-
-    class Canary:
-        def __reduce__(self):
-            return (open, (str(canary), "w"))
-
+def test_a_pickle_in_an_npz_is_refused_without_running_it(tmp_path, capsys, canary):
     file = tmp_path / "own.npz"
-    np.savez(file, x=GOOD_X, y=np.array([Canary()] * 20, dtype=object))
+    np.savez(file, x=GOOD_X, y=np.array([canary] * 20, dtype=object))
     assert main(["tau", "--dataset", f"npz:{file}"]) == 2
-    assert "refused" in capsys.readouterr().err and not canary.exists()
-    pickle.loads(pickle.dumps(Canary())).close()  # the canary works: an unpickler that runs code creates the file
-    assert canary.exists()
+    assert "refused" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec, message", [("npz:missing.npz", "no file"), ("folder:missing", "no folder"), ("npz:", "names no path"),

@@ -13,6 +13,8 @@ One run writes one self-contained folder:
                           victim_grad_norm, grad_norm_final, ...)
     clean_model.pt        the clean model and target_model.pt the target (poisonreach.models.load_model)
     clean_model_seed=S.pt the clean model of victim seed S (``victim_seeds``; S ≠ the run's seed)
+    clean_victim_model.pt with ``victim_model``: the clean model of the victims' architecture (and
+                          clean_victim_model_seed=S.pt for victim seed S), the drops' reference
     threshold.json        the full reachability record of the target
     eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json,
                           retrained_model_seed=S.pt (victim seed S ≠ the run's seed)
@@ -34,6 +36,12 @@ per-seed lists and their mean and sample standard deviation go into each result;
 ``acc_drop`` and the other unsuffixed fields stay those of the run's own seed, so adding victim
 seeds changes no number a run without them reports. A seed equal to the run's seed reuses its
 models; another seed trains its own.
+
+Transfer victims (``RunConfig.victim_model``): the victims retrain another architecture; the
+clean model, the target, τ and the attack stay ``model``'s, and each drop is measured against a
+clean model of the victim's architecture, trained the same way (``victim_clean_acc``;
+``victim_clean_acc_per_seed`` and its statistics with victim seeds). ``param_distance`` is then
+null, the victim's parameters not being the target's.
 
 ``protocol: official`` (:mod:`poisonreach.experiments.official`) makes the poisons and retrains the
 victims as the official code does; the clean model, the target and τ are the same as in the honest

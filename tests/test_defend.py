@@ -172,3 +172,64 @@ def test_dpa_through_the_cli_reports_certified_accuracy(run_copy, capsys):
     for r in summary["results"]:
         # 5 base models: a radius of at most 2, so nothing is certified against 30 or more poisons
         assert r["certified_acc"] == 0 and r["median_radius"] <= 2
+
+
+# any attack's poisons: defend --poisons FILE
+
+
+def _comparable(summary: dict) -> list[dict]:
+    """The results without their timings, which differ between two runs of the same computation."""
+    return [{k: v for k, v in r.items() if k != "defense_time_s"} for r in json.loads(json.dumps(summary))["results"]]
+
+
+@pytest.mark.parametrize("defense, options", [("sever", []), ("maxup", ["--option", "m=2"]),
+                                              ("dpa", ["--option", "num_partitions=5", "--option", "epochs=2"])])
+def test_a_runs_exported_poisons_defend_as_the_run_folder_does(run_copy, tmp_path, capsys, defense, options):
+    assert main(["export", str(run_copy), "--format", "npz", "--out", str(tmp_path / "export")]) == 0
+    assert main(["defend", "--run", str(run_copy), "--defense", defense, *options, "--quiet"]) == 0
+    metrics = json.loads((run_copy / "metrics.json").read_text())
+    folder = metrics["defenses"]
+    (key,) = folder
+    for cell, run_cell in zip(folder[key]["results"], metrics["results"]):
+        name = f"eps_d={cell['eps_d']:g}"
+        argv = ["defend", "--poisons", str(tmp_path / "export" / name / "poisons.npz"), "--train-size", "300", "--train-epochs", "3",
+                "--defense", defense, *options, "--out", str(tmp_path / name), "--quiet"]
+        assert main(argv) == 0, capsys.readouterr().err
+        summary = json.loads((tmp_path / name / f"defense={key}" / "defense.json").read_text())
+        assert summary["poisons"].endswith("poisons.npz") and summary["num_poisons"] == run_cell["num_poisons"]
+        assert summary["clean_acc"] == metrics["clean_acc"]
+        (mine,) = _comparable(summary)
+        assert mine == {**_comparable({"results": [cell]})[0], "eps_d": mine["eps_d"]}
+        assert mine["eps_d"] == pytest.approx(cell["eps_d"], abs=0.5 / 300)  # the realised m/n
+        if defense == "sever":  # the same points removed
+            saved = torch.load(run_copy / name / f"defense={key}" / "keep_mask.pt", weights_only=True)["keep_mask"]
+            assert torch.equal(torch.load(tmp_path / name / f"defense={key}" / "keep_mask.pt", weights_only=True)["keep_mask"], saved)
+        if defense == "dpa":
+            assert summary["clean"] == folder[key]["clean"]
+    assert "drop after defense" in capsys.readouterr().out
+
+
+def test_defend_takes_the_run_or_the_poisons_and_refuses_what_does_not_apply(run_copy, tmp_path, capsys):
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--dataset", "mnist", "--train-epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--dataset, --train-epochs: for --poisons only" in err and len(err.strip().splitlines()) == 1
+    assert main(["defend", "--run", str(run_copy), "--defense", "maxup", "--out", str(tmp_path)]) == 2
+    assert "--out: for --poisons only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["defend", "--defense", "maxup"])
+    assert "one of the arguments --run --poisons is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["defend", "--run", str(run_copy), "--poisons", str(tmp_path), "--defense", "maxup"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_bad_poisons_are_one_line_before_any_training(tmp_path, capsys):
+    import numpy as np
+
+    file = tmp_path / "poisons.npz"
+    np.savez(file, x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    assert main(["defend", "--poisons", str(file), "--defense", "sever"]) == 2
+    err = capsys.readouterr().err
+    assert "digits inputs have shape (1, 8, 8)" in err and len(err.strip().splitlines()) == 1
+    assert main(["defend", "--poisons", str(tmp_path / "missing.npz"), "--defense", "sever"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -2,8 +2,10 @@
 
     poisonreach run [--dataset D] [--model M] [--eps-w E] [--eps-d 0.03 0.1 1] [--out DIR] [--device cpu]
     poisonreach run ... [--attack gc|gc-fw|gm|tgda|labelflip] [--attack-option KEY=VALUE ...] [--preset paper]
-    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official] [--log tensorboard|mlflow [--log-uri URI]]
+    poisonreach run ... [--victim-seeds 0 1 2] [--protocol honest|converged|official] [--victim-model M] [--log tensorboard|mlflow [--log-uri URI]]
+    poisonreach run --dataset npz:FILE|folder:DIR --model module.path:Class [--model-option KEY=VALUE ...] ...
     poisonreach defend --run RUN_DIR --defense sever|influence|maxup|dpa [--option KEY=VALUE ...]
+    poisonreach defend --poisons FILE --defense D [--dataset D] [--model M] [--out DIR]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
     poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
     poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--log tensorboard|mlflow]
@@ -14,12 +16,12 @@
     poisonreach --version
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
-``defend.defend``, ``export.export``, ``evaluate.evaluate``, ``sweep.command``, ``plots.plot_folder``,
-``report.write_report``, ``run.tau``, ``options.describe``. Tables and results go to stdout; log
-lines (progress, what a run is doing) to stderr (``tracking.console_logging``; ``--quiet`` keeps
-warnings only). Bad input prints one line on stderr and exits with status 2; no traceback. Every
-option's help shows its default (:class:`HelpFormatter`), and the descriptions are the experiments'
-docstrings without their markup.
+``defend.defend`` (or ``defend.defend_poisons``), ``export.export``, ``evaluate.evaluate``, ``sweep.command``,
+``plots.plot_folder``, ``report.write_report``, ``run.tau``, ``options.describe``. Tables and results go to
+stdout; log lines (progress, what a run is doing) to stderr (``tracking.console_logging``; ``--quiet``
+keeps warnings only). Bad input prints one line on stderr and exits with status 2; no traceback.
+Every option's help shows its default (:class:`HelpFormatter`), and the descriptions are the
+experiments' docstrings without their markup.
 """
 
 from __future__ import annotations
@@ -98,8 +100,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     """Options shared by every command that builds a clean model (and a target, unless ``target`` is False)."""
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())} (default: digits)")
-    p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())} (default: lr)")
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(dataset_names())}, or your own: npz:FILE (arrays x and y, "
+                                                       "optionally x_test and y_test) or folder:DIR (one sub-folder of PNG/JPEG images "
+                                                       "per class) (default: digits)")
+    p.add_argument("--model", default="lr", help=f"one of {', '.join(model_names())}, or your own nn.Module class as module.path:Class, "
+                                                 "importable from the working folder or PYTHONPATH and ending in an nn.Linear (default: lr)")
+    p.add_argument("--model-option", dest="model_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of a module.path:Class model (repeatable); the constructor also receives "
+                        "input_shape, num_classes, mean and std when it names them")
     if target:
         p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
         p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
@@ -173,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="also retrain the victim (and a clean model) from scratch with each of these seeds on the same poisons, "
                         "and report mean ± std over them (e.g. 0 1 2); the unsuffixed numbers stay the run seed's (default: none, "
                         "the run seed's victim only)")
+    p.add_argument("--victim-model", default=None, metavar="M",
+                   help="a transfer victim: retrain this architecture (a name as for --model, or module.path:Class) on clean ∪ poisons, "
+                        "with its own clean model as the reference of the drops (default: none, the victims are --model)")
+    p.add_argument("--victim-model-option", dest="victim_model_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a constructor argument of a module.path:Class --victim-model (repeatable)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="honest",
                    help="honest (default): this library's GC and the paper's retraining; converged: this library's GC, every model "
                         "trained to a stationary point of mean loss + weight_decay/2*|w|^2 by full-batch L-BFGS in float64 "
@@ -183,13 +196,20 @@ def _parser() -> argparse.ArgumentParser:
     tracking.add_arguments(p, store="the run folder: RUN/tensorboard/ or RUN/mlruns/")
     p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
-    p = command("defend", "apply a defense to every ε_d cell of a finished run", defend_module.__doc__)
-    p.add_argument("--run", required=True, help="a run folder written by `poisonreach run`")
+    p = command("defend", "apply a defense to every ε_d cell of a finished run, or to any poison file", defend_module.__doc__)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--run", default=None, help="a run folder written by `poisonreach run`, whose configuration names the data and "
+                                                   "model (no default: give --run or --poisons)")
+    given.add_argument("--poisons", default=None, help="instead of --run: a .pt, .npz or .safetensors file holding x and y, a run cell "
+                                                       "eps_d=E/, or a folder `poisonreach export` wrote, defended on --dataset and --model "
+                                                       "(no default: give --run or --poisons)")
     p.add_argument("--defense", required=True, choices=sorted(DEFENSES), help="sever, influence, maxup or dpa")
     p.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of the defense, e.g. --option rounds=2 or --option num_partitions=1200 (repeatable; "
                         "poisonreach options sever lists a defense's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    _common(p.add_argument_group("with --poisons", "the data set, model and training the poisons are defended on, as for "
+                                 "`poisonreach evaluate`"), target=False)
+    p.add_argument("--out", default=None, help="with --poisons: a folder to write defense=ID/defense.json into (default: none, print only)")
     p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
     p = command("export", "write the poisons of a run as npz, safetensors or PNG files with a manifest", export_module.__doc__)
@@ -249,6 +269,7 @@ def _config(args, **extra) -> RunConfig:
     return RunConfig(
         dataset=args.dataset,
         model=args.model,
+        model_options=dict(args.model_option),
         **target,
         seed=args.seed,
         train_size=args.train_size,
@@ -266,7 +287,8 @@ def _cmd_run(args) -> int:
         given = ", ".join(flags[k] for k in shortcuts)
         raise PoisonReachError(f"{given} set Gradient Canceling options, but --attack is {args.attack}: use --attack-option KEY=VALUE")
     config = _config(args, eps_d=args.eps_d, attack=args.attack, attack_options={**shortcuts, **dict(args.attack_option)}, preset=args.preset,
-                     victim_seeds=args.victim_seeds, protocol=args.protocol)
+                     victim_seeds=args.victim_seeds, protocol=args.protocol, victim_model=args.victim_model,
+                     victim_model_options=dict(args.victim_model_option))
     out = args.out or run_module.default_out(config)
     metrics = run(config, out, tracking=tracking.from_arguments(args))
     print(format_table(metrics))
@@ -275,7 +297,18 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_defend(args) -> int:
-    summary = defend(args.run, args.defense, dict(args.option))
+    if args.run is None:
+        summary = defend_module.defend_poisons(args.poisons, _config(args), args.defense, dict(args.option), out=args.out)
+    else:
+        # a run folder's configuration names its data, model and training: a flag that would set them is refused, not ignored
+        probe = argparse.ArgumentParser(add_help=False)
+        _common(probe, target=False)
+        given = [f"--{dest.replace('_', '-')}" for dest, default in [*vars(probe.parse_args([])).items(), ("out", None)]
+                 if dest != "threads" and getattr(args, dest) != default]
+        if given:
+            raise PoisonReachError(f"{', '.join(given)}: for --poisons only (a run folder's configuration names its data, model and "
+                                   f"training); drop {'them' if len(given) > 1 else 'it'}")
+        summary = defend(args.run, args.defense, dict(args.option))
     print(format_defense_table(args.defense, summary))
     return 0
 

@@ -1,8 +1,8 @@
 """Artefact files that load without executing code, written atomically.
 
 Poison sets are shared between people, so nothing here uses pickle: tensors go through
-``torch.save`` and come back through ``torch.load(weights_only=True)``, metadata is JSON or YAML
-read with ``safe_load``. Every write goes to a temporary file in the same folder and is then renamed
+``torch.save`` and come back through ``torch.load(weights_only=True)``, numpy archives through
+``np.load(allow_pickle=False)``, metadata is JSON or YAML read with ``safe_load``. Every write goes to a temporary file in the same folder and is then renamed
 over the destination, so a killed run never leaves a half-written file under the final name.
 """
 
@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -130,3 +131,20 @@ def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
         if unsafe:
             raise CorruptFileError(f"{path} holds Python objects other than tensors ({', '.join(unsafe)}): refused") from None
         raise CorruptFileError(f"{path} cannot be loaded as tensors ({type(e).__name__}): it is damaged or was not written by torch.save") from None
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` archive at ``path``, read with ``allow_pickle=False``; an archive
+    holding Python objects is refused in one line, never unpickled."""
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # not an archive: numpy takes it for a pickle, which it refuses
+        raise CorruptFileError(f"{path} is not a readable .npz archive ({e}): save it with numpy.savez(FILE, x=..., y=...)") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise PoisonReachError(f"{path} holds one array, not an archive of x and y: save it with numpy.savez(FILE, x=..., y=...)")
+    with archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except ValueError:
+            raise PoisonReachError(f"{path} holds Python objects other than numeric arrays: refused") from None

@@ -1,9 +1,11 @@
 """Target models of the paper (Section 5, Appendix C.1) behind one last-layer contract.
 
-Every model built here is a :class:`Classifier`: ``forward(x) = head(features(x))``, where
+Every model built here by name is a :class:`Classifier`: ``forward(x) = head(features(x))``, where
 ``features(x)`` is φ(x), the input of the last linear layer ``head``. Attacks and the threshold τ
 reach the last layer through this contract; :func:`last_linear` and :func:`features` extend it to
-models built elsewhere.
+models built elsewhere. :func:`create` also builds the user's own classes, named
+``module.path:Class`` (:mod:`poisonreach.user_models`), and checks that they end in an
+``nn.Linear`` (:func:`check_last_linear`).
 
 Models take inputs in pixel space (images (N, C, H, W) in [0, 1], or tabular (N, d)) and normalise
 them inside, so that poisons are optimised and projected in the space the data lives in.
@@ -19,9 +21,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import io
+from . import io, user_models
 from .errors import CorruptFileError, PoisonReachError
-from .validation import is_int
+from .validation import evaluating, is_int
 
 Stats = float | Sequence[float] | Tensor
 FORMAT = "poisonreach-model/1"
@@ -173,8 +175,19 @@ _BUILDERS: dict[str, Callable[[tuple[int, ...], int], tuple[nn.Module, nn.Linear
 
 
 def names() -> list[str]:
-    """The model names :func:`create` accepts."""
+    """The model names :func:`create` accepts (besides ``module.path:Class`` specs)."""
     return sorted(_BUILDERS)
+
+
+def check_name(name: str, options: dict | None = None) -> None:
+    """Raise a PoisonReachError unless ``name`` is a built-in model or an importable user class
+    that takes ``options`` (built-in models take none)."""
+    if user_models.is_spec(name):
+        user_models.check_options(name, options or {})
+    elif name not in _BUILDERS:
+        raise PoisonReachError(f"unknown model {name!r}: the model must be one of {names()}, or your own class as module.path:Class")
+    elif options:
+        raise PoisonReachError(f"model options {sorted(options)} are for module.path:Class models; {name} takes none")
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -216,26 +229,41 @@ def create(
     mean: Stats = 0.0,
     std: Stats = 1.0,
     seed: int = 0,
-) -> Classifier:
-    """A freshly initialised model from :func:`names`, for inputs of shape ``input_shape`` (no batch).
+    options: dict | None = None,
+) -> nn.Module:
+    """A freshly initialised model from :func:`names`, or of the user class ``module.path:Class``
+    called with ``options`` (:mod:`poisonreach.user_models`), for inputs of shape ``input_shape``
+    (no batch).
 
     The weights depend on ``seed`` only, and the global random state is left as it was, so the same
     seed gives the same initial model: retraining "from scratch" on poisoned data starts from the
     model the clean one started from. ``mean`` and ``std`` normalise the inputs inside the model and
-    are one number or one per channel (images) or feature (tabular).
+    are one number or one per channel (images) or feature (tabular); a user class receives them
+    only if its constructor names them.
     """
-    if name not in _BUILDERS:
-        raise PoisonReachError(f"unknown model {name!r}: choose one of {names()}")
+    check_name(name, options)
     shape = _check_shape(input_shape)
     if not is_int(num_classes) or num_classes < 1:
         raise PoisonReachError(f"num_classes must be a positive integer, got {num_classes!r}")
     if not is_int(seed):
         raise PoisonReachError(f"seed must be an integer, got {seed!r}")
-    normalize = Normalize(_stats(mean, shape, "mean"), _stats(std, shape, "std", positive=True))
+    mean_t, std_t = _stats(mean, shape, "mean"), _stats(std, shape, "std", positive=True)
+    user = user_models.is_spec(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
-        body, head = _BUILDERS[name](shape, int(num_classes))
-    return Classifier(normalize, body, head)
+        if user:
+            model = user_models.build(name, options or {}, input_shape=shape, num_classes=int(num_classes),
+                                      mean=tuple(mean_t.flatten().tolist()), std=tuple(std_t.flatten().tolist()))
+        else:
+            model = Classifier(Normalize(mean_t, std_t), *_BUILDERS[name](shape, int(num_classes)))
+    if user:
+        check_last_linear(model, shape, name)
+    return model
+
+
+# what τ and the attacks read from a model, said by every error about its last layer
+LAST_LAYER_NEED = ("τ and the attacks need the model's outputs to be the logits h = W·φ(x) + b of a last nn.Linear layer, "
+                   "nothing applied after it")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -246,10 +274,41 @@ def last_linear(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise PoisonReachError(
-            f"{type(model).__name__} has no nn.Linear layer: the attack works on the last linear layer, "
-            "so end the model with one (or set model.head to it)"
+            f"{type(model).__name__} has no nn.Linear layer: {LAST_LAYER_NEED}; end the model with one (or set model.head to it)"
         )
     return linears[-1]
+
+
+def _capture(model: nn.Module, layer: nn.Linear, x: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """``model(x)`` and the (input, output) of each call of ``layer`` during it."""
+    calls: list[tuple[Tensor, Tensor]] = []
+    handle = layer.register_forward_hook(lambda module, inputs, output: calls.append((inputs[0], output)))
+    try:
+        return model(x), calls
+    finally:
+        handle.remove()
+
+
+def check_last_linear(model: nn.Module, input_shape: Sequence[int], name: str | None = None) -> None:
+    """Raise one PoisonReachError unless ``model`` takes inputs of ``input_shape`` and returns the
+    output of :func:`last_linear` as it is: τ reads the logits h = Wφ + b (reachability's
+    ⟨(W, b), ∇ℓ⟩ = ⟨h, ∇_h l⟩) and the attacks differentiate through that layer. Checked on two
+    seeded random inputs in [0, 1], in eval mode."""
+    name = name or type(model).__name__
+    layer = last_linear(model)
+    x = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with evaluating(model), torch.no_grad():
+            out, calls = _capture(model, layer, x.to(next(model.parameters()).device))
+    except Exception as e:  # the user's forward(): a shape mismatch is the usual cause
+        raise PoisonReachError(f"{name} does not take inputs of shape {tuple(input_shape)} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): build it for this data set") from None
+    if not calls:
+        raise PoisonReachError(f"{name} never calls its last nn.Linear ({layer}) in forward(): {LAST_LAYER_NEED}")
+    last = calls[-1][1]
+    if not isinstance(out, Tensor) or out.shape != last.shape or not torch.equal(out, last):
+        raise PoisonReachError(f"the outputs of {name} are not those of its last nn.Linear ({layer}): {LAST_LAYER_NEED}; "
+                               "return that layer's output from forward() (a softmax or other layer after it belongs in the loss)")
 
 
 def features(model: nn.Module, x: Tensor) -> Tensor:
@@ -262,18 +321,13 @@ def features(model: nn.Module, x: Tensor) -> Tensor:
     layer = last_linear(model)
     if callable(getattr(model, "features", None)) and getattr(model, "head", None) is layer:
         return model.features(x)
-    captured: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
-    try:
-        model(x)
-    finally:
-        handle.remove()
-    if not captured:
+    _, calls = _capture(model, layer, x)
+    if not calls:
         raise PoisonReachError(
             f"the last nn.Linear of {type(model).__name__} is not used in forward(): set model.head to the "
             "layer that produces the outputs"
         )
-    return captured[-1]
+    return calls[-1][0]
 
 
 def affine_features(model: nn.Module, shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -294,7 +348,7 @@ def affine_features(model: nn.Module, shape: tuple[int, ...], device: torch.devi
     return s, t
 
 
-def _spec(name: str, input_shape: Sequence[int], num_classes: int, mean: Stats, std: Stats) -> dict:
+def _spec(name: str, input_shape: Sequence[int], num_classes: int, mean: Stats, std: Stats, options: dict | None) -> dict:
     """The arguments of :func:`create` as plain Python values, loadable without executing code."""
 
     def plain(value: Stats) -> float | list[float]:
@@ -307,12 +361,13 @@ def _spec(name: str, input_shape: Sequence[int], num_classes: int, mean: Stats, 
         "num_classes": int(num_classes),
         "mean": plain(mean),
         "std": plain(std),
+        **({"options": io.plain(options)} if options else {}),  # a user class's, which rebuild it
     }
 
 
-def _build(spec: dict, state_dict: dict[str, Tensor]) -> Classifier:
+def _build(spec: dict, state_dict: dict[str, Tensor]) -> nn.Module:
     model = create(
-        spec["name"], tuple(spec["input_shape"]), spec["num_classes"], mean=spec["mean"], std=spec["std"]
+        spec["name"], tuple(spec["input_shape"]), spec["num_classes"], mean=spec["mean"], std=spec["std"], options=spec.get("options")
     )
     model.load_state_dict(state_dict)
     return model
@@ -327,14 +382,16 @@ def save_model(
     num_classes: int,
     mean: Stats,
     std: Stats,
+    options: dict | None = None,
 ) -> None:
     """Write ``model`` with the :func:`create` arguments that rebuild it; :func:`load_model` reads it.
 
-    The file holds only plain values and tensors, so it loads with ``weights_only=True``. It is
+    The file holds only plain values and tensors, so it loads with ``weights_only=True``; a user
+    class is recorded by its ``module.path:Class`` spec and ``options``, never pickled. It is
     written to a temporary file next to ``path`` and then renamed, so readers never see half a file.
     """
     path = Path(path)
-    spec = _spec(name, input_shape, num_classes, mean, std)
+    spec = _spec(name, input_shape, num_classes, mean, std, options)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     try:
         # Fail now rather than write a file that load_model would reject.
@@ -347,10 +404,13 @@ def save_model(
     io.save_tensors(path, {"format": FORMAT, "spec": spec, "state_dict": state_dict})
 
 
-def load_model(path: str | os.PathLike) -> Classifier:
+def load_model(path: str | os.PathLike) -> nn.Module:
     """The model :func:`save_model` wrote to ``path``, on the CPU and in eval mode.
 
-    Loads with ``weights_only=True``: reading a model file never executes code from it.
+    Loads with ``weights_only=True``: reading a model file never executes code from it. A model of
+    a user class is rebuilt by importing its module and calling the class with the saved options,
+    so only classes passed to :func:`poisonreach.user_models.allow` are: the file names code, and
+    the caller decides whether it runs.
     """
     path = Path(path)
     if not path.is_file():
@@ -359,10 +419,40 @@ def load_model(path: str | os.PathLike) -> Classifier:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CorruptFileError(f"{path} is not a readable model file ({e}); save the model again") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("spec"), dict):
         raise CorruptFileError(f"{path} is not a {FORMAT} file written by save_model; save the model again")
+    name = data["spec"].get("name")
+    user = user_models.is_spec(name)
+    if user and not user_models.allowed(name):
+        raise PoisonReachError(f"{path} holds a model of the user class {name}, which rebuilding would import and run: "
+                               f"call poisonreach.user_models.allow({name!r}) first if you trust it (a run allows the classes "
+                               "its configuration names)")
     try:
         model = _build(data["spec"], data["state_dict"])
-    except (KeyError, TypeError, RuntimeError, PoisonReachError) as e:
+    except PoisonReachError as e:
+        if user:  # the user's module or constructor, not the file: its own message names the fix
+            raise PoisonReachError(f"cannot rebuild the model in {path}: {e}") from None
+        raise CorruptFileError(f"{path} holds an invalid model ({e}); save the model again") from e
+    except (KeyError, TypeError, RuntimeError) as e:
         raise CorruptFileError(f"{path} holds an invalid model ({e}); save the model again") from e
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """``model`` with the weights saved in ``path``: a state dict written by ``torch.save`` (alone,
+    under ``"state_dict"``, or a :func:`save_model` file), read with ``weights_only=True``, so a
+    file holding Python objects is refused unopened. Every key and shape must match the model's;
+    otherwise one PoisonReachError names the first differences."""
+    data = io.load_tensors(path)
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise PoisonReachError(f"{path} holds no state dict of tensors: save the weights with torch.save(model.state_dict(), FILE)")
+    own = model.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} is {tuple(state[k].shape)}, not {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise PoisonReachError(f"the weights in {path} do not fit {type(model).__name__} ({'; '.join(problems[:3])}"
+                               f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}): build the model with the options "
+                               "they were trained with")
+    model.load_state_dict(state)
+    return model

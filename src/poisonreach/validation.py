@@ -105,6 +105,18 @@ def check_inputs(X: Tensor) -> int:
     return len(X)
 
 
+def check_values(x: Tensor, source: str, name: str, noun: str, box: tuple[float, float] | None, outside: str) -> None:
+    """Raise a PoisonReachError naming how many rows of array ``name`` (each a ``noun`` of
+    ``source``) hold NaN or infinite values and the first of them, or its range when it leaves
+    ``box`` (``outside`` completes that message: where the box comes from and the fix)."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+    if bad.any():
+        raise PoisonReachError(f"{source}: {int(bad.sum())} {noun}(s) hold NaN or infinite values (the first is {noun} "
+                               f"{int(bad.nonzero()[0])}): remove or repair them")
+    if box is not None and (x.min() < box[0] or x.max() > box[1]):
+        raise PoisonReachError(f"{source}: {name} ranges over [{float(x.min()):.6g}, {float(x.max()):.6g}], outside {outside}")
+
+
 def check_labels(y: Tensor, n: int, num_outputs: int | None, *, strict: bool) -> Tensor:
     """Validate y against N and (when ``strict``) the model's outputs; return int labels as int64."""
     if not isinstance(y, Tensor):

@@ -16,6 +16,10 @@ formats, and are never downloaded unless ``download=True``:
 digits, or2d, gaussian10 and regression2d need no files. The original training set is split into
 train and validation (``val_fraction`` of it, by a permutation seeded with ``seed``); the original
 test set is the test split.
+
+A user's own data set is named by its path instead, ``npz:PATH`` (arrays x, y and optionally
+x_test, y_test) or ``folder:PATH`` (one sub-folder of PNG/JPEG images per class), and split the
+same way (:mod:`poisonreach.data.user`).
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from poisonreach.data import cifar, idx, synthetic, tinyimagenet
+from poisonreach.data import cifar, idx, synthetic, tinyimagenet, user
 from poisonreach.data.files import data_root
 from poisonreach.data.splits import Pool, Splits, check_fraction, check_seed, make_splits
 from poisonreach.errors import PoisonReachError
 
-__all__ = ["Splits", "data_root", "load", "names"]
+__all__ = ["Splits", "check_name", "data_root", "load", "names"]
 
 
 class _Entry(NamedTuple):
@@ -66,23 +70,39 @@ _REGISTRY: dict[str, _Entry] = {
 
 
 def names() -> list[str]:
-    """The names :func:`load` accepts."""
+    """The names :func:`load` accepts (besides ``npz:PATH`` and ``folder:PATH``)."""
     return sorted(_REGISTRY)
+
+
+def check_name(name: str) -> None:
+    """Raise a PoisonReachError unless :func:`load` knows ``name``, or it is ``npz:PATH`` or
+    ``folder:PATH`` of an existing file or folder (read only by :func:`load`)."""
+    if user.is_spec(name):
+        user.path_of(name)
+    elif not isinstance(name, str) or name not in _REGISTRY:
+        raise PoisonReachError(f"unknown data set {name!r}: the dataset must be one of {', '.join(names())}, or your own as "
+                               "npz:PATH or folder:PATH")
 
 
 def load(name: str, *, root: str | os.PathLike | None = None, seed: int = 0,
          val_fraction: float = 0.3, download: bool = False) -> Splits:
-    """Load data set ``name`` split into train, validation and test.
+    """Load data set ``name`` (a name of :func:`names`, ``npz:PATH`` or ``folder:PATH``) split into
+    train, validation and test.
 
     ``root`` is the data root (default: $POISONREACH_DATA, else ~/.cache/poisonreach); ``seed``
     fixes the train/validation split and the draws of synthetic sets; ``download`` fetches
-    missing files from their published URLs. Same arguments, identical tensors.
+    missing files from their published URLs (neither applies to a user's own set). Same
+    arguments, identical tensors.
     """
-    entry = _REGISTRY.get(name) if isinstance(name, str) else None
-    if entry is None:
-        raise PoisonReachError(f"unknown data set {name!r}; choose one of: {', '.join(names())}")
     check_fraction(val_fraction)
     check_seed(seed)
+    if user.is_spec(name):
+        own = user.read(name)
+        return make_splits(name, own.pool, num_classes=own.num_classes, mean=own.mean, std=own.std, task="classification",
+                           seed=seed, val_fraction=val_fraction)
+    entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None:
+        check_name(name)
     pool = entry.read(data_root(root), seed, download)
     return make_splits(name, pool, num_classes=entry.num_classes, mean=entry.mean, std=entry.std,
                        task=entry.task, seed=seed, val_fraction=None if entry.whole_train else val_fraction)

@@ -98,6 +98,17 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     return order[held:], order[:held]
 
 
+# a set without a test split (digits, a user's own data) holds out this share of its points, always
+# the same ones: the test split never moves with the experiment's seed
+TEST_FRACTION, TEST_SEED = 0.2, 0
+
+
+def hold_out_test(x: Tensor, y: Tensor) -> Pool:
+    """A pool whose test set is a fixed :data:`TEST_FRACTION` of (x, y), drawn with :data:`TEST_SEED`."""
+    rest, test = split_indices(len(x), TEST_FRACTION, TEST_SEED)
+    return Pool(x[rest], y[rest], x[test], y[test])
+
+
 def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, ...],
                 std: tuple[float, ...], task: str, seed: int, val_fraction: float | None) -> Splits:
     """Split the pool's training set into train and validation; its test set is the test split.

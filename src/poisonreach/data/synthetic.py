@@ -9,13 +9,12 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits, make_classification
 
-from poisonreach.data.splits import Pool, generator, labels, split_indices
+from poisonreach.data.splits import Pool, generator, hold_out_test, labels
 
 _OR_CORNERS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 OR_REPEATS, OR_NOISE = 50, 0.1
 GAUSSIAN_TRAIN, GAUSSIAN_TEST, GAUSSIAN_FEATURES = 1000, 500, 10
 REGRESSION_POINTS, REGRESSION_NOISE = 200, 0.5
-DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 0
 
 
 def or2d(seed: int) -> Pool:
@@ -68,11 +67,10 @@ def regression2d(seed: int) -> Pool:
 def digits() -> Pool:
     """scikit-learn's bundled 8x8 digits as (N, 1, 8, 8) floats in [0, 1] (pixels are 0-16).
 
-    It has no test set, so 20% is held out with a fixed seed: the test split never changes with
-    the experiment's seed, which only moves points between train and validation.
+    It has no test set, so 20% is held out with a fixed seed (:func:`hold_out_test`): the test
+    split never changes with the experiment's seed, which only moves points between train and
+    validation.
     """
     bunch = load_digits()
     x = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    y = labels(bunch.target)
-    rest, test = split_indices(len(x), DIGITS_TEST_FRACTION, DIGITS_TEST_SEED)
-    return Pool(x[rest], y[rest], x[test], y[test])
+    return hold_out_test(x, labels(bunch.target))

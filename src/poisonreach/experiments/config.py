@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import data, io, models
+from .. import data, io, models, user_models
 from ..attacks import ATTACKS, Attack
 from ..data import names as dataset_names
 from ..defenses import DEFENSES
@@ -33,7 +33,7 @@ from .selection import check_select_options
 
 __all__ = ["ADDITIVE_FIELDS", "ATTACKS", "ATTACK_FIELDS", "CELL_PREFIX", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-           "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads"]
+            "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "short_name", "victim_spec"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -82,10 +82,18 @@ class RunConfig:
     :class:`~poisonreach.attacks.OfficialGradientCanceling`; ``training`` then still sets the clean
     model's (and target's) protocol, not the official retraining, which is fixed. The attacks that
     cancel gradients take the training's weight decay (:attr:`weight_decay`) unless
-    ``attack_options`` sets theirs: the target is a stationary point of the regularised objective."""
+    ``attack_options`` sets theirs: the target is a stationary point of the regularised objective.
+
+    ``dataset`` is a name of :func:`poisonreach.data.names` or the user's own ``npz:PATH`` or
+    ``folder:PATH``; ``model`` a name of :func:`poisonreach.models.names` or the user's own class
+    ``module.path:Class``, constructed with ``model_options`` (:mod:`poisonreach.user_models`).
+    ``victim_model`` (with ``victim_model_options``), when set, is the architecture the victims
+    retrain (a transfer victim): the target, τ and the attack stay ``model``'s, and every drop is
+    measured against a clean model of the victim's architecture trained the same way."""
 
     dataset: str = "digits"
     model: str = "lr"
+    model_options: dict = field(default_factory=dict)  # a module.path:Class model's constructor arguments
     eps_w: float = 1.0
     eps_w_mode: str = "absolute"
     target: str = "gradpc"
@@ -105,6 +113,9 @@ class RunConfig:
     # initialisation and batch order) on the same poisons; None: only the run's own seed
     victim_seeds: list[int] | None = None
     protocol: str = "honest"
+    # transfer: the victims' architecture when it is not the target's (a name or module.path:Class)
+    victim_model: str | None = None
+    victim_model_options: dict = field(default_factory=dict)
 
     @property
     def attack_name(self) -> str:
@@ -129,12 +140,19 @@ class RunConfig:
         return float(self.training.get("weight_decay", default))
 
     def validate(self) -> None:
-        check_choice("dataset", self.dataset, data.names())
-        check_choice("model", self.model, models.names())
+        data.check_name(self.dataset)
+        models.check_name(self.model, self.model_options)
+        if self.victim_model is not None:
+            models.check_name(self.victim_model, self.victim_model_options)
+        elif self.victim_model_options:
+            raise PoisonReachError(f"victim model options {sorted(self.victim_model_options)} are given but no victim model: "
+                                   "add --victim-model M or drop them")
         check_choice("target", self.target, list(TARGETS))
         check_choice("attack", self.attack, ATTACKS)
         check_choice("protocol", self.protocol, PROTOCOLS)
         if self.protocol == "official":
+            if self.victim_model is not None:
+                raise PoisonReachError("--protocol official retrains the official script's logistic regression: drop --victim-model")
             if self.model != "lr":
                 raise PoisonReachError(f"--protocol official supports only --model lr (the official script's logistic regression), got {self.model!r}")
             if self.dataset not in OFFICIAL_DATASETS:
@@ -245,10 +263,24 @@ class RunConfig:
 
 
 def load_data(config: RunConfig) -> tuple[data.Splits, dict]:
-    """The run's data splits and the model specification (``models.create``'s arguments)."""
+    """The run's data splits and the model specification (``models.create``'s arguments). The
+    user classes the configuration names may be rebuilt from the run's model files
+    (:func:`poisonreach.user_models.allow`)."""
+    for name in (config.model, config.victim_model):
+        if user_models.is_spec(name):
+            user_models.allow(name)
     splits = data.load(config.dataset, root=config.data_root, seed=config.seed).subset(config.train_size, seed=config.seed)
-    spec = dict(name=config.model, input_shape=splits.input_shape, num_classes=splits.num_classes, mean=splits.mean, std=splits.std)
+    spec = dict(name=config.model, options=config.model_options, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                mean=splits.mean, std=splits.std)
     return splits, spec
+
+
+def victim_spec(config: RunConfig, spec: dict) -> dict:
+    """The model specification of the run's victims: ``spec`` with the victim architecture, when
+    the configuration names one (a transfer victim)."""
+    if config.victim_model is None:
+        return spec
+    return {**spec, "name": config.victim_model, "options": config.victim_model_options}
 
 
 def fresh_model(config: RunConfig, spec: dict, seed: int | None = None) -> nn.Module:
@@ -261,6 +293,14 @@ def mean_std(name: str, values: list[float]) -> dict:
     """``name_mean`` and ``name_std`` (the sample standard deviation, ddof = 1; 0 for one value)."""
     t = torch.tensor(values, dtype=torch.float64)
     return {f"{name}_mean": float(t.mean()), f"{name}_std": float(t.std(correction=1)) if len(values) > 1 else 0.0}
+
+
+def short_name(name: str) -> str:
+    """A data set or model name as part of a folder name: a user's ``npz:PATH`` or ``folder:PATH``
+    becomes the file's stem or the folder's name, ``module.path:Class`` the class."""
+    if data.user.is_spec(name):
+        return Path(name.partition(":")[2]).expanduser().absolute().stem
+    return name.rpartition(":")[2]
 
 
 def cell_name(eps_d: float) -> str:

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from .. import io
 from ..attacks import PoisonResult
 from ..data import Splits
+from ..data.user import read_images
 from ..errors import CorruptFileError, PoisonReachError
 from ..training import accuracy
+from ..validation import check_values
 from .config import RunConfig, load_data
 from .export import require_safetensors
 from .config import mean_std
@@ -56,11 +57,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     if config.protocol not in EVALUATION_PROTOCOLS:
         raise PoisonReachError(f"evaluate retrains with --protocol {' or '.join(EVALUATION_PROTOCOLS)}, got {config.protocol}: the "
                                "official retraining belongs to the official GC (poisonreach run --protocol official)")
-    splits, spec = load_data(config)
-    if splits.task == "regression":
-        raise PoisonReachError(f"evaluate measures accuracy and {config.dataset} is a regression data set: choose a classification one")
-    file = poison_file(poisons)
-    result = read_poisons(file, splits)
+    splits, spec, file, result = poisoned_set(poisons, config, "evaluate")
     X, y = splits.x_train, splits.y_train
     X_mix, y_mix = result.mixed(X, y)
     seeds = list(config.victim_seeds or [config.seed])
@@ -81,7 +78,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         "num_poisons": len(result.x),
         "num_train": len(X),
         "eps_d": result.eps_d,
-        **{k: getattr(config, k) for k in ("dataset", "model", "protocol", "seed", "train_size", "training")},
+        **{k: getattr(config, k) for k in ("dataset", "model", "model_options", "protocol", "seed", "train_size", "training")},
         "victim_seeds": seeds,
         **{f"{k}_per_seed": v for k, v in per_seed.items()},
         **{k: v for name in ("clean_acc", "poisoned_acc", "acc_drop", "victim_grad_norm") for k, v in mean_std(name, per_seed[name]).items()},
@@ -89,6 +86,17 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     if out is not None:
         io.write_json(Path(out) / "evaluation.json", record)
     return record
+
+
+def poisoned_set(poisons: str | os.PathLike, config: RunConfig, what: str) -> tuple[Splits, dict, Path, PoisonResult]:
+    """The data splits and model specification of ``config``, the file holding ``poisons``
+    (:func:`poison_file`) and its poisons checked against the splits; ``what`` (a command) names
+    the measurement in the error for a regression data set, which has no accuracy."""
+    splits, spec = load_data(config)
+    if splits.task == "regression":
+        raise PoisonReachError(f"{what} measures accuracy and {config.dataset} is a regression data set: choose a classification one")
+    file = poison_file(poisons)
+    return splits, spec, file, read_poisons(file, splits)
 
 
 def format_evaluation(record: dict) -> str:
@@ -153,13 +161,8 @@ def check_poisons(arrays: dict, splits: Splits, source: str) -> PoisonResult:
         raise PoisonReachError(f"{source}: x is {str(x.dtype).removeprefix('torch.')}, but {splits.name} inputs are floats"
                                + (" in [0, 1]: divide 8-bit pixels by 255" if box else ": convert x to float32"))
     x = x.to(torch.float32)
-    bad = ~torch.isfinite(x).flatten(1).all(dim=1)
-    if bad.any():
-        raise PoisonReachError(f"{source}: {int(bad.sum())} poison(s) hold NaN or infinite values (the first is poison "
-                               f"{int(bad.nonzero()[0])}): remove or repair them")
-    if box is not None and (x.min() < box[0] or x.max() > box[1]):
-        raise PoisonReachError(f"{source}: x ranges over [{float(x.min()):.6g}, {float(x.max()):.6g}], outside {splits.name}'s pixel "
-                               f"box [{box[0]:g}, {box[1]:g}]: clip the poisons to the box (an image holds no other value)")
+    check_values(x, source, "x", "poison", box, f"{splits.name}'s pixel box [{PIXEL_BOX[0]:g}, {PIXEL_BOX[1]:g}]: clip the poisons to "
+                                                "the box (an image holds no other value)")
     kept = _indices(source, "kept_indices", arrays["kept_indices"], len(splits.x_train)) if "kept_indices" in arrays else None
     return PoisonResult(x=x, y=_labels(source, y, splits.num_classes), source_indices=torch.full((len(x),), -1),
                         grad_norm_history=[], tau=math.nan, eps_d=len(x) / len(splits.x_train), config={"file": source}, seed=-1,
@@ -205,20 +208,6 @@ def _read_pt(file: Path) -> dict:
     return arrays
 
 
-def _read_npz(file: Path) -> dict:
-    try:
-        archive = np.load(file, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as e:  # not an archive: numpy takes it for a pickle, which it refuses
-        raise CorruptFileError(f"{file} is not a readable .npz archive ({e}): save it with numpy.savez(FILE, x=..., y=...)") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise PoisonReachError(f"{file} holds one array, not an archive of x and y: save it with numpy.savez(FILE, x=..., y=...)")
-    with archive:
-        try:
-            return {name: archive[name] for name in archive.files}
-        except ValueError:
-            raise PoisonReachError(f"{file} holds Python objects other than numeric arrays: refused") from None
-
-
 def _read_safetensors(file: Path) -> dict:
     safetensors = require_safetensors()
     try:
@@ -239,26 +228,11 @@ def _read_png(labels_csv: Path) -> dict:
         labels = np.array([row["label"] for row in rows], dtype=np.float64)
     except ValueError as e:
         raise PoisonReachError(f"{labels_csv}: a label is not a number ({e}): give integer classes") from None
-    images = [_read_image(labels_csv.parent / row["file"]) for row in rows]
-    sizes = {image.shape for image in images}
-    if len(sizes) > 1:
-        raise PoisonReachError(f"the images of {labels_csv} differ in size ({', '.join(map(str, sorted(sizes)))}): give one size")
-    x = np.stack(images).astype(np.float32) / np.float32(255) if images else np.zeros((0,), np.float32)
-    return {"x": x, "y": labels}
+    paths = [labels_csv.parent / row["file"] for row in rows]
+    missing = next((path for path in paths if not path.is_file()), None)
+    if missing is not None:
+        raise PoisonReachError(f"{missing} is named in labels.csv but does not exist")
+    return {"x": read_images(paths, str(labels_csv)).astype(np.float32) / np.float32(255), "y": labels}
 
 
-def _read_image(path: Path) -> np.ndarray:
-    """One 8-bit grayscale or RGB image as C × H × W."""
-    try:
-        with Image.open(path) as image:
-            mode, pixels = image.mode, np.asarray(image)
-    except FileNotFoundError:
-        raise PoisonReachError(f"{path} is named in labels.csv but does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise CorruptFileError(f"{path} is not a readable image ({e})") from None
-    if mode not in ("L", "RGB"):
-        raise PoisonReachError(f"{path} is a {mode} image: give 8-bit grayscale (L) or RGB images")
-    return pixels[None] if mode == "L" else pixels.transpose(2, 0, 1)
-
-
-READERS = {".pt": _read_pt, ".npz": _read_npz, ".safetensors": _read_safetensors, ".csv": _read_png}
+READERS = {".pt": _read_pt, ".npz": io.load_npz, ".safetensors": _read_safetensors, ".csv": _read_png}

@@ -128,8 +128,15 @@ def manifest(result: PoisonResult, arrays: dict, config: RunConfig, fmt: str, la
                          "num_train": num_train},
         "attack": result.config.get("attack"),
         "attack_config": result.config,
-        "victim": {"model": config.model, "protocol": config.protocol, "training": config.training},
+        "victim": _victim(config),
     }
+
+
+def _victim(config: RunConfig) -> dict:
+    """How the run's victims were retrained: their architecture (a transfer run's ``victim_model``)
+    with its options when it has any, the protocol and the training options."""
+    model, options = (config.victim_model, config.victim_model_options) if config.victim_model else (config.model, config.model_options)
+    return {"model": model, **({"model_options": options} if options else {}), "protocol": config.protocol, "training": config.training}
 
 
 def require_safetensors():

@@ -13,6 +13,8 @@ One run writes one self-contained folder:
                           victim_grad_norm, grad_norm_final, ...)
     clean_model.pt        the clean model and target_model.pt the target (poisonreach.models.load_model)
     clean_model_seed=S.pt the clean model of victim seed S (``victim_seeds``; S ≠ the run's seed)
+    clean_victim_model.pt with ``victim_model``: the clean model of the victims' architecture (and
+                          clean_victim_model_seed=S.pt for victim seed S), the drops' reference
     threshold.json        the full reachability record of the target
     eps_d=<value>/        poisons.pt, poisons.json (GC history, config), retrained_model.pt, result.json,
                           retrained_model_seed=S.pt (victim seed S ≠ the run's seed)
@@ -36,6 +38,12 @@ per-seed lists and their mean and sample standard deviation go into each result;
 seeds changes no number a run without them reports. A seed equal to the run's seed reuses its
 models; another seed trains its own.
 
+Transfer victims (``RunConfig.victim_model``): the victims retrain another architecture; the
+clean model, the target, τ and the attack stay ``model``'s, and each drop is measured against a
+clean model of the victim's architecture, trained the same way (``victim_clean_acc``;
+``victim_clean_acc_per_seed`` and its statistics with victim seeds). ``param_distance`` is then
+null, the victim's parameters not being the target's.
+
 ``protocol: official`` (:mod:`poisonreach.experiments.official`) makes the poisons and retrains the
 victims as the official code does; the clean model, the target and τ are the same as in the honest
 protocol, and each result also carries the spread of the victim's test accuracy over its epochs.
@@ -53,6 +61,7 @@ MLflow (:mod:`.tracking`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -73,7 +82,8 @@ from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
-from .config import ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std
+from .config import (ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std,
+                     short_name, victim_spec)
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 from .selection import TargetSelection
@@ -101,8 +111,10 @@ def run(config: RunConfig, out: str | os.PathLike, *, tracking: Tracking | None 
 
 
 def default_out(config: RunConfig) -> Path:
-    """The run folder ``poisonreach run`` writes without --out: ``runs/DATASET-MODEL-ATTACK-epswE-seedS``."""
-    return Path("runs") / f"{config.dataset}-{config.model}-{config.attack}-epsw{config.eps_w:g}-seed{config.seed}"
+    """The run folder ``poisonreach run`` writes without --out: ``runs/DATASET-MODEL-ATTACK-epswE-seedS``
+    (a user's data set or model by its short name, a transfer run with ``-victim-M`` appended)."""
+    victim = f"-victim-{short_name(config.victim_model)}" if config.victim_model else ""
+    return Path("runs") / f"{short_name(config.dataset)}-{short_name(config.model)}-{config.attack}-epsw{config.eps_w:g}-seed{config.seed}{victim}"
 
 
 # what a run folder holds that is no result of its configuration: the configuration, tracking stores
@@ -110,7 +122,8 @@ _NOT_RESULTS = ("config.yaml", *TRACKING_FOLDERS.values())
 
 
 def claim(config: RunConfig, out: Path) -> None:
-    """Write ``config`` to ``out/config.yaml``, or refuse the folder, naming the fields that differ
+    """Check that ``config`` may run in ``out`` (:func:`_run` writes it to ``out/config.yaml`` once the
+    data and the models are known good), or refuse the folder, naming the fields that differ
     and their two values, when it holds results that another configuration made: a differing field
     other than the budgets and victim seeds (which a run grows by) blocks a folder with any result,
     one of the attack's only a folder with files in its ε_d cells (the clean model and the target
@@ -131,7 +144,6 @@ def claim(config: RunConfig, out: Path) -> None:
                     f"{out} holds no results that depend on {', '.join(taken)}: running the new configuration in it")
         for k in (k for k in ADDITIVE_FIELDS if k in differ):
             logger.info(f"{k} changed from {previous.get(k)} to {getattr(config, k)}: computing what is new, reading back the rest")
-    io.write_yaml(saved, config.to_dict())
 
 
 def _holds_results(out: Path, *, cells_only: bool) -> bool:
@@ -152,18 +164,33 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
     X, y = splits.x_train, splits.y_train
     fit = fitter(config, spec, callback=tracker.training_step)
 
-    def save(model: nn.Module, path: Path) -> nn.Module:
+    def save(model: nn.Module, path: Path, spec: dict = spec) -> nn.Module:
         models.save_model(model, path, **spec)
         tracker.trained(path.relative_to(out).with_suffix("").as_posix())  # the losses of its training, if trained now
         return model
 
+    # the victims' architecture: the target's, or a transfer victim's (config.victim_model)
+    vspec = victim_spec(config, spec)
+    transfer = vspec is not spec
+    fit_victim, save_victim = (fitter(config, vspec), functools.partial(save, spec=vspec)) if transfer else (fit, save)
     fresh_model(config, spec)  # fail on a model that does not fit the data before any output or work
-    logger.info(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}")
+    victim_outputs = models.last_linear(fresh_model(config, vspec)).out_features
+    io.write_yaml(out / "config.yaml", config.to_dict())  # the data and the models are known good: the folder is this run's
+    logger.info(f"{config.dataset}: {len(X)} train, {len(splits.x_val)} val, {len(splits.x_test)} test; model {config.model}"
+                + (f", victim model {config.victim_model}" if transfer else ""))
     clean = _load_or(out / "clean_model.pt", lambda: save(fit(X, y), out / "clean_model.pt")).to(device)
     clean_acc, clean_mse = _evaluate(clean, splits.x_test, splits.y_test)
     clean_grad_norm = trained_grad_norm(config, clean, X, y)
 
     classification = splits.task != "regression"
+    # the clean model every drop is measured against: trained as the victims are, so the victim's architecture
+    reference = (clean_acc, clean_mse, clean_grad_norm)
+    if transfer:
+        path = out / "clean_victim_model.pt"
+        clean_victim = _load_or(path, lambda: save_victim(fit_victim(X, y), path)).to(device)
+        reference = (*_evaluate(clean_victim, splits.x_test, splits.y_test), trained_grad_norm(config, clean_victim, X, y))
+        logger.info(f"victim model {config.victim_model} trained on clean data: "
+                    + (f"accuracy {reference[0]:.2f}%" if classification else f"test MSE {reference[1]:.4g}"))
     selection = None
     if config.target == "select":  # a target per ε_d, chosen in the loop below
         target, about, thr = None, {}, None
@@ -180,7 +207,7 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
                    else f"clean accuracy {clean_acc:.2f}%, target accuracy {about['target_acc']:.2f}%")
         logger.info(f"{quality}, tau {thr.tau:.4g} (tau(c) {_fmt(thr.tau_multiclass)})")
 
-    seeds = (_SeedPlan(config, spec, save, out, clean, (clean_acc, clean_mse, clean_grad_norm), splits, callback=tracker.training_step)
+    seeds = (_SeedPlan(config, vspec, save_victim, out, "victim_" if transfer else "", reference, splits, callback=tracker.training_step)
              if config.victim_seeds else None)
     if seeds is not None:
         logger.info(f"victim seeds {config.victim_seeds}: clean accuracy " + ", ".join(f"{a:.2f}%" for a in seeds.clean_acc) if classification
@@ -212,8 +239,9 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
                                              save=save, clean_acc=clean_by_seed, references=official,
                                              grad_norms=lambda poisons: _grad_norms(poisons, target, X, y, grad_norm_clean)))
         else:
-            results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit, save, clean_acc, grad_norm_clean,
-                                                  grad_norm=lambda model, X_fit, y_fit: trained_grad_norm(config, model, X_fit, y_fit), seeds=seeds)})
+            results.append({**chosen, **_run_cell(attack, victim_of, target, X, y, splits, cell, fit_victim, save_victim, reference[0],
+                                                  grad_norm_clean, grad_norm=lambda model, X_fit, y_fit: trained_grad_norm(config, model, X_fit, y_fit),
+                                                  seeds=seeds, num_outputs=victim_outputs)})
         tracker.cell(results[-1], cell)
 
     metrics = {
@@ -227,6 +255,9 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
         # target, its training-gradient norm over clean ∪ its poisons (None for a corrupted one)
         **about,
         "clean_grad_norm": clean_grad_norm,  # convergence of the clean model, on the clean data
+        # a transfer victim's architecture and its clean model, the reference of the drops
+        **({"victim_model": config.victim_model, "victim_model_options": config.victim_model_options, "victim_clean_acc": reference[0],
+            **({"victim_clean_mse": reference[1]} if not classification else {}), "victim_clean_grad_norm": reference[2]} if transfer else {}),
         **(seeds.summary() if seeds is not None else {}),
         **({"protocol": "official", **official.summary()} if official is not None else {}),
         "num_train": len(X),
@@ -281,10 +312,12 @@ def trained_grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
 class _SeedPlan:
     """The victim seeds of a run: one clean model per seed (the run's own for the run's seed, else
     ``clean_model_seed=S.pt``, trained once and loaded after), its test accuracy (or MSE) and its
-    training-gradient norm, and the victims' file names; ``callback`` is the trainings'."""
+    training-gradient norm, and the victims' file names; ``callback`` is the trainings'. ``spec``
+    is the victims' architecture; for a transfer victim ``prefix`` is ``victim_``, so its clean
+    models are ``clean_victim_model_seed=S.pt`` and their fields ``victim_clean_*``."""
 
-    def __init__(self, config: RunConfig, spec: dict, save, out: Path, clean: nn.Module, clean_stats: tuple, splits, *, callback=None):
-        self.config, self.spec, self.save, self.seeds, self.callback = config, spec, save, list(config.victim_seeds), callback
+    def __init__(self, config: RunConfig, spec: dict, save, out: Path, prefix: str, clean_stats: tuple, splits, *, callback=None):
+        self.config, self.spec, self.save, self.seeds, self.prefix, self.callback = config, spec, save, list(config.victim_seeds), prefix, callback
         device = torch.device(config.device)
         X, y = splits.x_train, splits.y_train
         self.clean_acc, self.clean_mse, self.clean_grad_norm = [], [], []
@@ -292,7 +325,7 @@ class _SeedPlan:
             if seed == config.seed:
                 acc, mse, norm = clean_stats
             else:
-                path = out / f"clean_model_seed={seed}.pt"
+                path = out / f"clean_{prefix}model_seed={seed}.pt"
                 model = _load_or(path, lambda: save(self.fit(seed)(X, y), path)).to(device)
                 (acc, mse), norm = _evaluate(model, splits.x_test, splits.y_test), trained_grad_norm(config, model, X, y)
             self.clean_acc.append(acc)
@@ -307,11 +340,11 @@ class _SeedPlan:
 
     def summary(self) -> dict:
         """The clean models' fields of metrics.json."""
-        regression = self.clean_mse[0] is not None
+        regression, clean = self.clean_mse[0] is not None, f"{self.prefix}clean"
         return {"victim_seeds": self.seeds,
-                **({"clean_mse_per_seed": self.clean_mse, **mean_std("clean_mse", self.clean_mse)} if regression
-                   else {"clean_acc_per_seed": self.clean_acc, **mean_std("clean_acc", self.clean_acc)}),
-                "clean_grad_norm_per_seed": self.clean_grad_norm}
+                **({f"{clean}_mse_per_seed": self.clean_mse, **mean_std(f"{clean}_mse", self.clean_mse)} if regression
+                   else {f"{clean}_acc_per_seed": self.clean_acc, **mean_std(f"{clean}_acc", self.clean_acc)}),
+                f"{clean}_grad_norm_per_seed": self.clean_grad_norm}
 
 
 
@@ -368,9 +401,11 @@ def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
 
 
 def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_acc: float, grad_norm_clean: float, *,
-              grad_norm, seeds: "_SeedPlan | None" = None) -> dict:
+              grad_norm, seeds: "_SeedPlan | None" = None, num_outputs: int) -> dict:
     """One ε_d: poison ``model`` (or load the finished poisons), retrain from scratch, evaluate; with
-    victim ``seeds``, retrain once per seed too. What a finished result.json holds is read back;
+    victim ``seeds``, retrain once per seed too. ``fit`` and ``save`` train and save a victim, whose
+    model has ``num_outputs`` outputs; ``clean_acc`` is the clean model's of the victim's
+    architecture. What a finished result.json holds is read back;
     fields it lacks (written by an earlier version, or new victim seeds) are computed from the saved
     models, training only the victims that have no model file."""
     done = cell / "result.json"
@@ -380,7 +415,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     def mixed():  # clean ∪ poisons, the victims' training set (the poisons read only when needed)
         nonlocal poisons
         poisons = PoisonResult.load(cell) if poisons is None else poisons
-        return poisons.mixed(X, y, num_outputs=models.last_linear(target).out_features)
+        return poisons.mixed(X, y, num_outputs=num_outputs)
 
     classification = splits.task != "regression"
     changed = entry is None
@@ -405,7 +440,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
             **({"poisoned_mse": poisoned_mse} if poisoned_mse is not None else {}),
             # ‖g(χ)‖ of the target on clean ∪ poisons, whatever attack made them (GC tracks it already)
             **_grad_norms(poisons, target, X, y, grad_norm_clean),
-            "param_distance": parameter_distance(retrained, target),
+            "param_distance": _distance(retrained, target),
             "attack_time_s": attack_time,
         }
     missing = [k for k in ("target_agreement", "victim_grad_norm") if k not in entry and (classification or k != "target_agreement")]
@@ -433,7 +468,7 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     if seeds is not None and classification:
         quality += (f"; over victim seeds {seeds.seeds}: poisoned {entry['poisoned_acc_mean']:.2f} ± {entry['poisoned_acc_std']:.2f}%, "
                     f"drop {entry['acc_drop_mean']:.2f} ± {entry['acc_drop_std']:.2f}")
-    logger.info(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {entry['param_distance']:.3g}, "
+    logger.info(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {_fmt(entry['param_distance'], '.3g')}, "
         f"victim ‖∇L‖ {entry['victim_grad_norm']:.3g}")
     return entry
 
@@ -469,7 +504,7 @@ def _seed_statistics(entry: dict, seeds: "_SeedPlan", cell: Path, target, splits
             victim = _load_or(path, lambda: seeds.save(seeds.fit(seed)(X_mix, y_mix), path)).to(next(target.parameters()).device)
             poisoned_acc, poisoned_mse = _evaluate(victim, splits.x_test, splits.y_test)
             record = {"poisoned_acc": poisoned_acc, "victim_grad_norm": grad_norm(victim, X_mix, y_mix),
-                      "param_distance": parameter_distance(victim, target),
+                      "param_distance": _distance(victim, target),
                       **({"target_agreement": agreement(victim, target, splits.x_test)} if classification else {"poisoned_mse": poisoned_mse})}
         record = {**record, **({"clean_acc": clean_acc, "acc_drop": clean_acc - record["poisoned_acc"]} if classification
                                else {"clean_mse": clean_mse})}
@@ -479,8 +514,17 @@ def _seed_statistics(entry: dict, seeds: "_SeedPlan", cell: Path, target, splits
     for name in [*names, "victim_grad_norm", "param_distance"]:
         out[f"{name}_per_seed"] = [r[name] for r in records]
     for name in [*names[1:], "victim_grad_norm", "param_distance"]:
-        out.update(mean_std(name, out[f"{name}_per_seed"]))
+        values = out[f"{name}_per_seed"]
+        out.update(mean_std(name, values) if None not in values else {f"{name}_mean": None, f"{name}_std": None})
     return out
+
+
+def _distance(victim: nn.Module, target: nn.Module) -> float | None:
+    """``parameter_distance`` of a victim to the target; None for a transfer victim of another
+    architecture, whose parameters are not the target's."""
+    if [p.shape for p in victim.parameters()] != [p.shape for p in target.parameters()]:
+        return None
+    return parameter_distance(victim, target)
 
 
 def mixed_grad_norm(model: nn.Module, X, y, poisons: PoisonResult | None = None, *, chunk_size: int = 256) -> float:
@@ -514,8 +558,8 @@ def _grad_norms(result: PoisonResult, target: nn.Module, X, y, grad_norm_clean: 
     return {"grad_norm_initial": initial, "grad_norm_final": final, "grad_norm_ratio": final / initial if initial > 0 else math.nan}
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4g}"
+def _fmt(x, spec: str = ".4g") -> str:
+    return "-" if x is None else f"{x:{spec}}"
 
 
 def text_table(header: list[str], rows: list[list[str]], *, left_first: bool = False) -> str:
@@ -535,23 +579,31 @@ def format_table(metrics: dict) -> str:
     """The run's results as a fixed-width table for the terminal; a drop is clean − poisoned accuracy
     (positive: the poisons did damage), as in metrics.json. With several victim seeds the
     accuracy, drop, agreement and distance columns are mean ± sample std over them (and the header
-    says so), the victims' ‖∇L‖ the largest over them; otherwise the run seed's values."""
+    says so), the victims' ‖∇L‖ the largest over them; otherwise the run seed's values. A transfer
+    run's head also has the victim architecture's clean model, the drops' reference."""
     regression = "clean_mse" in metrics  # accuracy is undefined: the test MSE instead (Figure 5)
     seeds = metrics.get("victim_seeds") or []
     several = len(seeds) > 1
+    transfer = metrics.get("victim_model")
+    clean = "victim_clean" if transfer else "clean"  # the fields of the clean models the victims are compared with
     selected = metrics.get("target") == "select"  # a target per ε_d: its name, accuracy and τ in each row
     target = "chosen per eps_d" if selected else None
     if regression:
         quality = f"clean test MSE {metrics['clean_mse']:.4g}, target {target or format(metrics['target_mse'], '.4g')}"
-    elif several:
+    elif several and not transfer:
         quality = f"clean {plus_minus(metrics['clean_acc_mean'], metrics['clean_acc_std'])}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
     else:
         quality = f"clean {metrics['clean_acc']:.2f}%, target {target or format(metrics['target_acc'], '.2f') + '%'}"
     head = f"{metrics['dataset']} / {metrics['model']}: {quality}" + ("" if selected else f", tau {_fmt(metrics['tau'])}")
-    norms = []
-    if "clean_grad_norm" in metrics:
-        norms.append(f"clean {max(metrics.get('clean_grad_norm_per_seed') or [metrics['clean_grad_norm']]):.3g}"
-                     + (" (max over the seeds)" if several else ""))
+    if transfer:
+        reference = (f"test MSE {metrics['victim_clean_mse']:.4g}" if regression else
+                     f"{plus_minus(metrics['victim_clean_acc_mean'], metrics['victim_clean_acc_std'])}%" if several
+                     else f"{metrics['victim_clean_acc']:.2f}%")
+        head += f"\nvictim model {transfer} (transfer), trained on clean data: {reference}, the reference of the drops"
+    norms = [f"clean {metrics['clean_grad_norm']:.3g}"] if transfer else []
+    if f"{clean}_grad_norm" in metrics:
+        largest = max(metrics.get(f"{clean}_grad_norm_per_seed") or [metrics[f"{clean}_grad_norm"]])
+        norms.append(f"{clean.replace('_', ' ')} {largest:.3g}" + (" (max over the seeds)" if several else ""))
     if metrics.get("target_grad_norm") is not None:
         norms.append(f"target {metrics['target_grad_norm']:.3g}")
     if norms:
@@ -587,7 +639,8 @@ def format_table(metrics: dict) -> str:
             quality += [f"{r['retrain_acc_min']:.2f}–{r['retrain_acc_max']:.2f}", f"{r['acc_drop_vs_official_clean']:.2f}"]
         if agree:
             quality.append(plus_minus(r["target_agreement_mean"], r["target_agreement_std"]) if multi else f"{r['target_agreement']:.2f}")
-        distance = plus_minus(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi else f"{r['param_distance']:.3g}"
+        distance = (plus_minus(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi and r["param_distance_mean"] is not None
+                    else _fmt(r["param_distance"], ".3g"))
         chosen = [r["target"], f"{r['target_acc']:.2f}", _fmt(r["tau"])] if selected else []
         cells = [f"{r['eps_d']:g}", *chosen, str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
         if converged:

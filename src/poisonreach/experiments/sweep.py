@@ -34,9 +34,10 @@ records are sent to this process and handled by its loggers (so they reach its s
 handlers it has). A failing cell is reported and the others go on; the sweep then raises
 :class:`SweepFailed` (the CLI exits with status 1) after writing the table of the finished cells.
 
-Rows: the cell id, the grid axes not among the fixed columns, dataset, model, eps_w, attack, defense,
-eps_d (as configured: a number or "tau"), clean_acc, target_acc, tau, poisoned_acc, acc_drop
-(clean − poisoned, percentage points), defended_acc, recovered, grad_norm_ratio
+Rows: the cell id, the grid axes not among the fixed columns, dataset, model, victim_model (a
+transfer victim's architecture, else empty), eps_w, attack, defense, eps_d (as configured: a number
+or "tau"), clean_acc, victim_clean_acc (a transfer victim's clean model, the reference of its drops),
+target_acc, tau, poisoned_acc, acc_drop (clean − poisoned, percentage points), defended_acc, recovered, grad_norm_ratio
 (‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), param_distance, target_agreement (% of test points
 where the victim predicts as the target does), the training-gradient norms clean_grad_norm,
 target_grad_norm and victim_grad_norm, with victim seeds their list and poisoned_acc, acc_drop and
@@ -92,7 +93,8 @@ SEED_COLUMNS = ["victim_seeds", "poisoned_acc_mean", "poisoned_acc_std", "acc_dr
 # under the official protocol (run.protocol: official): the victim's test accuracy over its epochs and
 # the drop against the official retraining on clean data (acc_drop is against the Adadelta clean model)
 OFFICIAL_COLUMNS = ["retrain_acc_min", "retrain_acc_median", "retrain_acc_max", "acc_drop_vs_official_clean"]
-COLUMNS = ["dataset", "model", "eps_w", "attack", "protocol", "defense", "eps_d", "selected_target", "clean_acc", "target_acc", "clean_mse", "target_mse",
+COLUMNS = ["dataset", "model", "victim_model", "eps_w", "attack", "protocol", "defense", "eps_d", "selected_target", "clean_acc", "victim_clean_acc",
+           "target_acc", "clean_mse", "target_mse",
            "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
            "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
            *OFFICIAL_COLUMNS, "wall_time_s", "paper_acc_drop"]
@@ -331,7 +333,8 @@ def _scalar(value):
 def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses: list[dict]) -> list[dict]:
     m = io.plain(output["metrics"])
     base = {"cell": cid, **{a: _scalar(v) for a, v in sweep.grid_values[cid].items() if a not in COLUMNS},
-            "dataset": config.dataset, "model": config.model, "eps_w": config.eps_w, "attack": config.attack,
+            "dataset": config.dataset, "model": config.model, "victim_model": config.victim_model, "victim_clean_acc": m.get("victim_clean_acc"),
+            "eps_w": config.eps_w, "attack": config.attack,
             "protocol": config.protocol, "clean_acc": m["clean_acc"], "target_acc": m.get("target_acc"), "clean_mse": m.get("clean_mse"),
             "target_mse": m.get("target_mse"), "tau": m.get("tau"), "clean_grad_norm": m.get("clean_grad_norm"),
             "target_grad_norm": m.get("target_grad_norm")}
@@ -428,15 +431,17 @@ def show_cell(key: str, row: dict) -> str:
 # The columns of the printed table and the report, in order, with their headers; the optional ones
 # are shown only where some row has a value: defenses when one ran, MSEs for regression, accuracies
 # for classification. The CSV keeps everything.
-HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "attack": "attack", "eps_w": "eps_w", "defense": "defense",
-           "eps_d": "eps_d", "selected_target": "chosen target", "clean_acc": "clean", "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
+HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "victim_model": "victim model", "attack": "attack", "eps_w": "eps_w",
+           "defense": "defense", "eps_d": "eps_d", "selected_target": "chosen target", "clean_acc": "clean", "victim_clean_acc": "victim clean",
+           "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
            "tau": "tau", "poisoned_acc": "poisoned", "poisoned_mse": "poisoned MSE", "acc_drop": "drop", "paper_acc_drop": "paper",
            "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
            "target_agreement": "agree", "victim_grad_norm": "victim ‖∇L‖", "victim_seeds": "victim seeds",
            "poisoned_acc_mean": "poisoned (seeds)", "acc_drop_mean": "drop (seeds)", "target_agreement_mean": "agree (seeds)",
            "retrain_acc_min": "epochs min", "retrain_acc_max": "epochs max", "acc_drop_vs_official_clean": "drop vs SGD clean",
            "wall_time_s": "time (s)"}
-_OPTIONAL = {"dataset", "model", "attack", "eps_w", "defense", "selected_target", "defended_acc", "recovered", "clean_acc", "target_acc",
+_OPTIONAL = {"dataset", "model", "victim_model", "victim_clean_acc", "attack", "eps_w", "defense", "selected_target", "defended_acc", "recovered",
+             "clean_acc", "target_acc",
              "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse", "target_agreement", "victim_grad_norm",
              "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean", "retrain_acc_min", "retrain_acc_max",
              "acc_drop_vs_official_clean"}

@@ -12,6 +12,7 @@
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
+    poisonreach audit [--data FILE.npz|DIR] [--model M] [--weights FILE] [--target-weights FILE] [--poisons FILE ...] [--runs RUN_DIR ...]
     poisonreach options [NAME]
     poisonreach --version
 
@@ -27,12 +28,14 @@ experiments' docstrings without their markup.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
 
 
 from .experiments import __version__
+from .experiments import audit as audit_module
 from .experiments import defend as defend_module
 from .experiments import evaluate as evaluate_module
 from .experiments import export as export_module
@@ -251,6 +254,28 @@ def _parser() -> argparse.ArgumentParser:
                                                        "(default: none, train the clean model and make the target)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = command("audit", "how much poison a target needs and how much damage any attack could do, without running one",
+                audit_module.__doc__)
+    _common(p, target=False)
+    p.add_argument("--data", default=None, metavar="FILE.npz|DIR", help="your data set, as --dataset npz:FILE or folder:DIR (default: --dataset)")
+    p.add_argument("--weights", default=None, help="the model's trained weights, a state dict saved by torch.save, read with "
+                                                   "weights_only=True (default: none, train the model to convergence here)")
+    p.add_argument("--target-weights", default=None, help="the bad target to audit, a state dict of the same model (default: none, "
+                                                          "GradPC targets over --eps-w)")
+    p.add_argument("--eps-w", type=float, nargs="+", default=list(audit_module.EPS_W_GRID), help="radii of the GradPC targets audited without "
+                                                                                                 "--target-weights")
+    p.add_argument("--eps-d", type=float, nargs="+", default=[0.03, 0.1, 1.0], help="budgets of the constructions and the frontier")
+    p.add_argument("--box", type=_box, default=None, metavar="LOW,HIGH", help="the poisons' pixel box (default: 0,1 for images, the "
+                                                                                "training data's per-feature range otherwise)")
+    p.add_argument("--poisons", nargs="+", default=[], help="poison sets (.pt, .npz, .safetensors, run cells) made for --target-weights, "
+                                                            "to diagnose (default: none)")
+    p.add_argument("--runs", nargs="+", default=[], help="run folders whose achieved drops the frontier is plotted with (default: none)")
+    p.add_argument("--restarts", type=int, default=4, help="starts of the frontier's search per eps_d")
+    p.add_argument("--no-frontier", action="store_true", help="skip the damage frontier (it trains; the box programme runs per candidate)")
+    p.add_argument("--no-construction", action="store_true", help="skip the constructive poisons (they train)")
+    p.add_argument("--out", default=None, help="the audit folder (default: runs/audit-DATASET-MODEL)")
+    p.add_argument("--json", action="store_true", help="print audit.json instead of the tables")
+
     p = command("options", "list the options of an attack, target generator, defense or training protocol, with types and defaults",
                 options_module.__doc__)
     p.add_argument("name", nargs="?", default=None, help="an attack (e.g. gc), target generator, defense, train or minimize "
@@ -340,6 +365,19 @@ def _cmd_tau(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    if args.data is not None:
+        args.dataset = audit_module.dataset_spec(args.data)
+    config = _config(args, eps_d=args.eps_d, protocol="converged")
+    out = args.out or audit_module.default_out(config)
+    record = audit_module.audit(config, out, weights=args.weights, target_weights=args.target_weights, eps_w=args.eps_w,
+                                box="data-range" if args.box == "data-range" else args.box, poisons=args.poisons, runs=args.runs,
+                                frontier=not args.no_frontier, construction=not args.no_construction, restarts=args.restarts)
+    print(json.dumps(record, indent=2) if args.json else audit_module.format_audit(record))
+    print(f"audit folder: {out}", file=sys.stderr)
+    return 0
+
+
 def _cmd_options(args) -> int:
     print(options_module.describe(args.name) if args.name else options_module.listing())
     return 0
@@ -361,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tracking.console_logging(quiet=getattr(args, "quiet", False)):
             return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
-                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "options": _cmd_options}[args.command](args)
+                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "audit": _cmd_audit, "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

@@ -28,7 +28,7 @@ from ..errors import PoisonReachError
 from .config import RunConfig, load_data
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,9 +37,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def save_figure(fig, out: Path, stem: str) -> list[Path]:
     """Write ``stem.png`` and ``stem.pdf`` atomically and close the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for fmt in ("png", "pdf"):
         buf = BytesIO()
@@ -87,7 +87,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         raise PoisonReachError(f"{run_dir} holds no finished run (no metrics.json): finish it with `poisonreach run` first")
     out = Path(out) if out is not None else run_dir
     metrics = io.read_json(run_dir / "metrics.json")
-    plt = _pyplot()
+    plt = pyplot()
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -95,7 +95,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
         ax.set_title(_label(metrics))
         ax.legend()
         fig.tight_layout()
-        written += _save(fig, out, "gc_history")
+        written += save_figure(fig, out, "gc_history")
     else:
         plt.close(fig)
 
@@ -105,7 +105,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     _eps_d_curves(axes, [(None, metrics)])
     fig.suptitle(_label(metrics))
     fig.tight_layout()
-    written += _save(fig, out, "eps_d_curves")
+    written += save_figure(fig, out, "eps_d_curves")
 
     last, cell = _cells(run_dir, metrics)[-1]
     result = PoisonResult.load(cell)
@@ -122,7 +122,7 @@ def _regression_lines(run_dir: Path, metrics: dict, out: Path) -> list[Path]:
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
     splits, _ = load_data(config)
     cells = _cells(run_dir, metrics)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(cells), figsize=(3.6 * len(cells), 3.4), squeeze=False, sharey=True)
     grid = torch.linspace(float(splits.x_train.min()) - 1, float(splits.x_train.max()) + 1, 50).view(-1, 1)
     lines = {name: models.load_model(run_dir / f"{name}_model.pt") for name in ("clean", "target")}
@@ -138,7 +138,7 @@ def _regression_lines(run_dir: Path, metrics: dict, out: Path) -> list[Path]:
     axes[0][0].set_ylabel("y")
     axes[0][0].legend(fontsize="x-small")
     fig.tight_layout()
-    return _save(fig, out, "regression")
+    return save_figure(fig, out, "regression")
 
 
 def _eps_d_curves(axes, runs: list[tuple[str | None, dict]]) -> None:
@@ -194,7 +194,7 @@ def _poison_grid(result: PoisonResult, run_dir: Path, metrics: dict, out: Path, 
     clean = splits.x_train[result.source_indices[:count]]
     poisons = result.x[:count]
     rows = [("clean", clean), ("poisoned", poisons), ("perturbation", poisons - clean)]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(3, count, figsize=(1.4 * count, 4.6), squeeze=False)
     for i, (name, images) in enumerate(rows):
         for j in range(count):
@@ -213,7 +213,7 @@ def _poison_grid(result: PoisonResult, run_dir: Path, metrics: dict, out: Path, 
                 ax.set_ylabel(name)
     fig.suptitle(f"{_label(metrics)}, {title}")
     fig.tight_layout()
-    return _save(fig, out, "poisons")
+    return save_figure(fig, out, "poisons")
 
 
 def plot_sweep(sweep_dir: str | Path) -> list[Path]:
@@ -222,12 +222,12 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
     runs = [(cell.name, io.read_json(cell / "metrics.json"), cell) for cell in sorted((sweep_dir / "cells").glob("*")) if (cell / "metrics.json").is_file()]
     if not runs:
         raise PoisonReachError(f"{sweep_dir} holds no finished cell (cells/*/metrics.json): run `poisonreach sweep` first")
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     _eps_d_curves(axes, [(f"{name} (τ = {metrics['tau']:.3g})", metrics) for name, metrics, _ in runs])
     fig.tight_layout()
-    written += _save(fig, sweep_dir, "eps_d_curves")
+    written += save_figure(fig, sweep_dir, "eps_d_curves")
 
     budgets = sorted({r["eps_d"] for _, metrics, _ in runs for r in metrics["results"]})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
@@ -245,7 +245,7 @@ def plot_sweep(sweep_dir: str | Path) -> list[Path]:
         ax.legend(fontsize="x-small")
     if drawn:
         fig.tight_layout()
-        written += _save(fig, sweep_dir, "gc_history")
+        written += save_figure(fig, sweep_dir, "gc_history")
     else:
         plt.close(fig)
 
@@ -268,7 +268,7 @@ def _flat(value) -> list[float]:
 def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) -> list[Path]:
     """Figure 1 (left and middle): τ, and the accuracy drop (clean − poisoned) at each ε_d, over the
     target grid w ∈ R²."""
-    plt = _pyplot()
+    plt = pyplot()
     w1 = sorted({_flat(c["target_options"]["weight"])[0] for _, c in fixed})
     w2 = sorted({_flat(c["target_options"]["weight"])[1] for _, c in fixed})
     grids = {key: torch.full((len(w2), len(w1)), math.nan) for key in ["tau", *budgets]}
@@ -300,4 +300,4 @@ def _tau_map(fixed: list[tuple[dict, dict]], budgets: list[float], out: Path) ->
     for ax in list(axes.flat)[len(grids):]:
         ax.axis("off")
     fig.tight_layout()
-    return _save(fig, out, "tau_map")
+    return save_figure(fig, out, "tau_map")

@@ -38,7 +38,8 @@ class Construction(Attack):
     eps_d: the poison budget ε_d = m / n (> 0); m = round(n·ε_d) poisons, at least one.
     iterations: Gauss–Newton steps of the solver within the subspace.
     tolerance: stop once ‖r‖ / ‖r_0‖ ≤ tolerance.
-    weight_decay: the victim's weight decay λ, as in :class:`~poisonreach.attacks.CancelingAttack`.
+    weight_decay: the victim's weight decay λ (it minimises the mean loss plus λ/2·‖w‖²); its
+        stationarity then carries the term (1 + ε_d)·λw.
     seed: seeds the clean points the poisons start from.
     """
 

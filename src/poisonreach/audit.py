@@ -23,6 +23,7 @@ The victims here are convex (a linear model with weight decay λ > 0, retrained 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -37,6 +38,8 @@ from .losses import resolve
 from .models import features, last_linear
 from .reachability import W_1_OVER_E, box_threshold, inner_sum, lambert_w_constant, sharpened_threshold, threshold
 from .validation import check_number
+
+logger = logging.getLogger(__name__)
 
 # A target counts as reached when the victim predicts as it does on this share of the test points.
 REACHED_AGREEMENT = 99.0
@@ -145,6 +148,8 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
         ends = [_pull_back(clean, _ascend(W, Z_test, y_test, lambda W: condition(W, e), iterations), lambda W: float(condition(W, e)))
                 for W in starts]
         ends.sort(key=lambda W: _accuracy(Z_test @ W.T, y_test))
+        logger.info(f"frontier eps_d={e:g}: {len(starts)} searches under the scalar condition, drops up to "
+                    f"{clean_acc - _accuracy(Z_test @ ends[0].T, y_test):.2f}")
         solved = 0
         if box is not None:
             pulled = []
@@ -152,6 +157,8 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
                 counted = _Counted(lambda W: programme(W, e))
                 pulled.append(_pull_back(clean, W, counted, steps=pullback_steps))
                 solved += counted.calls
+                logger.info(f"frontier eps_d={e:g}: pulled back to the box programme ({counted.calls} programmes), drop "
+                            f"{clean_acc - _accuracy(Z_test @ pulled[-1].T, y_test):.2f}")
             ends = pulled
         best = min(ends, key=lambda W: _accuracy(Z_test @ W.T, y_test))
         accuracy = _accuracy(Z_test @ best.T, y_test)

@@ -145,27 +145,26 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
     for e in eps_d:
         starts = [clean, previous] + [clean + torch.randn(clean.shape, generator=gen, dtype=clean.dtype) * clean.norm() / math.sqrt(clean.numel()) * s
                                       for s in (0.5, 1.0, 2.0, 4.0)[: max(restarts - 2, 0)]]
-        ends = [_pull_back(clean, _ascend(W, Z_test, y_test, lambda W: condition(W, e), iterations), lambda W: float(condition(W, e)))
+        ends = [_pull_back(clean, _ascend(W, Z_test, y_test, lambda W: condition(W, e), iterations), lambda W: condition(W, e))
                 for W in starts]
-        ends.sort(key=lambda W: _accuracy(Z_test @ W.T, y_test))
+        ends.sort(key=lambda end: _accuracy(Z_test @ end[0].T, y_test))  # (W̄, the condition's value there)
         logger.info(f"frontier eps_d={e:g}: {len(starts)} searches under the scalar condition, drops up to "
-                    f"{clean_acc - _accuracy(Z_test @ ends[0].T, y_test):.2f}")
+                    f"{clean_acc - _accuracy(Z_test @ ends[0][0].T, y_test):.2f}")
         solved = 0
         if box is not None:
             pulled = []
-            for W in ends[:programme_candidates]:
+            for W, _ in ends[:programme_candidates]:
                 counted = _Counted(lambda W: programme(W, e))
                 pulled.append(_pull_back(clean, W, counted, steps=pullback_steps))
                 solved += counted.calls
                 logger.info(f"frontier eps_d={e:g}: pulled back to the box programme ({counted.calls} programmes), drop "
-                            f"{clean_acc - _accuracy(Z_test @ pulled[-1].T, y_test):.2f}")
+                            f"{clean_acc - _accuracy(Z_test @ pulled[-1][0].T, y_test):.2f}")
             ends = pulled
-        best = min(ends, key=lambda W: _accuracy(Z_test @ W.T, y_test))
+        best, value = min(ends, key=lambda end: _accuracy(Z_test @ end[0].T, y_test))
         accuracy = _accuracy(Z_test @ best.T, y_test)
         previous = best
         points.append(FrontierPoint(eps_d=e, max_drop_estimate=clean_acc - accuracy, accuracy=accuracy,
-                                    condition="tau(c)" if box is None else "box LP",
-                                    condition_value=float(condition(best, e)) if box is None else programme(best, e),
+                                    condition="tau(c)" if box is None else "box LP", condition_value=value,
                                     restarts=len(starts), programmes=solved))
     return points
 
@@ -225,19 +224,26 @@ def _ascend(W: Tensor, Z_test: Tensor, y_test: Tensor, condition, iterations: in
     return W.detach()
 
 
-def _pull_back(clean: Tensor, W: Tensor, condition, steps: int = 40) -> Tensor:
-    """The point of the segment clean → W farthest along it (by bisection) where ``condition(W̄) ≤ 0``
-    (clean meets it: a clean model trained to convergence with λ‖W̄‖² < W(·) is stationary)."""
-    if condition(W) <= 0:
-        return W
-    if condition(clean) > 0:
+def _pull_back(clean: Tensor, W: Tensor, condition, steps: int = 40) -> tuple[Tensor, float]:
+    """The point of the segment clean → W farthest along it (by bisection) where ``condition(W̄) ≤ 0``,
+    and the condition's value there (clean meets it: a clean model trained to convergence with
+    λ‖W̄‖² < W(·) is stationary). Each point is evaluated once: a box programme costs a solve."""
+    value = float(condition(W))
+    if value <= 0:
+        return W, value
+    value = float(condition(clean))
+    if value > 0:
         raise PoisonReachError("the clean model does not meet the necessary condition at this ε_d: train it to convergence "
                                "(--protocol converged) before auditing")
     lo, hi = 0.0, 1.0
     for _ in range(steps):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if condition(clean + mid * (W - clean)) <= 0 else (lo, mid)
-    return clean + lo * (W - clean)
+        trial = float(condition(clean + mid * (W - clean)))
+        if trial <= 0:
+            lo, value = mid, trial
+        else:
+            hi = mid
+    return clean + lo * (W - clean), value
 
 
 def diagnose(target: nn.Module, X: Tensor, y: Tensor, poisons: PoisonResult, *, X_test: Tensor, weight_decay: float,

@@ -49,7 +49,7 @@ from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MOD
                                  PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
-from .experiments.run import format_table, format_tau, run, tau
+from .experiments.run import format_table, format_tau, tau
 
 
 def _box(text: str):
@@ -197,6 +197,10 @@ def _parser() -> argparse.ArgumentParser:
                         "eps_d*n images) and its retraining (float64 LR, SGD lr 0.1, batch 10000, 100 epochs, test accuracy every epoch); "
                         "logistic regression on MNIST-like data only")
     tracking.add_arguments(p, store="the run folder: RUN/tensorboard/ or RUN/mlruns/")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data parallel over N processes on this machine (gloo on the CPU, NCCL with --device cuda, a GPU each): "
+                        "GC (--attack gc) and every training split their rows, rank 0 writes the run folder; several machines: "
+                        "torchrun --nproc-per-node N ... -m poisonreach run ... (docs/scaling.md) (default: 1)")
     p.add_argument("--quiet", action="store_true", help="print only the table (and warnings)")
 
     p = command("defend", "apply a defense to every ε_d cell of a finished run, or to any poison file", defend_module.__doc__)
@@ -315,9 +319,11 @@ def _cmd_run(args) -> int:
                      victim_seeds=args.victim_seeds, protocol=args.protocol, victim_model=args.victim_model,
                      victim_model_options=dict(args.victim_model_option))
     out = args.out or run_module.default_out(config)
-    metrics = run(config, out, tracking=tracking.from_arguments(args))
-    print(format_table(metrics))
-    print(f"run folder: {out}", file=sys.stderr)
+    metrics = run_module.run_processes(config, out, nproc=args.nproc, tracking=tracking.from_arguments(args), quiet=args.quiet,
+                                       threads=args.threads)
+    if run_module.is_writer():  # under torchrun: rank 0 prints the table
+        print(format_table(metrics))
+        print(f"run folder: {out}", file=sys.stderr)
     return 0
 
 
@@ -329,11 +335,12 @@ def _cmd_defend(args) -> int:
         probe = argparse.ArgumentParser(add_help=False)
         _common(probe, target=False)
         given = [f"--{dest.replace('_', '-')}" for dest, default in [*vars(probe.parse_args([])).items(), ("out", None)]
-                 if dest != "threads" and getattr(args, dest) != default]
+                 if dest not in ("threads", "device") and getattr(args, dest) != default]
         if given:
             raise PoisonReachError(f"{', '.join(given)}: for --poisons only (a run folder's configuration names its data, model and "
                                    f"training); drop {'them' if len(given) > 1 else 'it'}")
-        summary = defend(args.run, args.defense, dict(args.option))
+        # --device says where to compute, not what: given, it overrides the run's
+        summary = defend(args.run, args.defense, dict(args.option), device=None if args.device == "cpu" else args.device)
     print(format_defense_table(args.defense, summary))
     return 0
 
@@ -397,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         set_threads(args.threads)
     try:
-        with tracking.console_logging(quiet=getattr(args, "quiet", False)):
+        # under torchrun this process is one rank of a data-parallel job (docs/scaling.md)
+        with run_module.joined(getattr(args, "device", None)), \
+                tracking.console_logging(quiet=getattr(args, "quiet", False) or not run_module.is_writer()):
             return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
                     "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "audit": _cmd_audit, "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:

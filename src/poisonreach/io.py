@@ -23,14 +23,20 @@ import numpy as np
 import torch
 import yaml
 
+from . import distributed
 from .errors import CorruptFileError, PoisonReachError
 
 
 @contextmanager
 def atomic_write(dest: str | os.PathLike) -> Iterator[tuple[IO[bytes], Path]]:
     """Yield a file open for writing beside ``dest`` and its path; it becomes ``dest`` only if the
-    block succeeds, so readers never see a half-written file."""
+    block succeeds, so readers never see a half-written file. In a data-parallel job only rank 0
+    writes: the other ranks' copies (the same bytes) go to a scratch file that is dropped."""
     dest = Path(dest)
+    if not distributed.is_writer():
+        with tempfile.TemporaryDirectory() as scratch, open(Path(scratch) / dest.name, "wb") as out:
+            yield out, Path(scratch) / dest.name
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:

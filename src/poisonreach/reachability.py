@@ -27,6 +27,7 @@ from scipy.optimize import linprog, minimize_scalar
 from scipy.special import lambertw
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import PoisonReachError
 from .gradients import gradient_sum
 from .losses import resolve, task_of
@@ -206,19 +207,17 @@ def threshold(
     """
     check_number("chunk_size", chunk_size, low=1, integer=True)
     check_number("weight_decay", weight_decay, low=0)
-    check_model_data(model, X, y, device)
+    c = check_model_data(model, X, y, device)
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
     device = device or next(model.parameters()).device
-    total, c = 0.0, None
+    total, rows = 0.0, distributed.shard(len(X), chunk_size)  # data parallel: this rank's rows, then the sum over ranks
     with evaluating(model), torch.no_grad():  # one forward pass; nothing here is differentiated
-        for start in range(0, len(X), chunk_size):
-            h = model(X[start : start + chunk_size].to(device)).to(torch.float64)
-            h = h.reshape(len(h), -1)
-            c = h.shape[1]
-            yb = y[start : start + chunk_size].to(device)
-            total += float(inner_sum(h, yb))
-    inner = total / len(X)
+        for start in range(rows.start, rows.stop, chunk_size):
+            stop = min(start + chunk_size, rows.stop)
+            h = model(X[start:stop].to(device)).to(torch.float64)
+            total += float(inner_sum(h.reshape(len(h), -1), y[start:stop].to(device)))
+    inner = distributed.reduce_number(total) / len(X)
     shift = weight_decay * _squared_norm(last_linear(model)) if weight_decay else 0.0
     w1 = W_1_OVER_E
     tau2 = _shifted_tau(inner, w1, shift)

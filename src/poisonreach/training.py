@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import losses
+from . import distributed, losses
 from .errors import PoisonReachError
 from .gradients import flat_norm, gradient_sum, select_parameters
 from .progress import Progress
@@ -100,6 +100,13 @@ def train(
 
     Each epoch splits a fresh permutation into ⌈N / batch_size⌉ batches of near-equal size (at most
     ``batch_size``), so that no trailing batch of a single sample breaks BatchNorm.
+
+    Data parallel (:mod:`poisonreach.distributed`): every rank draws the same permutation and
+    trains on its shard of each batch under ``DistributedDataParallel``, its loss weighted by its
+    share of the batch, so the averaged gradient is the whole batch's mean and every step is the
+    single-process step up to rounding. Dropout draws its masks per rank and batch normalisation
+    normalises each rank's shard (use ``SyncBatchNorm`` on CUDA for whole-batch statistics), so a
+    model with either trains the same protocol, not the same numbers.
     """
     n = check_inputs(X)
     progress_flag("progress", progress)
@@ -121,6 +128,11 @@ def train(
     # a stream of its own, so turning augmentation on leaves the batch order as it was
     draws = torch.Generator().manual_seed(int(seed) + 1) if augment is not None else None
     num_batches = math.ceil(n / batch_size)
+    world = distributed.world_size()
+    if n // num_batches < world:
+        raise PoisonReachError(f"batches of {n // num_batches} points cannot be shared by {world} processes: "
+                               f"raise batch_size to at least {world} or run on fewer processes")
+    net = _data_parallel(model, device)
 
     # Dropout draws from the global generator: seed it inside a fork so the caller's state survives.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -129,16 +141,19 @@ def train(
         with Progress(range(epochs), desc="train", unit="epoch", show=progress, logger=logger) as bar:
             for epoch in bar:
                 total = torch.zeros((), device=device)
-                for idx in torch.randperm(n, generator=shuffle).tensor_split(num_batches):
+                for batch in torch.randperm(n, generator=shuffle).tensor_split(num_batches):
+                    idx = batch[distributed.shard(len(batch))]  # this rank's share of the batch
                     batch_loss = _batch_loss(
-                        model, loss_fn, X[idx], y[idx], None if w is None else w[idx], device, augment, worst_of, draws
+                        net, loss_fn, X[idx], y[idx], None if w is None else w[idx], device, augment, worst_of, draws
                     )
                     opt.zero_grad(set_to_none=True)
-                    batch_loss.backward()
+                    # DDP averages the ranks' gradients: weighting each by its share makes that the batch's mean
+                    share = world * len(idx) / len(batch)
+                    (batch_loss if share == 1 else batch_loss * share).backward()
                     opt.step()
                     total += batch_loss.detach() * len(idx)
                 scheduler.step()
-                mean_loss = total.item() / n
+                mean_loss = distributed.reduce_number(total.item()) / n
                 bar.set_postfix(loss=f"{mean_loss:.4g}")
                 if callback is not None:
                     callback(epoch + 1, {"loss": mean_loss})
@@ -182,6 +197,9 @@ def minimize(
     chooses the start (the caller's initialisation). The loss is summed over chunks of
     ``chunk_size`` rows (a memory bound; the result changes by rounding only).
 
+    Data parallel (:mod:`poisonreach.distributed`): each rank sums the loss and its gradient over
+    its shard of the rows and the sums are all-reduced, so every rank takes the same L-BFGS steps.
+
     When ``max_iterations`` pass, or the line search stalls, before the tolerance is met, a warning
     says so (the run records every model's gradient norm, :func:`training_gradient_norm`).
 
@@ -217,14 +235,21 @@ def minimize(
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=_ITERATIONS_PER_CHECK, history_size=history_size,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
 
+    rows = distributed.shard(n, chunk_size)  # data parallel: this rank's chunks, the sums all-reduced
+
     def objective() -> Tensor:
         opt.zero_grad(set_to_none=False)
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, n, chunk_size):  # (1/N) Σ ℓ, its gradient accumulated chunk by chunk
-            x = X[start : start + chunk_size].to(torch.float64)
-            part = _per_sample(work, loss_fn, x, y[start : start + chunk_size], device).sum() / n
+        for start in range(rows.start, rows.stop, chunk_size):  # (1/N) Σ ℓ, its gradient accumulated chunk by chunk
+            stop = min(start + chunk_size, rows.stop)
+            part = _per_sample(work, loss_fn, X[start:stop].to(torch.float64), y[start:stop], device).sum() / n
             part.backward()
             total += part.detach()
+        if distributed.active():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce([total, *(p.grad for p in params)])
         penalty = weight_decay / 2 * sum((p * p).sum() for p in params)
         if weight_decay:
             penalty.backward()
@@ -429,8 +454,9 @@ def training_gradient_norm(
     y = check_labels(y, n, outputs, strict=not callable(loss))
     loss_fn = losses.resolve(outputs, y, loss)
     params = select_parameters(model, "all")
+    rows = distributed.shard(n, chunk_size)  # data parallel: this rank's chunks, the sum all-reduced
     with evaluating(model):
-        total = gradient_sum(model, params, X, y, loss_fn, chunk_size=chunk_size, device=device)
+        total = gradient_sum(model, params, X[rows], y[rows], loss_fn, chunk_size=chunk_size, device=device, all_reduce=True)
     return flat_norm([g / n + weight_decay * p.detach() for g, p in zip(total, params)])
 
 
@@ -492,6 +518,13 @@ def _device(model: nn.Module, device: str | torch.device | None) -> torch.device
     device = torch.device(device)
     model.to(device)
     return device
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under ``DistributedDataParallel`` in a data-parallel job, else itself."""
+    if not distributed.active():
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def make_optimizer(name: str, params, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .. import io
+from .. import distributed, io
 from ..errors import PoisonReachError
 from ..gradients import gradient_sum, select_parameters
 from ..losses import LossFn, resolve
@@ -59,6 +59,7 @@ class CancelingAttack(Attack):
 
     model_targeted = True
     shared = keywords(_problem) + Attack.shared
+    data_parallel = False  # whether the solver runs on sharded poisons (:mod:`poisonreach.distributed`)
 
 
 @dataclass
@@ -67,7 +68,12 @@ class CancelingProblem:
     µ is the ``n`` points of ``kept`` (all of them unless the attack replaces data); ``source`` are
     the m start points; ``eps_d`` is the proportion m/n the victim trains on (the attack's ε_d
     rounded to whole points), so that the residual is the victim's stationarity exactly; ``low``/``high`` bound Γ (None: unbounded); ``gen`` continues the seeded
-    stream the draws came from."""
+    stream the draws came from.
+
+    Data parallel (:mod:`poisonreach.distributed`): g(µ) is each rank's sum over its shard of µ,
+    all-reduced; ``local`` are this rank's poisons (whole chunks of range(m)), and :meth:`gradient_sum`
+    sums over the poisons it is given, this rank's, all-reduced, so the residual is the same on
+    every rank. In one process ``local`` is all of them and the reductions do nothing."""
 
     model: nn.Module
     params: list[Tensor]
@@ -86,14 +92,15 @@ class CancelingProblem:
     gen: torch.Generator
     chunk_size: int
     device: torch.device
+    local: slice
 
     @property
     def m(self) -> int:
         return len(self.source)
 
     def gradient_sum(self, x: Tensor, y: Tensor) -> list[Tensor]:
-        """Σ_j ∇_w ℓ(z_j; w) over the points (x, y), chunk by chunk."""
-        return gradient_sum(self.model, self.params, x, y, self.loss_fn, chunk_size=self.chunk_size, device=self.device)
+        """Σ_j ∇_w ℓ(z_j; w) over the points (x, y), chunk by chunk, and over the ranks' points."""
+        return gradient_sum(self.model, self.params, x, y, self.loss_fn, chunk_size=self.chunk_size, device=self.device, all_reduce=True)
 
     def residual(self, g_nu_sum: list[Tensor]) -> list[Tensor]:
         """v = g(µ) + ε_d·g(ν̂) from Σ_j ∇_w ℓ(z_j; w) (g(ν̂) is that sum over m)."""
@@ -123,13 +130,17 @@ def load_checkpoint(path: str | os.PathLike | None, fingerprint: str, device: to
 
 
 def save_checkpoint(path: str | os.PathLike, fingerprint: str, state: dict) -> None:
-    """Write a solver's state (tensors and plain values) atomically, on the CPU."""
+    """Write a solver's state (tensors and plain values) atomically, on the CPU (rank 0 writes)."""
     io.save_tensors(path, {"fingerprint": fingerprint, "state": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}})
 
 
 def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:
     """Set up problem (18) for ``attack`` (its ``eps_d``, ``seed``, ``replace``, ``box``,
-    ``parameters``, ``chunk_size``) against the target ``model`` on the clean data (X, y)."""
+    ``parameters``, ``chunk_size``) against the target ``model`` on the clean data (X, y). Every
+    rank draws the same poisons and start points; each sums g(µ) over its shard of µ."""
+    if distributed.active() and not attack.data_parallel:
+        raise PoisonReachError(f"attack {attack.name!r} runs in one process: drop --nproc (or torchrun), or use the Gauss–Newton "
+                               "solver (--attack gc), which runs data parallel")
     gen = torch.Generator().manual_seed(attack.seed)
     kept = None
     if attack.replace:  # appendix C.10: a subset of size n/(1 + ε_d) stands in for µ
@@ -147,9 +158,11 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     # g(µ): the sum over the clean chunks divided by n; computed once, w is fixed. The victim's
     # regulariser λ/2·‖w‖² enters its stationarity as (n + m)/n·λw: a constant of the problem.
     decay = attack.weight_decay * (n + len(source)) / n
+    rows = distributed.shard(n, attack.chunk_size)
     g_mu = [g / n + decay * p.detach() for g, p in
-            zip(gradient_sum(model, params, X_mu, y_mu, loss_fn, chunk_size=attack.chunk_size, device=device), params)]
+            zip(gradient_sum(model, params, X_mu[rows], y_mu[rows], loss_fn, chunk_size=attack.chunk_size, device=device, all_reduce=True), params)]
     return CancelingProblem(
         model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=len(source) / n,
         g_mu=g_mu, source=source, low=low, high=high, tau=tau, kept=kept, gen=gen, chunk_size=attack.chunk_size, device=device,
+        local=distributed.shard(len(source), attack.chunk_size),
     )

@@ -20,10 +20,17 @@ directions at the cost of a pass over the poisons: Jᵀu is the bracket of equat
 3. **Levenberg–Marquardt**: the step is kept if ‖r‖ fell (λ shrinks), else undone and λ grows.
 
 The labels are real classes throughout: every poison is an image in the box with one integer label.
+
+Data parallel (:mod:`poisonreach.distributed`): each rank holds a shard of the poisons. Jᵀu is
+per poison, so local; Jd, the residual and ‖Jᵀr‖² are sums over the poisons, all-reduced; the CG
+vectors live in the residual space, replicated, so their dot products need no traffic; the label
+pass gathers the poisons' features (m × (d + 1), small) and runs the same pass on every rank, in
+the single-process order. Only the order of the sums differs from one process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -32,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import PoisonReachError
 from ..gradients import cancel_gradient, chunks, conjugate_gradient, flat_norm, flatten, gradient_jvp, unflatten
 from ..losses import cross_entropy, logistic
@@ -71,13 +79,14 @@ def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple
     one_logit = p.num_outputs == 1
     phi = torch.cat([torch.cat([features(p.model, x[sl]).detach().flatten(1) for sl in chunks(len(x), p.chunk_size)]),
                      torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)
+    phi, y = distributed.gather_rows(phi, p.m, p.chunk_size), distributed.gather_rows(y, p.m, p.chunk_size)  # every rank: the same pass over all
     R = torch.cat([r[0].reshape(p.num_outputs, -1), r[1].reshape(p.num_outputs, 1)], dim=1).double()
     # e(c): the label's part of ∇_h l = p − e(y), a one-hot row, or the label itself for one logit
     codes = torch.eye(2 if one_logit else p.num_outputs, dtype=R.dtype, device=R.device)
     codes = codes[:, 1:] if one_logit else codes
     y = y.clone()
     changed = 0
-    for j in range(len(x)):
+    for j in range(p.m):
         f = phi[j].double()
         s = R @ f  # ⟨R, e ⊗ φ̃_j⟩ = e·s
         diff = codes[y[j]] - codes  # e(a) − e(c) for every candidate c
@@ -88,7 +97,7 @@ def relabel(p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor]) -> tuple
             y[j] = c
             changed += 1
     W, b = R[:, :-1].to(r[0].dtype), R[:, -1].to(r[1].dtype)
-    return y, [W.reshape(r[0].shape), b.reshape(r[1].shape)], changed
+    return y[p.local], [W.reshape(r[0].shape), b.reshape(r[1].shape)], changed
 
 
 class GaussNewtonCanceling(CancelingAttack):
@@ -113,6 +122,7 @@ class GaussNewtonCanceling(CancelingAttack):
     """
 
     name = "gc"
+    data_parallel = True
     stopping = ("iterations", "tolerance")  # a step does not depend on them: a checkpoint resumes under others
     constraints = {
         "cg_tolerance": Number(low=0, low_open=True, high=1),
@@ -160,7 +170,7 @@ class GaussNewtonCanceling(CancelingAttack):
         clock the time history counts from."""
         fingerprint = p.fingerprint(self)
         saved = load_checkpoint(self.checkpoint, fingerprint, p.device)
-        state = Iterate(**saved) if saved is not None else self._start(p)
+        state = self._start(p) if saved is None else Iterate(**{**saved, "x": saved["x"][p.local], "y": saved["y"][p.local]})
         r = p.residual(p.gradient_sum(state.x, state.y))  # not in a checkpoint: one pass rebuilds it
         if not state.history:  # a fresh start: its residual is the first entry
             state.history.append(flat_norm(r))
@@ -182,14 +192,23 @@ class GaussNewtonCanceling(CancelingAttack):
             state.damping_history.append(state.damping)
             bar.set_postfix(ratio=f"{state.history[-1] / max(state.history[0], 1e-30):.3g}")
             if self.checkpoint is not None and state.iteration % self.checkpoint_every == 0:
-                save_checkpoint(self.checkpoint, fingerprint, asdict(state))
+                save_checkpoint(self.checkpoint, fingerprint, asdict(self._gathered(p, state)))
         bar.close()
-        return state
+        return self._gathered(p, state)
+
+    @staticmethod
+    def _gathered(p: CancelingProblem, state: Iterate) -> Iterate:
+        """The state with every rank's poisons (in one process: the state itself)."""
+        if not distributed.active():
+            return state
+        return dataclasses.replace(state, x=distributed.gather_rows(state.x, p.m, p.chunk_size),
+                                   y=distributed.gather_rows(state.y, p.m, p.chunk_size))
 
     def _start(self, p: CancelingProblem) -> Iterate:
         """The start points (clean points projected onto Γ) with their labels."""
-        x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        return Iterate(iteration=0, x=x, y=p.y[p.source].to(p.device), damping=None, history=[], time_history=[])
+        source = p.source[p.local]  # this rank's poisons
+        x = clamp_box(p.X[source].to(device=p.device, dtype=torch.float32), p.low, p.high)
+        return Iterate(iteration=0, x=x, y=p.y[source].to(p.device), damping=None, history=[], time_history=[])
 
     def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
         """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""
@@ -197,13 +216,13 @@ class GaussNewtonCanceling(CancelingAttack):
         rf = flatten(r)
         norm = float(rf.norm())
         transpose = lambda u: alpha * cancel_gradient(p.model, p.params, x, y, p.loss_fn, unflatten(u, r), chunk_size=self.chunk_size).x  # noqa: E731
-        forward = lambda d: alpha * flatten(gradient_jvp(p.model, p.params, x, y, p.loss_fn, d, chunk_size=self.chunk_size))  # noqa: E731
+        forward = lambda d: alpha * flatten(gradient_jvp(p.model, p.params, x, y, p.loss_fn, d, chunk_size=self.chunk_size, all_reduce=True))  # noqa: E731
         g = transpose(rf)
         free = torch.ones_like(x, dtype=torch.bool)
         if p.low is not None:  # held: at a bound, pushed outwards by the descent direction −g
             free &= ~(((x <= p.low) & (g > 0)) | ((x >= p.high) & (g < 0)))
         if lam is None:
-            lam = self.damping * float((g * g).sum()) / max(norm**2, 1e-300)
+            lam = self.damping * distributed.reduce_number(float((g.double() ** 2).sum())) / max(norm**2, 1e-300)
         for _ in range(8):
             d = self._gauss_newton(p, x, rf, free, lam, transpose, forward)
             x_new = clamp_box(x + d, p.low, p.high)
@@ -227,7 +246,7 @@ class GaussNewtonCanceling(CancelingAttack):
             if p.low is None or round_ == self.active_set_rounds:
                 return d
             out = free & ((x + d < p.low) | (x + d > p.high))
-            if not out.any():
+            if not distributed.reduce_number(bool(out.any()), "max"):  # every rank takes the same rounds
                 return d
             free &= ~out
             fixed = torch.where(out, clamp_box(x + d, p.low, p.high) - x, fixed)

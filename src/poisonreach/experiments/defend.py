@@ -22,6 +22,7 @@ give the numbers of the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
@@ -75,17 +76,20 @@ def _compact(value) -> str:
     return "".join(c if c.isalnum() or c in "-_.+[]" else "_" for c in text)
 
 
-def defend(run_dir: str | Path, name: str, options: dict | None = None) -> dict:
+def defend(run_dir: str | Path, name: str, options: dict | None = None, *, device: str | None = None) -> dict:
     """Apply defense ``name`` to every ε_d cell of the finished run in ``run_dir``; returns its metrics
     (also stored in metrics.json under ``defenses[defense_id(name, options)]``). The retrained
     models are of the victims' architecture (a transfer run's ``victim_model``), and so is the
-    clean model the drops are measured against."""
+    clean model the drops are measured against. ``device``: where to compute (default: the run's),
+    which changes no result but its rounding."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PoisonReachError(f"{run_dir} is not a run folder (no config.yaml): give the folder `poisonreach run` wrote")
     if not (run_dir / "metrics.json").is_file():
         raise PoisonReachError(f"the run in {run_dir} is unfinished (no metrics.json): run the same `poisonreach run` again to finish it")
     config = RunConfig.from_dict(io.read_yaml(run_dir / "config.yaml"))
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
     record, key = _settings(name, options, config, str(run_dir))
     metrics = io.read_json(run_dir / "metrics.json")
     splits, spec = load_data(config)

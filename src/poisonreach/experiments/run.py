@@ -61,6 +61,7 @@ MLflow (:mod:`.tracking`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -73,7 +74,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import io, models
+from .. import distributed, io, models
 from ..attacks import Attack, PoisonResult
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve, task_of
@@ -83,12 +84,12 @@ from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
 from .config import (ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std,
-                     short_name, victim_spec)
+                     set_threads, short_name, victim_spec)
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 from .selection import TargetSelection
 from .tracking import FOLDERS as TRACKING_FOLDERS
-from .tracking import Tracker, Tracking, open_tracker
+from .tracking import Tracker, Tracking, console_logging, open_tracker
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,36 @@ def run(config: RunConfig, out: str | os.PathLike, *, tracking: Tracking | None 
     config.validate()
     out = Path(out)
     claim(config, out)
+    if distributed.active():  # one rank of a data-parallel job: its own GPU; rank 0 writes and records
+        config = dataclasses.replace(config, device=str(distributed.local_device(config.device)))
+        tracking = tracking if distributed.is_writer() else None
+        distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     with open_tracker(tracking, out, config.to_dict()) as tracker:
         return _run(config, out, tracker)
+
+
+# the command line's view of a data-parallel job: torchrun's group joined, rank 0 prints
+is_writer, joined = distributed.is_writer, distributed.joined
+
+
+def run_processes(config: RunConfig, out: str | os.PathLike, *, nproc: int, tracking: Tracking | None = None, quiet: bool = False,
+                  threads: int | None = None) -> dict:
+    """:func:`run` data parallel on ``nproc`` processes of this machine (``run --nproc``; 1: in this
+    process), rank 0's metrics. Each rank takes ``threads`` torch threads (default: its share of
+    the cores) and logs to stderr, the ranks other than 0 warnings only."""
+    if nproc > 1 and distributed.active():
+        raise PoisonReachError("--nproc starts its own processes, but this one is already a rank of torchrun's: drop --nproc")
+    if nproc == 1:
+        return run(config, out, tracking=tracking)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return distributed.launch(_rank, nproc, config, out, tracking, quiet, threads or max(1, cores // nproc), device=config.device)
+
+
+def _rank(config: RunConfig, out, tracking: Tracking | None, quiet: bool, threads: int) -> dict:
+    """One rank of :func:`run_processes`: a fresh process, so its threads and console logging."""
+    set_threads(threads)
+    with console_logging(quiet=quiet or not distributed.is_writer()):
+        return run(config, out, tracking=tracking)
 
 
 def default_out(config: RunConfig) -> Path:
@@ -160,7 +189,8 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
     device = torch.device(config.device)
     started = time.perf_counter()
 
-    splits, spec = load_data(config)
+    with distributed.writer_first():  # rank 0 extracts archives and writes caches, the others read them
+        splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train
     fit = fitter(config, spec, callback=tracker.training_step)
 
@@ -266,7 +296,8 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
     }
     io.write_json(out / "metrics.json", metrics)
     tracker.finish(metrics)
-    plot_run(out)
+    if distributed.is_writer():
+        plot_run(out)
     return metrics
 
 

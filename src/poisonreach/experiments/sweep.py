@@ -35,16 +35,17 @@ records are sent to this process and handled by its loggers (so they reach its s
 handlers it has). A failing cell is reported and the others go on; the sweep then raises
 :class:`SweepFailed` (the CLI exits with status 1) after writing the table of the finished cells.
 
-``--executor ray`` (the extra ``pip install 'poisonreach[ray]'``; :mod:`.ray_executor`) runs each
-cell as a Ray task instead, on this machine or on the cluster ``--address`` names (``ray start
---head`` on one machine, ``ray start --address HEAD:6379`` on the others). A task reserves the
-sweep file's ``resources`` (``num_cpus``, ``num_gpus``; default one CPU) and runs torch on
-``num_cpus`` threads, so Ray runs as many cells at once as the cluster holds and ``--jobs`` stays
-1. The cells write the same folders and this process the same results.csv as the local executor;
-``--out`` must be a folder that every machine sees at the same path (a shared file system). A cell
-whose worker dies is run again (``--retries``, default 2) and resumes from its folder and GC
-checkpoint. Log lines start with ``[cell_id]`` as above; Ray shows a worker's in this process's
-stderr. Ray that the sweep started is stopped when it ends.
+``--executor ray`` (the extra ``pip install 'poisonreach[ray]'``;
+:mod:`poisonreach.experiments.ray_executor`) runs each cell as a Ray task instead, on this machine
+or on the cluster ``--address`` names (``ray start --head`` on one machine, ``ray start --address
+HEAD:6379`` on the others; docs/scaling.md). A task reserves the sweep file's ``resources``
+(``num_cpus``, ``num_gpus``; default one CPU) and runs torch on ``num_cpus`` threads, so Ray runs
+as many cells at once as the cluster holds and ``--jobs`` stays 1. The cells write the same
+folders and this process the same results.csv as the local executor; ``--out`` must be a folder
+that every machine sees at the same path (a shared file system). A cell whose worker dies is run
+again (``--retries``, default 2) and resumes from its folder and GC checkpoint. Log lines start
+with ``[cell_id]`` as above; Ray shows a worker's in this process's stderr. Ray that the sweep
+started is stopped when it ends.
 
 Rows: the cell id, the grid axes not among the fixed columns, dataset, model, victim_model (a
 transfer victim's architecture, else empty), eps_w, attack, defense, eps_d (as configured: a number
@@ -240,12 +241,14 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, executor: 
     ``executor`` "local" runs the cells in this process, or in ``jobs`` worker processes; "ray" runs
     each as a Ray task reserving ``sweep.resources`` (:mod:`.ray_executor`: ``address`` is the
     cluster, none starts Ray on this machine; a cell whose worker died is run again up to
-    ``retries`` times, default 2), so Ray decides how many run at once and ``jobs`` stays 1; ``out``
-    must then be a path that every worker's machine sees. ``runner(config, folder, tracking=)`` runs one cell (default
-    :func:`poisonreach.experiments.run.run`), recording it with ``tracking``;
-    ``defender(run_dir, name, options)`` applies a defense to a finished cell (default
-    :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 or Ray both must be
-    importable module-level functions. Raises :class:`SweepFailed` after all cells if any failed.
+    ``retries`` times, default 2), so Ray decides how many run at once and ``jobs`` stays 1;
+    ``out`` must then be a path that every worker's machine sees.
+
+    ``runner(config, folder, tracking=)`` runs one cell (default :func:`poisonreach.experiments.run.run`),
+    recording it with ``tracking``; ``defender(run_dir, name, options)`` applies a defense to a
+    finished cell (default :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 or
+    Ray both must be picklable module-level functions. Raises :class:`SweepFailed` after all cells
+    if any failed.
     """
     check_number("jobs", jobs, low=1, integer=True)
     check_choice("executor", executor, EXECUTORS)
@@ -259,7 +262,7 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, executor: 
         check_number("retries", retries, low=0, integer=True)
         ray_executor.require()  # before anything is written
     elif address is not None or retries is not None:
-        raise PoisonReachError("address and retries are settings of the ray executor: add executor ray (--executor ray)")
+        raise PoisonReachError("address and retries (--address, --retries) are settings of the ray executor: add --executor ray")
     out = Path(out)
     _claim(out, sweep)
     defenses = sweep.defenses

@@ -161,8 +161,86 @@ def test_a_failing_cell_is_reported_with_its_workers_traceback_and_not_retried(t
 
 
 # --------------------------------------------------------------------------------------------------
-# parameters (no Ray needed)
+# starting and stopping Ray, parameters (no Ray needed)
 # --------------------------------------------------------------------------------------------------
+
+
+class FakeRay:
+    """Ray's API as the executor uses it, noting each call; a task runs in this process when its
+    result is asked for, and an exception it raises comes wrapped as Ray wraps it."""
+
+    class exceptions:
+        class RayError(Exception):
+            pass
+
+        class RayTaskError(RayError):
+            cause = None
+
+    class Ref:
+        def __init__(self, call):
+            self.call = call
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, address=None):
+        self.calls.append(("init", address))
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
+
+    def remote(self, **options):
+        fake = self
+
+        class Task:
+            def options(self, name):
+                return self
+
+            def remote(self, job, args, threads, quiet):
+                fake.calls.append(("task", options, threads))
+                return FakeRay.Ref(lambda: job(*args))
+
+        return lambda function: Task()
+
+    def wait(self, refs):
+        return refs[:1], refs[1:]
+
+    def get(self, ref):
+        try:
+            return ref.call()
+        except Exception as e:
+            error = self.exceptions.RayTaskError(f"\x1b[36mray::cell\x1b[39m (pid=1)\n{type(e).__name__}: {e}")
+            error.cause = e
+            raise error from None
+
+    def cancel(self, ref, force):
+        self.calls.append(("cancel",))
+
+
+def interrupted(config, out, tracking=None):
+    raise KeyboardInterrupt
+
+
+def test_ray_started_for_the_sweep_is_stopped_after_it_and_gets_the_sweeps_resources(tmp_path, monkeypatch):
+    from poisonreach.experiments import ray_executor
+
+    fake = FakeRay()
+    monkeypatch.setattr(ray_executor, "require", lambda: fake)
+    sweep = load_sweep("smoke", ["resources.num_cpus=2.5"])
+    with pytest.raises(SweepFailed):
+        run_sweep(sweep, tmp_path / "a", executor="ray", address="127.0.0.1:6379", retries=3, runner=fails)
+    task = ("task", {"num_cpus": 2.5, "num_gpus": 0, "max_retries": 3}, 2)  # torch on 2 of the 2.5 CPUs
+    assert fake.calls == [("init", "127.0.0.1:6379"), task, task, ("shutdown",)]
+    assert "\x1b[" not in (tmp_path / "a" / "errors" / "eps_w=2.txt").read_text()  # Ray's colours left out
+
+    fake.calls.clear()  # an interruption cancels the cells still running, and Ray still stops
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep, tmp_path / "b", executor="ray", runner=interrupted)
+    task = ("task", {"num_cpus": 2.5, "num_gpus": 0, "max_retries": 2}, 2)  # two retries by default
+    assert fake.calls == [("init", None), task, task, ("cancel",), ("shutdown",)]
 
 
 @pytest.mark.parametrize("options, fragment", [

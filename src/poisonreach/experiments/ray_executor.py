@@ -52,10 +52,9 @@ def _task(job, args: tuple, threads: int, quiet: bool):
         return job(*args)
 
 
-def _local_error(error):
+def _local_error(ray, error):
     """The exception a cell raised in its worker, with the worker's traceback as its cause; a
     Ray error (a worker that died more often than retried, a lost object) as it is."""
-    ray = require()
     if not isinstance(error, ray.exceptions.RayTaskError) or not isinstance(error.cause, Exception):
         return error
     error.cause.__cause__ = WorkerTraceback(_ANSI.sub("", str(error)))
@@ -88,7 +87,7 @@ def run_cells(cells: list[tuple[str, tuple]], job, finish, *, resources: dict, r
                 try:
                     output = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    finish(cid, error=_local_error(e))
+                    finish(cid, error=_local_error(ray, e))
                 else:
                     finish(cid, output)
         except BaseException:

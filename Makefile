@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	# .[test] includes the optional extras (safetensors, tensorboard, mlflow-skinny): their tests run, not skip
+	# .[test] includes the optional extras (safetensors, tensorboard, mlflow-skinny, ray): their tests run, not skip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

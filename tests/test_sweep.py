@@ -105,6 +105,9 @@ UNKNOWN = [
     ({}, ("run.modle=lr",), ["'modle'", "run.modle=lr", "'model'"]),
     ({}, ("grid.modle=[lr]",), ["'modle'", "grid.modle", "'model'"]),
     ({}, ("profiles.cpu.run.model=lr",), ["'profiles'", "command line"]),
+    ({"resources": {"num_cpu": 2}}, (), ["'num_cpu'", "section resources", "'num_cpus'"]),
+    ({"profiles": {"gpu": {"resources": {"gpus": 1}}}}, (), ["'gpus'", "profiles.gpu.resources", "'num_gpus'"]),
+    ({}, ("resources.cpus=2",), ["'cpus'", "command line", "'num_cpus'"]),
 ]
 
 
@@ -137,6 +140,11 @@ def test_unknown_key_is_named_with_its_place(tmp_path, doc, overrides, fragments
     ({}, ("run.eps_d=[0.1",), "as YAML"),
     ({}, ("run=3",), "set one key"),
     ({}, ("name.x=3",), "no sub-keys"),
+    ({"resources": 2}, (), "section resources must be a mapping"),
+    ({"resources": {"num_cpus": 0}}, (), "section resources must be > 0, got 0"),
+    ({"resources": {"num_gpus": -1}}, (), "section resources must be >= 0, got -1"),
+    ({"resources": {"num_gpus": "one"}}, (), "num_gpus in "),
+    ({}, ("resources.num_gpus=[1]",), "must be a number, got [1]"),
 ])
 def test_malformed_sections_fail_clearly(tmp_path, doc, overrides, fragment):
     path = write(tmp_path, {"name": "x", **doc})
@@ -176,6 +184,20 @@ def test_layers_defaults_file_profile_overrides(tmp_path):
     assert config.training == {"epochs": 2, "batch_size": 64}
     assert config.seed == 3 and config.dataset == defaults.dataset
     assert sweep.resolved["run"]["seed"] == 3 and sweep.profile == "cpu"
+
+
+def test_resources_layer_and_a_folder_accepts_other_resources(tmp_path):
+    """Defaults, the file, the profile, the overrides, as every section; resources decide where a
+    cell runs, not its result, so a sweep folder resumes under other ones."""
+    doc = {**SMALL, "resources": {"num_cpus": 2}, "profiles": {"gpu": {"resources": {"num_gpus": 1}}}}
+    path = write(tmp_path, doc)
+    assert load_sweep(write(tmp_path, SMALL, "plain.yaml"), lookup=None).resources == {"num_cpus": 1, "num_gpus": 0}
+    assert load_sweep(path, lookup=None).resources == {"num_cpus": 2, "num_gpus": 0}
+    assert load_sweep(path, ["resources.num_cpus=0.5"], profile="gpu", lookup=None).resources == {"num_cpus": 0.5, "num_gpus": 1}
+    runner = FakeRunner()
+    run_sweep(load_sweep(path, lookup=None), tmp_path / "out", runner=runner)
+    run_sweep(load_sweep(path, ["resources.num_cpus=4"], lookup=None), tmp_path / "out", runner=runner)  # not refused
+    assert runner.calls == ["eps_w=2", "eps_w=3"]  # ... and its finished cells are kept
 
 
 def test_override_hidden_by_a_grid_axis_is_refused(tmp_path):

@@ -8,7 +8,7 @@
     poisonreach defend --poisons FILE --defense D [--dataset D] [--model M] [--out DIR]
     poisonreach export RUN_DIR --format npz|safetensors|png --out DIR [--eps-d E] [--allow-soft-labels]
     poisonreach evaluate --poisons FILE [--dataset D] [--model M] [--victim-seeds 0 1 2] [--protocol honest|converged] [--out DIR]
-    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--log tensorboard|mlflow]
+    poisonreach sweep FILE [KEY=VALUE ...] [--profile cpu] [--jobs N | --executor ray [--address ADDR]] [--log tensorboard|mlflow]
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from .selection import check_select_options
 
 __all__ = ["ADDITIVE_FIELDS", "ATTACKS", "ATTACK_FIELDS", "CELL_PREFIX", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-            "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "short_name", "victim_spec"]
+            "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "set_worker_threads", "short_name", "victim_spec"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -67,6 +68,13 @@ CELL_PREFIX = "eps_d="
 def set_threads(threads: int) -> None:
     """Use ``threads`` torch CPU threads in this process."""
     torch.set_num_threads(threads)
+
+
+def set_worker_threads(threads: int) -> None:
+    """Use ``threads`` torch CPU threads in this worker process (a sweep's), and tell the libraries
+    that start their thread pools later (OpenMP) the same."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    set_threads(threads)
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The sweep engine: every cell of a sweep file, resumable, optionally in parallel, and its table.
 
     poisonreach sweep NAME|FILE [KEY=VALUE ...] [--profile cpu] [--jobs N] [--out DIR] [--dry-run] [--log tensorboard|mlflow]
+                      [--executor local|ray] [--address ADDR] [--retries N]
 
 NAME is a sweep shipped with the package (the paper's tables and figures, e.g. table2-mnist), FILE
 the path of a user's sweep file; the format and its layers (defaults, file, profile, overrides) are
@@ -34,6 +35,18 @@ records are sent to this process and handled by its loggers (so they reach its s
 handlers it has). A failing cell is reported and the others go on; the sweep then raises
 :class:`SweepFailed` (the CLI exits with status 1) after writing the table of the finished cells.
 
+``--executor ray`` (the extra ``pip install 'poisonreach[ray]'``;
+:mod:`poisonreach.experiments.ray_executor`) runs each cell as a Ray task instead, on this machine
+or on the cluster ``--address`` names (``ray start --head`` on one machine, ``ray start --address
+HEAD:6379`` on the others; docs/scaling.md). A task reserves the sweep file's ``resources``
+(``num_cpus``, ``num_gpus``; default one CPU) and runs torch on ``num_cpus`` threads, so Ray runs
+as many cells at once as the cluster holds and ``--jobs`` stays 1. The cells write the same
+folders and this process the same results.csv as the local executor; ``--out`` must be a folder
+that every machine sees at the same path (a shared file system). A cell whose worker dies is run
+again (``--retries``, default 2) and resumes from its folder and GC checkpoint. Log lines start
+with ``[cell_id]`` as above; Ray shows a worker's in this process's stderr. Ray that the sweep
+started is stopped when it ends.
+
 Rows: the cell id, the grid axes not among the fixed columns, dataset, model, victim_model (a
 transfer victim's architecture, else empty), eps_w, attack, defense, eps_d (as configured: a number
 or "tau"), clean_acc, victim_clean_acc (a transfer victim's clean model, the reference of its drops),
@@ -66,23 +79,23 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from .. import io
 from ..errors import CorruptFileError, PoisonReachError
 from ..progress import Progress
-from ..validation import check_number
+from ..validation import check_choice, check_number
 from . import tracking as tracking_module
-from .config import ADDITIVE_FIELDS, RUNTIME_FIELDS, RunConfig
+from .config import ADDITIVE_FIELDS, RUNTIME_FIELDS, RunConfig, set_worker_threads
 from .defend import defend
 from .run import run, text_table
 from .sweep_file import SETTINGS, Sweep, load_sweep, shipped_sweeps, target_label
 from .tracking import Tracking
 
-__all__ = ["COLUMNS", "HEADERS", "OFFICIAL_COLUMNS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
+__all__ = ["COLUMNS", "EXECUTORS", "HEADERS", "OFFICIAL_COLUMNS", "SEED_COLUMNS", "Sweep", "SweepFailed", "add_arguments", "command", "default_out", "describe",
            "format_results", "load_sweep", "run_sweep", "show", "show_cell", "shown_columns", "write_results"]
 
 logger = logging.getLogger(__name__)
+
+EXECUTORS = ("local", "ray")  # where the cells run: this machine's processes (jobs), or Ray tasks
 
 # accuracies are NaN for regression, which reports test MSE instead (Figure 5); param_distance is
 # ‖w_retrained − w_target‖ and target_agreement the % of test points where victim and target predict
@@ -182,8 +195,7 @@ def _init_worker(core_sets, threads: int, log_queue, levels: dict[str, int]) -> 
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # for libraries that start their thread pools later
-    torch.set_num_threads(threads)
+    set_worker_threads(threads)
     cores = core_sets.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cores)
@@ -221,16 +233,36 @@ def _claim(out: Path, sweep: Sweep) -> None:
     io.write_yaml(saved, sweep.resolved)
 
 
-def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, runner=run, defender=None, tracking: Tracking | None = None) -> list[dict]:
+def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, executor: str = "local", address: str | None = None,
+              retries: int | None = None, runner=run, defender=None, tracking: Tracking | None = None) -> list[dict]:
     """Run every unfinished cell of ``sweep`` into ``out/cells/<cell_id>`` and return the rows of the
     results table (also written to ``out/results.csv``), in grid order.
 
+    ``executor`` "local" runs the cells in this process, or in ``jobs`` worker processes; "ray" runs
+    each as a Ray task reserving ``sweep.resources`` (:mod:`.ray_executor`: ``address`` is the
+    cluster, none starts Ray on this machine; a cell whose worker died is run again up to
+    ``retries`` times, default 2), so Ray decides how many run at once and ``jobs`` stays 1;
+    ``out`` must then be a path that every worker's machine sees.
+
     ``runner(config, folder, tracking=)`` runs one cell (default :func:`poisonreach.experiments.run.run`),
     recording it with ``tracking``; ``defender(run_dir, name, options)`` applies a defense to a
-    finished cell (default :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 both
-    must be importable module-level functions. Raises :class:`SweepFailed` after all cells if any failed.
+    finished cell (default :func:`poisonreach.experiments.defend.defend`). With ``jobs`` > 1 or
+    Ray both must be picklable module-level functions. Raises :class:`SweepFailed` after all cells
+    if any failed.
     """
     check_number("jobs", jobs, low=1, integer=True)
+    check_choice("executor", executor, EXECUTORS)
+    if executor == "ray":
+        from . import ray_executor
+
+        if jobs > 1:
+            raise PoisonReachError(f"jobs {jobs} (--jobs) asks for local worker processes, which the ray executor does not use: Ray runs "
+                                   "as many cells at once as the cluster's CPUs and GPUs hold (the sweep file's resources), so leave jobs at 1")
+        retries = ray_executor.RETRIES if retries is None else retries
+        check_number("retries", retries, low=0, integer=True)
+        ray_executor.require()  # before anything is written
+    elif address is not None or retries is not None:
+        raise PoisonReachError("address and retries (--address, --retries) are settings of the ray executor: add --executor ray")
     out = Path(out)
     _claim(out, sweep)
     defenses = sweep.defenses
@@ -263,7 +295,11 @@ def run_sweep(sweep: Sweep, out: str | os.PathLike, *, jobs: int = 1, runner=run
 
     workers = min(jobs, len(pending))
     with Progress(desc=f"sweep {sweep.name}", total=len(pending), unit="cells", logger=logger) as cells:
-        if workers <= 1:
+        if executor == "ray" and pending:
+            cells_dir = out.absolute() / "cells"  # workers elsewhere resolve no relative path against this folder
+            ray_executor.run_cells([(cid, (cid, config, cells_dir / cid, runner, defenses, defender, tracking)) for cid, config in pending],
+                                   _cell_job, finish, resources=sweep.resources, retries=retries, address=address)
+        elif workers <= 1:
             for cid, config in pending:
                 try:
                     finish(cid, _cell_job(cid, config, out / "cells" / cid, runner, defenses, defender, tracking))
@@ -493,7 +529,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a setting by its dotted path, e.g. run.attack_options.epochs=50 or grid.model=[lr] (value read as YAML)")
     p.add_argument("--profile", default=None, help="apply a profile of the file (e.g. cpu; default: none, the file as written)")
-    p.add_argument("--jobs", type=int, default=1, help="cells run at once, each in its own process with its share of the cores (default: 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with --executor local: cells run at once, each in its own process with its share of the cores (default: 1)")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where the cells run: local (this machine's processes, --jobs) or ray (one Ray task per cell reserving the "
+                        "sweep file's resources, so Ray decides how many run at once; pip install 'poisonreach[ray]') (default: local)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="with --executor ray: the Ray cluster to connect to, e.g. HOST:6379 after `ray start --head` "
+                        "(default: start Ray on this machine for the sweep, or RAY_ADDRESS's cluster)")
+    p.add_argument("--retries", type=int, default=None, metavar="N",
+                   help="with --executor ray: runs of a cell after its worker died (killed, out of memory, machine lost), each resuming "
+                        "the cell's folder and GC checkpoint (default: 2)")
     p.add_argument("--out", default=None, help="sweep folder (default: sweeps/NAME or sweeps/NAME-PROFILE); an existing one is resumed")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads with --jobs 1 (default: torch's choice)")
@@ -505,13 +551,15 @@ def command(args: argparse.Namespace) -> int:
     """``poisonreach sweep``: 0 when every cell finished, 1 when some failed (the table shows the rest)."""
     sweep = load_sweep(args.file, args.overrides, args.profile)
     out = Path(args.out) if args.out else default_out(sweep)
+    if args.executor == "ray":  # the workers, on other machines too, write there (and the tracking store)
+        out = out.absolute()
     if args.dry_run:
         print(describe(sweep, out))
         return 0
     tracking = tracking_module.from_arguments(args, uri=None if args.log is None else str(out / tracking_module.FOLDERS[args.log]),
                                               experiment=sweep.name)
     try:
-        rows = run_sweep(sweep, out, jobs=args.jobs, tracking=tracking)
+        rows = run_sweep(sweep, out, jobs=args.jobs, executor=args.executor, address=args.address, retries=args.retries, tracking=tracking)
     except SweepFailed as e:
         print(format_results(e.rows))
         print(f"poisonreach: error: {e}", file=sys.stderr)

@@ -20,7 +20,8 @@ A sweep file (read with ``yaml.safe_load``)::
       model+eps_w: [[lr, 1.0], [nn, 0.5]]   # a joint axis: each value sets both fields together
     defenses:                   # applied to every finished cell (experiments.defend)
       - {name: sever, options: {rounds: 2}}
-    profiles:                   # overlays of run, grid and defenses, selected with --profile
+    resources: {num_cpus: 1, num_gpus: 0}   # what one cell reserves under --executor ray
+    profiles:                   # overlays of run, grid, defenses and resources, selected with --profile
       cpu: {run: {train_size: 4200}, grid: {model: [lr, nn]}}
 
 Layers, later wins: RunConfig's defaults, the file, the selected profile, then command-line
@@ -28,6 +29,13 @@ overrides ``key=value``, where the key is a dotted path from the top (``run.atta
 ``grid.model=[lr]``, ``paper.table=3``) and the value is read with ``yaml.safe_load``. Dicts merge
 key by key; lists (and every other value) replace. A grid value is assigned to its cell as a whole.
 An override of a ``run`` key that a grid axis sets is refused (the axis would hide it).
+
+Resources: ``num_cpus`` (a number > 0, default 1) and ``num_gpus`` (≥ 0, default 0) are what
+each cell reserves as a Ray task under ``poisonreach sweep --executor ray`` (fractions share a
+device; the cell's torch runs ``num_cpus`` threads, at least one), so Ray runs as many cells at
+once as the cluster's CPUs and GPUs hold; a GPU cell also needs ``run.device: cuda``. They decide
+where and how fast a cell runs, never its result: a sweep folder accepts other resources
+(``resources.num_cpus=4`` on the command line). ``--executor local`` (``--jobs``) ignores them.
 
 Each cell is the folder ``cells/<id>``, the id made of its grid values (``model=lr,eps_w=1``); the
 mapping parts of a joint axis are left out of it when the axis's other parts tell its values apart
@@ -64,13 +72,17 @@ import yaml
 
 from .. import io
 from ..errors import PoisonReachError
+from ..validation import check_number
 from . import paper as paper_numbers
 from .config import RunConfig
 from .defend import defense_id, make_defense
 
-SECTIONS = ("name", "description", "paper", "run", "grid", "defenses", "profiles")
-PROFILE_SECTIONS = ("run", "grid", "defenses")
+SECTIONS = ("name", "description", "paper", "run", "grid", "defenses", "resources", "profiles")
+PROFILE_SECTIONS = ("run", "grid", "defenses", "resources")
 DEFENSE_KEYS = ("name", "options")
+# what one cell reserves as a Ray task (--executor ray), with the lowest value each accepts (open: above it)
+RESOURCES = {"num_cpus": 1, "num_gpus": 0}
+_RESOURCE_LOW = {"num_cpus": (0, True), "num_gpus": (0, False)}
 # The parts of a resolved sweep that decide its results: a sweep folder refuses other values.
 SETTINGS = ("run", "grid", "defenses")
 MAX_CELL_ID = 100
@@ -99,6 +111,11 @@ class Sweep:
     @property
     def settings(self) -> dict:
         return {key: self.resolved[key] for key in SETTINGS}
+
+    @property
+    def resources(self) -> dict:
+        """What one cell reserves as a Ray task: num_cpus and num_gpus (see the module docstring)."""
+        return self.resolved["resources"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +200,15 @@ def _check_defenses(defenses, where: str) -> list:
     return defenses
 
 
+def _check_resources(value, where: str) -> dict:
+    value = _mapping(value, where)
+    _unknown(value, RESOURCES, where)
+    for key, amount in value.items():
+        low, low_open = _RESOURCE_LOW[key]
+        check_number(f"{key} in {where}", amount, low=low, low_open=low_open)
+    return value
+
+
 def _check_document(doc, source: str) -> dict:
     doc = _mapping(doc, f"{source} (top level)")
     _unknown(doc, SECTIONS, f"{source} (top level)")
@@ -190,6 +216,7 @@ def _check_document(doc, source: str) -> dict:
     _check_grid(doc.get("grid"), f"{source}, section grid")
     _check_defenses(doc.get("defenses"), f"{source}, section defenses")
     _mapping(doc.get("paper"), f"{source}, section paper")
+    _check_resources(doc.get("resources"), f"{source}, section resources")
     for name, profile in _mapping(doc.get("profiles"), f"{source}, section profiles").items():
         where = f"{source}, section profiles.{name}"
         profile = _mapping(profile, where)
@@ -197,6 +224,7 @@ def _check_document(doc, source: str) -> dict:
         _check_run(profile.get("run"), f"{where}.run")
         _check_grid(profile.get("grid"), f"{where}.grid")
         _check_defenses(profile.get("defenses"), f"{where}.defenses")
+        _check_resources(profile.get("resources"), f"{where}.resources")
     return doc
 
 
@@ -248,11 +276,11 @@ def _override_layer(text: str) -> tuple[dict, str | None]:
             raise PoisonReachError(f"{where} replaces the whole grid: set one axis, e.g. grid.model=[lr]")
         axis = ".".join(path[1:])
         return {"grid": _check_grid({axis: value}, where)}, None
-    if section == "paper":
+    if section in ("paper", "resources"):
         layer = value
         for key in reversed(path[1:]):
             layer = {key: layer}
-        return {"paper": _mapping(layer, where)}, None
+        return {section: (_check_resources if section == "resources" else _mapping)(layer, where)}, None
     if len(path) > 1:
         raise PoisonReachError(f"{section} has no sub-keys: write {section}=VALUE in {where}")
     if section == "defenses":
@@ -261,7 +289,7 @@ def _override_layer(text: str) -> tuple[dict, str | None]:
 
 
 def resolve(doc: dict, source: str, *, overrides=(), profile: str | None = None) -> dict:
-    """The layered sweep: name, description, paper, run (complete), grid, defenses."""
+    """The layered sweep: name, description, paper, run (complete), grid, defenses, resources (complete)."""
     doc = _check_document(doc, source)
     resolved = {
         "name": doc.get("name", Path(source).stem),
@@ -270,6 +298,7 @@ def resolve(doc: dict, source: str, *, overrides=(), profile: str | None = None)
         "run": deep_merge(RunConfig().to_dict(), doc.get("run") or {}),
         "grid": doc.get("grid") or {},
         "defenses": doc.get("defenses") or [],
+        "resources": deep_merge(RESOURCES, doc.get("resources") or {}),
     }
     if profile is not None:
         profiles = doc.get("profiles") or {}

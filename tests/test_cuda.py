@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 SMALL = ["--train-size", "300", "--train-epochs", "2", "--eps-w", "0.3", "--eps-d", "0.1", "--quiet"]
 # a few steps each: the point is that the device reaches every tensor, not the attack's strength
-FEW = {"gc": ["iterations=2"], "gc-pgd": ["epochs=2"], "gc-fw": ["iterations=2"], "gc-official": ["epochs=2"], "gm": ["epochs=2"],
+FEW = {"gc": ["iterations=2"], "gc-pgd": ["epochs=2"], "gc-fw": ["iterations=2"], "gc-official": ["epochs=2"], "gm": ["steps=2"],
        "tgda": ["epochs=1"], "labelflip": [], "construct": ["iterations=2"]}
 
 
@@ -41,9 +41,13 @@ def cuda_run(tmp_path_factory):
     return out
 
 
+DEFENSE_OPTIONS = {"dpa": ["--option", "num_partitions=4"]}
+
+
 @pytest.mark.parametrize("defense", sorted(DEFENSES))
 def test_every_defense_runs_on_cuda(defense, cuda_run):
-    assert main(["defend", "--run", str(cuda_run), "--defense", defense, "--device", "cuda", "--quiet"]) == 0
+    options = DEFENSE_OPTIONS.get(defense, [])
+    assert main(["defend", "--run", str(cuda_run), "--defense", defense, *options, "--device", "cuda", "--quiet"]) == 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

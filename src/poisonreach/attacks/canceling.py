@@ -32,6 +32,7 @@ from ..errors import PoisonReachError
 from ..gradients import gradient_sum, select_parameters
 from ..losses import LossFn, resolve
 from ..reachability import threshold
+from ..rows import select_rows
 from ..estimator import keywords
 from ..validation import check_model_data
 from .base import Attack, box_bounds, draw_sources
@@ -105,7 +106,7 @@ class CancelingProblem:
         they are left out: a run can be extended, or stopped at a looser tolerance, from its
         checkpoint."""
         config = {k: v for k, v in attack.config().items() if k not in attack.stopping}
-        data = [len(self.X), self.m, float(self.X.double().sum()), float(self.y.double().sum())]
+        data = [len(self.X), self.m, float(self.X.sum(dtype=torch.float64)), float(self.y.double().sum())]
         return json.dumps({"config": config, "data": data}, sort_keys=True)
 
 
@@ -134,7 +135,7 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     kept = None
     if attack.replace:  # appendix C.10: a subset of size n/(1 + ε_d) stands in for µ
         kept = torch.randperm(len(X), generator=gen)[: max(1, round(len(X) / (1 + attack.eps_d)))].sort().values
-        X_mu, y_mu = X[kept], y[kept]
+        X_mu, y_mu = select_rows(X, kept), y[kept]
     else:
         X_mu, y_mu = X, y
     n = len(X_mu)

@@ -72,18 +72,8 @@ class Rows(Dataset):
     def shape(self) -> torch.Size:
         return torch.Size((len(self), *self.row_shape))
 
-    @property
-    def ndim(self) -> int:
-        return 1 + len(self.row_shape)
-
     def dim(self) -> int:
-        return self.ndim
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def numel(self) -> int:
-        return self.shape.numel()
+        return 1 + len(self.row_shape)
 
     def is_floating_point(self) -> bool:
         return True

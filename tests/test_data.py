@@ -26,6 +26,7 @@ from poisonreach import data
 from poisonreach.data import cifar, idx, tinyimagenet
 from poisonreach.data.files import Known
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError, PoisonReachError
+from poisonreach.rows import dense
 
 from poisonreach.data import fake_files as fakedata
 from poisonreach.data.fake_files import write_cifar
@@ -80,10 +81,10 @@ def test_idx_round_trip(tmp_path, gz):
     assert (len(splits.x_train), len(splits.x_val), len(splits.x_test)) == (14, 6, 10)
     assert splits.x_train.dtype == torch.float32 and splits.y_train.dtype == torch.int64
     expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"]).float()[:, None] / 255
-    assert torch.equal(splits.x_test, expected)
+    assert torch.equal(dense(splits.x_test), expected)
     assert splits.y_test.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
     # train + val is a permutation of the original training set, pairs kept together
-    pool_x = torch.cat([splits.x_train, splits.x_val]).flatten(1)
+    pool_x = torch.cat([dense(splits.x_train), dense(splits.x_val)]).flatten(1)
     pool_y = torch.cat([splits.y_train, splits.y_val])
     original = torch.from_numpy(arrays["train-images-idx3-ubyte"]).float().flatten(1) / 255
     for row, label in zip(pool_x, pool_y):
@@ -199,7 +200,7 @@ def test_mnist17_is_binary_one_versus_seven(tmp_path):
     keep = np.isin(targets[30:], [1, 7])
     assert splits.y_test.tolist() == (targets[30:][keep] == 7).astype(int).tolist()
     expected = torch.from_numpy(arrays["t10k-images-idx3-ubyte"][keep]).float()[:, None] / 255
-    assert torch.equal(splits.x_test, expected)
+    assert torch.equal(dense(splits.x_test), expected)
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"real MNIST not at {SHARED_MNIST}")
@@ -217,8 +218,9 @@ def test_real_mnist(monkeypatch):
     assert hashed == [f"{name}.gz" for name in idx.FILES]  # every file's checksum was compared
     assert (len(splits.x_train), len(splits.x_val), len(splits.x_test)) == (42000, 18000, 10000)
     assert splits.x_train.shape[1:] == (1, 28, 28)
-    assert splits.x_train.min() == 0 and splits.x_train.max() == 1
-    assert abs(splits.x_train.mean().item() - 0.1307) < 0.003
+    x_train = dense(splits.x_train)
+    assert x_train.min() == 0 and x_train.max() == 1
+    assert abs(x_train.mean().item() - 0.1307) < 0.003
     assert set(splits.y_test.tolist()) == set(range(10))
 
 
@@ -264,7 +266,7 @@ def test_cifar10_loads_original_batches(tmp_path):
     # rows are the red, then green, then blue plane, each 32x32 row-major
     assert splits.x_test[0, 1, 2, 3].item() == pytest.approx(first[1024 + 2 * 32 + 3] / 255)
     assert splits.y_test.tolist() == test[b"labels"]
-    assert 0 <= splits.x_train.min() and splits.x_train.max() <= 1
+    assert 0 <= dense(splits.x_train).min() and dense(splits.x_train).max() <= 1
     all_train = sorted(v for name in cifar.TRAIN_BATCHES for v in batches[name][b"labels"])
     assert sorted(torch.cat([splits.y_train, splits.y_val]).tolist()) == all_train
 
@@ -371,7 +373,7 @@ def test_tinyimagenet_loads_and_reuses_its_cache(tmp_path, monkeypatch):
         raise AssertionError(f"decoded {path} although the cache is fresh")
     monkeypatch.setattr(tinyimagenet, "_decode_image", no_decoding)
     again = data.load("tinyimagenet", root=tmp_path, val_fraction=0.4)
-    assert torch.equal(again.x_train, splits.x_train) and torch.equal(again.y_val, splits.y_val)
+    assert torch.equal(dense(again.x_train), dense(splits.x_train)) and torch.equal(again.y_val, splits.y_val)
 
     # a source newer than the cache makes it stale
     future = cache.stat().st_mtime + 10

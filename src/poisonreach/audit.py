@@ -37,6 +37,7 @@ from .gradients import flat_norm, gradient_sum, select_parameters
 from .losses import resolve
 from .models import features, last_linear
 from .reachability import W_1_OVER_E, box_threshold, inner_sum, lambert_w_constant, sharpened_threshold, threshold
+from .rows import dense
 from .validation import check_number
 
 logger = logging.getLogger(__name__)
@@ -125,9 +126,9 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
     """
     check_number("weight_decay", weight_decay, low=0, low_open=True)
     head = last_linear(model)
-    with torch.no_grad():
-        Z = _with_bias(features(model, X).flatten(1).double())
-        Z_test = _with_bias(features(model, X_test).flatten(1).double())
+    with torch.no_grad():  # the programmes' data: every point's features at once, in float64
+        Z = _with_bias(features(model, dense(X)).flatten(1).double())
+        Z_test = _with_bias(features(model, dense(X_test)).flatten(1).double())
     c = head.out_features
     clean = torch.cat([head.weight.detach().double(), (head.bias.detach().double() if head.bias is not None else torch.zeros(c)).reshape(-1, 1)], 1)
     bound = W_1_OVER_E if c == 1 else lambert_w_constant(c)

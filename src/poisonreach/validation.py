@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import PoisonReachError
+from .rows import Rows
 
 
 def is_int(value) -> bool:
@@ -90,9 +91,10 @@ def progress_flag(name: str, value) -> bool | None:
     return value
 
 
-def check_inputs(X: Tensor) -> int:
-    """Validate X (a non-empty, finite, floating tensor with a batch dimension) and return N."""
-    if not isinstance(X, Tensor):
+def check_inputs(X: Tensor | Rows) -> int:
+    """Validate X (a non-empty, finite, floating tensor with a batch dimension, or :class:`Rows`
+    served as one: checked without a dense copy) and return N."""
+    if not isinstance(X, (Tensor, Rows)):
         raise PoisonReachError(f"X must be a torch.Tensor, got {type(X).__name__}; convert it with torch.as_tensor")
     if not X.is_floating_point():
         raise PoisonReachError(
@@ -100,7 +102,7 @@ def check_inputs(X: Tensor) -> int:
         )
     if X.dim() < 2 or len(X) == 0:
         raise PoisonReachError(f"X must be a non-empty batch of shape (N, ...), got shape {tuple(X.shape)}")
-    if not torch.isfinite(X).all():
+    if not (X.all_finite() if isinstance(X, Rows) else torch.isfinite(X).all()):
         raise PoisonReachError("X contains NaN or infinite values: remove or repair those samples")
     return len(X)
 

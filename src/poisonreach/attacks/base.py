@@ -20,6 +20,7 @@ from ..errors import PoisonReachError
 from ..estimator import Estimator
 from ..losses import to_probabilities
 from ..gradients import PARAMETER_SETS
+from ..rows import Rows, concat_rows, select_rows
 from ..validation import Choice, Number, check_number, flag
 
 # Constructor arguments that change where or how visibly an attack runs, never its result.
@@ -41,8 +42,9 @@ def check_box(box) -> tuple[float, float] | str | None:
     raise PoisonReachError(f"box must be (low, high) with low < high, 'data-range' or None, got {box!r}")
 
 
-def box_bounds(box, X: Tensor, *, device, dtype=torch.float32) -> tuple[Tensor | None, Tensor | None]:
-    """Lower and upper bounds of Γ, broadcastable against poisons shaped like X; (None, None) for no box."""
+def box_bounds(box, X: Tensor | Rows, *, device, dtype=torch.float32) -> tuple[Tensor | None, Tensor | None]:
+    """Lower and upper bounds of Γ, broadcastable against poisons shaped like X; (None, None) for no box.
+    The data range of :class:`~poisonreach.rows.Rows` is reduced chunk by chunk."""
     if box is None:
         return None, None
     if box == "data-range":
@@ -169,19 +171,21 @@ class PoisonResult:
         h = self.grad_norm_history
         return h[-1] / h[0] if h and h[0] > 0 else float("nan")
 
-    def mixed(self, X: Tensor, y: Tensor, num_outputs: int | None = None) -> tuple[Tensor, Tensor]:
-        """The victim's training set: the kept clean points followed by the poisons.
+    def mixed(self, X: Tensor | Rows, y: Tensor, num_outputs: int | None = None) -> tuple[Tensor | Rows, Tensor]:
+        """The victim's training set: the kept clean points followed by the poisons. Clean
+        :class:`~poisonreach.rows.Rows` stay as they are stored: the set is then a
+        :class:`~poisonreach.rows.Concatenated` that serves the poisons' rows from their tensor.
 
         Soft poison labels turn the clean labels into probabilities (``num_outputs`` columns).
         """
         if self.kept_indices is not None:
-            X, y = X[self.kept_indices], y[self.kept_indices]
+            X, y = select_rows(X, self.kept_indices), y[self.kept_indices]
         py = self.y
         if py.is_floating_point() != y.is_floating_point() or py.dim() != y.dim():
             if num_outputs is None:
                 raise PoisonReachError("poison labels are probabilities: pass num_outputs to mix them with class labels")
             y, py = to_probabilities(y, num_outputs), to_probabilities(py, num_outputs)
-        return torch.cat([X, self.x.to(X.dtype)]), torch.cat([y, py.to(y.dtype)])
+        return concat_rows([X, self.x.to(X.dtype)]), torch.cat([y, py.to(y.dtype)])
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``poisons.pt`` (tensors) and ``poisons.json`` (the rest) into ``directory``."""

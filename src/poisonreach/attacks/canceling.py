@@ -32,6 +32,7 @@ from ..errors import PoisonReachError
 from ..gradients import gradient_sum, select_parameters
 from ..losses import LossFn, resolve
 from ..reachability import threshold
+from ..rows import select_rows
 from ..estimator import keywords
 from ..validation import check_model_data
 from .base import Attack, box_bounds, draw_sources
@@ -112,7 +113,7 @@ class CancelingProblem:
         they are left out: a run can be extended, or stopped at a looser tolerance, from its
         checkpoint."""
         config = {k: v for k, v in attack.config().items() if k not in attack.stopping}
-        data = [len(self.X), self.m, float(self.X.double().sum()), float(self.y.double().sum())]
+        data = [len(self.X), self.m, float(self.X.sum(dtype=torch.float64)), float(self.y.double().sum())]
         return json.dumps({"config": config, "data": data}, sort_keys=True)
 
 
@@ -145,7 +146,7 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     kept = None
     if attack.replace:  # appendix C.10: a subset of size n/(1 + ε_d) stands in for µ
         kept = torch.randperm(len(X), generator=gen)[: max(1, round(len(X) / (1 + attack.eps_d)))].sort().values
-        X_mu, y_mu = X[kept], y[kept]
+        X_mu, y_mu = select_rows(X, kept), y[kept]
     else:
         X_mu, y_mu = X, y
     n = len(X_mu)
@@ -160,7 +161,7 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     decay = attack.weight_decay * (n + len(source)) / n
     rows = distributed.shard(n, attack.chunk_size)
     g_mu = [g / n + decay * p.detach() for g, p in
-            zip(gradient_sum(model, params, X_mu[rows], y_mu[rows], loss_fn, chunk_size=attack.chunk_size, device=device, all_reduce=True), params)]
+            zip(gradient_sum(model, params, select_rows(X_mu, rows), y_mu[rows], loss_fn, chunk_size=attack.chunk_size, device=device, all_reduce=True), params)]
     return CancelingProblem(
         model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=len(source) / n,
         g_mu=g_mu, source=source, low=low, high=high, tau=tau, kept=kept, gen=gen, chunk_size=attack.chunk_size, device=device,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..gradients import cancel_gradient, flat_norm, gradient_sum, select_parameters
 from ..losses import resolve
 from ..reachability import threshold
+from ..rows import dense
 from ..validation import Number, check_model_data
 from .base import Attack, PoisonResult, scheduled_lr
 
@@ -133,7 +134,7 @@ class OfficialGradientCanceling(Attack):
         model in eval mode, its first parameter tensor, and Σ_clean ∇_W ℓ."""
         device = self._device(model)
         target = copy.deepcopy(model).to(device).double().eval()
-        X64 = X.to(torch.float64)
+        X64 = dense(X).to(torch.float64)  # the official code's float64 copy of the clean set
         num_outputs = check_model_data(target, X64, y, device, strict=not callable(loss))
         loss_fn = resolve(num_outputs, y, loss)
         params = select_parameters(target, "first")

@@ -11,14 +11,16 @@ import torch
 from torch import Tensor
 
 from poisonreach.errors import PoisonReachError
+from poisonreach.rows import Rows, select_rows
 
 
 class Pool(NamedTuple):
-    """What a loader reads: the original training set (to be split) and the original test set."""
+    """What a loader reads: the original training set (to be split) and the original test set.
+    Images read from bytes stay bytes (:class:`~poisonreach.rows.UInt8Images`)."""
 
-    x_train: Tensor
+    x_train: Tensor | Rows
     y_train: Tensor
-    x_test: Tensor
+    x_test: Tensor | Rows
     y_test: Tensor
 
 
@@ -26,7 +28,11 @@ class Pool(NamedTuple):
 class Splits:
     """A data set split into train, validation and test tensors.
 
-    Images are float32 in [0, 1] with shape (N, C, H, W); tabular sets are float32 (N, d). Labels
+    Images are float32 in [0, 1] with shape (N, C, H, W); tabular sets are float32 (N, d). The
+    images of MNIST, Fashion-MNIST, CIFAR-10 and TinyImageNet are :class:`~poisonreach.rows.Rows`
+    that store their bytes and serve float32 rows (bit for bit what a float32 tensor would hold),
+    so no split is ever a dense float copy: ``x[i]``, ``x[a:b]``, ``x[index]`` are tensors, and
+    :func:`poisonreach.rows.dense` makes the whole split one when a consumer needs it. Labels
     are int64 for classification and float32 for regression. ``mean`` and ``std`` (per channel, or
     (0.0,) and (1.0,) for tabular sets) are for models to normalise their input themselves, so
     poisoned points stay in pixel space. ``train_index`` is each training row's position in the
@@ -34,11 +40,11 @@ class Splits:
     """
 
     name: str
-    x_train: Tensor
+    x_train: Tensor | Rows
     y_train: Tensor
-    x_val: Tensor
+    x_val: Tensor | Rows
     y_val: Tensor
-    x_test: Tensor
+    x_test: Tensor | Rows
     y_test: Tensor
     num_classes: int
     mean: tuple[float, ...]
@@ -63,7 +69,7 @@ class Splits:
                                    f"of the {self.name} training split), got {n_train!r}")
         keep = torch.randperm(available, generator=generator(seed))[:n_train]
         index = None if self.train_index is None else self.train_index[keep]
-        return dataclasses.replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep], train_index=index)
+        return dataclasses.replace(self, x_train=select_rows(self.x_train, keep), y_train=self.y_train[keep], train_index=index)
 
 
 
@@ -106,7 +112,7 @@ TEST_FRACTION, TEST_SEED = 0.2, 0
 def hold_out_test(x: Tensor, y: Tensor) -> Pool:
     """A pool whose test set is a fixed :data:`TEST_FRACTION` of (x, y), drawn with :data:`TEST_SEED`."""
     rest, test = split_indices(len(x), TEST_FRACTION, TEST_SEED)
-    return Pool(x[rest], y[rest], x[test], y[test])
+    return Pool(select_rows(x, rest), y[rest], select_rows(x, test), y[test])
 
 
 def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, ...],
@@ -121,15 +127,10 @@ def make_splits(name: str, pool: Pool, *, num_classes: int, mean: tuple[float, .
                       x_test=pool.x_test, y_test=pool.y_test, num_classes=num_classes, mean=mean, std=std, task=task,
                       train_index=torch.arange(len(pool.x_train)))
     train, val = split_indices(len(pool.x_train), val_fraction, seed)
-    return Splits(name=name, x_train=pool.x_train[train], y_train=pool.y_train[train],
-                  x_val=pool.x_train[val], y_val=pool.y_train[val],
+    return Splits(name=name, x_train=select_rows(pool.x_train, train), y_train=pool.y_train[train],
+                  x_val=select_rows(pool.x_train, val), y_val=pool.y_train[val],
                   x_test=pool.x_test, y_test=pool.y_test,
                   num_classes=num_classes, mean=mean, std=std, task=task, train_index=train)
-
-
-def unit_pixels(images: np.ndarray) -> Tensor:
-    """uint8 images as float32 in [0, 1]."""
-    return torch.from_numpy(images).to(torch.float32).div_(255.0)
 
 
 def labels(values: np.ndarray) -> Tensor:

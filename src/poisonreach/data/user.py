@@ -33,7 +33,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from poisonreach import io
-from poisonreach.data.splits import Pool, hold_out_test, labels, unit_pixels
+from poisonreach.data.splits import Pool, hold_out_test, labels
+from poisonreach.rows import unit_pixels
 from poisonreach.errors import CorruptFileError, DatasetNotFoundError, PoisonReachError
 from poisonreach.validation import check_values
 

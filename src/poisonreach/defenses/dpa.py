@@ -73,7 +73,7 @@ def partition(X: Tensor, num_partitions: int, *, chunk_size: int = 4096) -> Tens
     check_inputs(X)
     check_number("num_partitions", num_partitions, low=1, integer=True)
     features = X[0].numel()
-    if float(X.abs().max()) * 255 * features >= 2**62:
+    if max(float(chunk.abs().max()) for chunk in X.split(chunk_size)) * 255 * features >= 2**62:
         raise PoisonReachError(
             "the pixel sums of X would overflow int64: DPA hashes data in pixel space, scale X into a "
             "moderate range (e.g. [0, 1]) first"

@@ -63,7 +63,7 @@ def audit(config: RunConfig, out: str | os.PathLike, *, weights: str | None = No
     if box is None:
         box = (0.0, 1.0) if X.dim() == 4 else "data-range"
     if box == "data-range":
-        box = (X.min(0).values, X.max(0).values)
+        box = (X.amin(0), X.amax(0))
     model = _model(config, spec, weights, out, X, y)
     linear = _is_linear(model, X)
     clean_acc = accuracy(model, splits.x_test, splits.y_test)

@@ -34,6 +34,7 @@ from .. import io, models
 from ..attacks import PoisonResult
 from ..defenses import DEFENSES, Filter, certify
 from ..errors import PoisonReachError
+from ..rows import select_rows
 from ..training import accuracy
 from ..validation import check_choice, check_options
 from .config import RunConfig, cell_name, fresh_model, load_data, victim_spec
@@ -210,7 +211,7 @@ def _filter(defense: Filter, folder: Path | None, X_mix, y_mix, n_clean: int, fi
     if folder is not None:
         io.save_tensors(folder / "keep_mask.pt", {"keep_mask": kept.keep_mask, "scores": kept.scores})
     mask = kept.keep_mask
-    model = fit(X_mix[mask], y_mix[mask])
+    model = fit(select_rows(X_mix, mask), y_mix[mask])
     return {
         "defended_acc": accuracy(model, splits.x_test, splits.y_test),
         "removed": int((~mask).sum()),

@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import io, models
 from ..attacks import PoisonResult
+from ..rows import dense, select_rows
 from ..targets import parameter_distance
 from ..training import agreement, official_retrain, training_gradient_norm
 from .config import RunConfig, fresh_model, mean_std
@@ -125,7 +126,7 @@ def run_cell(attack, model: nn.Module, target: nn.Module, X, y, splits, cell: Pa
     else:
         order = file_order(splits)
         started = time.perf_counter()
-        poisons = attack.poison(model, X[order], y[order])
+        poisons = attack.poison(model, select_rows(X, order), y[order])
         attack_time = time.perf_counter() - started
         poisons.source_indices = order[poisons.source_indices]  # rows of the training split, as everywhere
         if poisons.kept_indices is not None:
@@ -133,7 +134,7 @@ def run_cell(attack, model: nn.Module, target: nn.Module, X, y, splits, cell: Pa
         poisons.save(cell)
     x_p = poisons.x.to(torch.float64)
     # clean ∪ poisons in float64, as the victim trains on them (mixed casts the poisons to X's dtype)
-    X_mix, y_mix = poisons.mixed(X.to(torch.float64), y, num_outputs=models.last_linear(target).out_features)
+    X_mix, y_mix = poisons.mixed(dense(X).to(torch.float64), y, num_outputs=models.last_linear(target).out_features)
     X_mix32 = X_mix.float()
 
     def diagnose(victim: nn.Module) -> dict:

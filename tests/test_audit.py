@@ -64,7 +64,7 @@ def user_files(tmp_path, monkeypatch):
 def test_a_user_model_on_npz_data_goes_through_the_whole_audit(user_files, capsys):
     out = user_files / "audit"
     argv = ["audit", "--data", "mine.npz", "--model", "auditmod:Linear", "--eps-w", "0.5", "--eps-d", "0.1", "1",
-            "--restarts", "2", "--out", str(out), "--threads", "1"]
+            "--restarts", "1", "--out", str(out), "--threads", "1"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "tau sharpened" in printed and "damage frontier" in printed

@@ -66,6 +66,12 @@ def shard(n: int, chunk: int = 1, *, of: int | None = None, at: int | None = Non
     return slice(min(start, n), min(start + (base + (r < extra)) * chunk, n))
 
 
+def local_chunks(n: int, chunk: int):
+    """This rank's chunks of range(n) as slices, in order (:func:`shard`'s rows, ``chunk`` at a time)."""
+    rows = shard(n, chunk)
+    return (slice(start, min(start + chunk, rows.stop)) for start in range(rows.start, rows.stop, chunk))
+
+
 def all_reduce(tensors: list[Tensor]) -> list[Tensor]:
     """Sum each tensor over the ranks, in place (one call per tensor list); returns the list."""
     if active():

@@ -211,12 +211,11 @@ def threshold(
     if task_of(y) == "regression":
         return Threshold(tau=0.0, tau_multiclass=None, inner=math.nan, lam=0.0, constant={"a": -math.inf, "b": math.inf})
     device = device or next(model.parameters()).device
-    total, rows = 0.0, distributed.shard(len(X), chunk_size)  # data parallel: this rank's rows, then the sum over ranks
+    total = 0.0
     with evaluating(model), torch.no_grad():  # one forward pass; nothing here is differentiated
-        for start in range(rows.start, rows.stop, chunk_size):
-            stop = min(start + chunk_size, rows.stop)
-            h = model(X[start:stop].to(device)).to(torch.float64)
-            total += float(inner_sum(h.reshape(len(h), -1), y[start:stop].to(device)))
+        for sl in distributed.local_chunks(len(X), chunk_size):  # data parallel: this rank's chunks, then the sum over ranks
+            h = model(X[sl].to(device)).to(torch.float64)
+            total += float(inner_sum(h.reshape(len(h), -1), y[sl].to(device)))
     inner = distributed.reduce_number(total) / len(X)
     shift = weight_decay * _squared_norm(last_linear(model)) if weight_decay else 0.0
     w1 = W_1_OVER_E

@@ -236,14 +236,12 @@ def minimize(
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=_ITERATIONS_PER_CHECK, history_size=history_size,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
 
-    rows = distributed.shard(n, chunk_size)  # data parallel: this rank's chunks, the sums all-reduced
-
     def objective() -> Tensor:
         opt.zero_grad(set_to_none=False)
         total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(rows.start, rows.stop, chunk_size):  # (1/N) Σ ℓ, its gradient accumulated chunk by chunk
-            stop = min(start + chunk_size, rows.stop)
-            part = _per_sample(work, loss_fn, X[start:stop].to(torch.float64), y[start:stop], device).sum() / n
+        # (1/N) Σ ℓ, its gradient accumulated chunk by chunk over this rank's chunks (all-reduced below)
+        for sl in distributed.local_chunks(n, chunk_size):
+            part = _per_sample(work, loss_fn, X[sl].to(torch.float64), y[sl], device).sum() / n
             part.backward()
             total += part.detach()
         if distributed.active():

@@ -34,7 +34,7 @@ from .selection import check_select_options
 
 __all__ = ["ADDITIVE_FIELDS", "ATTACKS", "ATTACK_FIELDS", "CELL_PREFIX", "CONVERGED_OPTIONS", "DEFENSES", "EPS_W_MODES", "OFFICIAL_DATASETS", "PARAMETER_SETS", "POISONED_TARGETS", "PRESETS", "PROTOCOLS", "TARGETS",
            "TARGET_GENERATORS", "TRAINING_OPTIONS", "PoisonReachError", "RunConfig", "cell_name", "dataset_names", "fresh_model",
-            "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "set_worker_threads", "short_name", "victim_spec"]
+            "RUNTIME_FIELDS", "load_data", "mean_std", "model_names", "parse_yaml", "set_threads", "set_worker_threads", "available_cores", "short_name", "victim_spec"]
 
 # Targets that are the model a baseline attack's poisons produce (Table 7: TGDA's poisoned models as
 # targets for GC); target_options are the attack's arguments, ε_d = 1 unless given.
@@ -68,6 +68,11 @@ CELL_PREFIX = "eps_d="
 def set_threads(threads: int) -> None:
     """Use ``threads`` torch CPU threads in this process."""
     torch.set_num_threads(threads)
+
+
+def available_cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def set_worker_threads(threads: int) -> None:

@@ -84,7 +84,7 @@ from ..reachability import threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
 from .config import (ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std,
-                     set_threads, short_name, victim_spec)
+                     available_cores, set_worker_threads, short_name, victim_spec)
 from .official import CleanReferences, run_cell as run_official_cell
 from .plots import plot_run
 from .selection import TargetSelection
@@ -128,13 +128,13 @@ def run_processes(config: RunConfig, out: str | os.PathLike, *, nproc: int, trac
         raise PoisonReachError("--nproc starts its own processes, but this one is already a rank of torchrun's: drop --nproc")
     if nproc == 1:
         return run(config, out, tracking=tracking)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return distributed.launch(_rank, nproc, config, out, tracking, quiet, threads or max(1, cores // nproc), device=config.device)
+    return distributed.launch(_rank, nproc, config, out, tracking, quiet, threads or max(1, len(available_cores()) // nproc),
+                              device=config.device)
 
 
 def _rank(config: RunConfig, out, tracking: Tracking | None, quiet: bool, threads: int) -> dict:
     """One rank of :func:`run_processes`: a fresh process, so its threads and console logging."""
-    set_threads(threads)
+    set_worker_threads(threads)
     with console_logging(quiet=quiet or not distributed.is_writer()):
         return run(config, out, tracking=tracking)
 

@@ -84,7 +84,7 @@ from ..errors import CorruptFileError, PoisonReachError
 from ..progress import Progress
 from ..validation import check_choice, check_number
 from . import tracking as tracking_module
-from .config import ADDITIVE_FIELDS, RUNTIME_FIELDS, RunConfig, set_worker_threads
+from .config import ADDITIVE_FIELDS, RUNTIME_FIELDS, RunConfig, available_cores, set_worker_threads
 from .defend import defend
 from .run import run, text_table
 from .sweep_file import SETTINGS, Sweep, load_sweep, shipped_sweeps, target_label
@@ -183,7 +183,7 @@ def _cell_job(cid: str, config: RunConfig, cell_dir: Path, runner, defenses: lis
 
 def _core_plan(workers: int) -> tuple[list[list[int]], int]:
     """Disjoint CPU sets (near-equal shares of the available cores) and the threads per worker."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = available_cores()
     if workers > len(cores):  # more workers than cores: they share, one core each
         return [[cores[i % len(cores)]] for i in range(workers)], 1
     return [cores[i * len(cores) // workers : (i + 1) * len(cores) // workers] for i in range(workers)], len(cores) // workers

@@ -44,6 +44,28 @@ def central_differences(f, Z, h=1e-6):
     return out
 
 
+class _ReverseOnlyTanh(torch.autograd.Function):
+    """tanh with a twice-differentiable backward and no forward-mode formula (no ``jvp``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)  # differentiable again: double backward works
+
+
+class ReverseOnlyTanh(nn.Module):
+    """A layer forward mode cannot go through: the library falls back to reverse mode."""
+
+    def forward(self, x):
+        return _ReverseOnlyTanh.apply(x)
+
+
 class TinyMLP(nn.Module):
     """``layers`` hidden layers of width ``hidden``, each followed by ``act`` (tanh by default), then a
     linear head; ``body`` and ``head`` as in the library's models."""

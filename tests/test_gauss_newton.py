@@ -15,7 +15,7 @@ import copy
 
 import pytest
 import torch
-from reference import TinyMLP, ce_loss, flat
+from reference import ReverseOnlyTanh, TinyMLP, ce_loss, flat
 
 from poisonreach import data, models, training
 from poisonreach.attacks import GaussNewtonCanceling, GradientCanceling
@@ -33,11 +33,13 @@ def gradient_sum64(model, params, X, y, loss):
     return flat(torch.autograd.grad(loss(model(X), y).sum(), params))
 
 
-@pytest.mark.parametrize("name", ["lr", "mlp", "cnn"])
+@pytest.mark.parametrize("name", ["lr", "mlp", "mlp-reverse-only", "cnn"])
 def test_gradient_jvp_is_the_directional_derivative_of_the_gradient_sum(name):
     g = torch.Generator().manual_seed(0)
     if name == "mlp":
         model, shape = TinyMLP(6, 5, 3).double(), (6,)
+    elif name == "mlp-reverse-only":  # no forward-mode formula: the reverse-mode fallback
+        model, shape = TinyMLP(6, 5, 3, ReverseOnlyTanh()).double(), (6,)
     else:
         shape = (1, 8, 8) if name == "lr" else (1, 28, 28)
         model = models.create(name, shape, 3, seed=0).double()

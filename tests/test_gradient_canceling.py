@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from reference import TinyMLP, ce_loss, central_differences, logistic_loss
+from reference import ReverseOnlyTanh, TinyMLP, ce_loss, central_differences, logistic_loss
 
 from poisonreach import data, models, training
 from poisonreach.attacks import GradientCanceling, PoisonResult
@@ -77,6 +77,8 @@ def build(name):
         return models.create("lr", (2,), 2, seed=1).double().eval(), (2,), 2, True
     if name == "mlp-tanh":
         return TinyMLP(3, 6, 4, nn.Tanh(), layers=2).double().eval(), (3,), 4, False
+    if name == "mlp-reverse-only":  # no forward-mode formula: the double-backward fallback
+        return TinyMLP(3, 6, 4, ReverseOnlyTanh(), layers=2).double().eval(), (3,), 4, False
     if name == "mlp-softplus-logistic":
         return TinyMLP(3, 5, 1, nn.Softplus(), layers=2).double().eval(), (3,), 2, True
     if name == "nn":
@@ -106,7 +108,7 @@ def problem(shape, classes, one_logit, soft, n=9, m=3, seed=0):
 # 2. the exact gradient (19)
 # --------------------------------------------------------------------------------------------------
 
-MODELS = ["lr5", "lr2-logistic", "mlp-tanh", "mlp-softplus-logistic", "nn", "cnn"]
+MODELS = ["lr5", "lr2-logistic", "mlp-tanh", "mlp-reverse-only", "mlp-softplus-logistic", "nn", "cnn"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -122,7 +124,7 @@ def test_cancel_gradient_is_the_derivative_of_the_gc_objective(name, with_labels
     g_mu = mean_grad(model, params, X, y, loss)
     _, v = gc_objective(model, params, g_mu, Z, yz, eps_d, loss)
 
-    values, gx, gy, gsum = cancel_gradient(model, params, Z, yz, lib_loss, v, chunk_size=2, with_labels=with_labels)
+    values, gx, gy = cancel_gradient(model, params, Z, yz, lib_loss, v, chunk_size=2, with_labels=with_labels)
 
     fd_x = central_differences(lambda Zp: gc_objective(model, params, g_mu, Zp, yz, eps_d, loss)[0], Z)
     assert fd_x.abs().max() > 1e-6  # a non-trivial gradient
@@ -133,9 +135,6 @@ def test_cancel_gradient_is_the_derivative_of_the_gc_objective(name, with_labels
         torch.testing.assert_close(eps_d / m * gy, fd_y, rtol=1e-5, atol=1e-9 * max(1.0, float(fd_y.abs().max())))
     else:
         assert gy is None
-    # the gradient sum at the current points, per sample by autograd
-    for a, b in zip(gsum, sum_grad_loop(model, params, Z, yz, loss)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # the per-row values ⟨∇_w ℓ(z_j; w), v⟩, one sample at a time by autograd
     rows = [sum_grad_loop(model, params, Z[j : j + 1], yz[j : j + 1], loss) for j in range(m)]
     expected = torch.stack([sum((g * vi).sum() for g, vi in zip(row, v)) for row in rows])
@@ -163,8 +162,6 @@ def test_chunk_size_does_not_change_the_result():
     b = cancel_gradient(model, params, Z, yz, cross_entropy, v, chunk_size=1000, with_labels=True)
     for part in ("values", "x", "y"):
         torch.testing.assert_close(getattr(a, part), getattr(b, part), rtol=1e-12, atol=1e-14)
-    for s1, s2 in zip(a.grad_sum, b.grad_sum):
-        torch.testing.assert_close(s1, s2, rtol=1e-12, atol=1e-14)
     device = torch.device("cpu")
     for chunk in (1, 3, 1000):
         total = gradient_sum(model, params, Z, yz, cross_entropy, chunk_size=chunk, device=device)

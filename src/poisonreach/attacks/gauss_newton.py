@@ -3,8 +3,8 @@
 The poisons z = (x_j, y_j) enter the residual r(z) = g(µ) + ε_d·g(ν̂(z)) ∈ R^P (P parameters) and
 GC minimises ½‖r(z)‖² over the box Γ. Its Jacobian J (P × the poisons' pixels) is available in both
 directions at the cost of a pass over the poisons: Jᵀu is the bracket of equation (19) with v = u
-(:func:`poisonreach.gradients.cancel_gradient`), Jd a forward-mode product
-(:func:`poisonreach.gradients.gradient_jvp`). Each iteration:
+(:func:`poisonreach.gradients.cancel_gradient`), Jd its transpose, forward mode in
+the pixels then one backward pass (:func:`poisonreach.gradients.gradient_jvp`). Each iteration:
 
 1. **labels** (``labels="greedy"``): every poison takes, one after the other, the class that most
    lowers ‖r‖². When the cancelled parameters are the last linear layer h = Wφ + b (logistic

@@ -9,7 +9,7 @@ gradient (19)
 
 Each step costs two passes over the poisons: g(ν̂) chunk by chunk without a graph, then the
 gradient of ⟨∇_w ℓ(z_j; w), v⟩ chunk by chunk with v fixed. That is exactly (19), holds one chunk's
-double-backward graph in memory instead of the whole poison set's, and g(µ), g(ν̂) stay explicit sums.
+graph in memory instead of the whole poison set's, and g(µ), g(ν̂) stay explicit sums.
 
 Where we differ from the official code: the gradient covers all parameters (``parameters="all"``, not
 only the first weight tensor), the model is in eval mode (no dropout), g(·) are means (not sums), and
@@ -159,17 +159,18 @@ class GradientCanceling(CancelingAttack):
             lr = self._lr_at(epoch) * state.step_scale
             blocks = self._blocks(p.m, epoch)
             for b, idx in enumerate(blocks):
-                old = self._step(p, state, idx, v, lr)  # lines 6–7: step along (19), project onto Γ
-                if b < len(blocks) - 1:  # keep g(ν̂) exact for the next block; the next epoch recomputes it anyway
+                last = b == len(blocks) - 1  # the next epoch recomputes g(ν̂) anyway
+                old = None if last else p.gradient_sum(state.x[idx], state.y[idx])
+                self._step(p, state, idx, v, lr)  # lines 6–7: step along (19), project onto Γ
+                if not last:  # keep g(ν̂) exact for the next block
                     new = p.gradient_sum(state.x[idx], state.y[idx])
                     g_nu_sum = [s - o + w for s, o, w in zip(g_nu_sum, old, new)]
                     v = p.residual(g_nu_sum)
         bar.close()
         return state
 
-    def _step(self, p: CancelingProblem, state: Descent, idx, v: list[Tensor], lr: float) -> list[Tensor]:
-        """One projected heavy-ball step on the poisons ``idx`` along n·∂L/∂z_j (19); returns
-        Σ_j ∇_w ℓ(z_j; w) over them before the step."""
+    def _step(self, p: CancelingProblem, state: Descent, idx, v: list[Tensor], lr: float) -> None:
+        """One projected heavy-ball step on the poisons ``idx`` along n·∂L/∂z_j (19)."""
         x, py = state.x, state.y
         bracket = cancel_gradient(p.model, p.params, x[idx], py[idx], p.loss_fn, v, chunk_size=self.chunk_size, with_labels=self.optimize_labels)
         with torch.no_grad():
@@ -177,7 +178,6 @@ class GradientCanceling(CancelingAttack):
             x[idx] = clamp_box(self._momentum(x[idx], bracket.x, state.buf_x, idx, lr), p.low, p.high)
             if self.optimize_labels:
                 py[idx] = self._project_labels(p, self._momentum(py[idx], bracket.y, state.buf_y, idx, lr))
-        return bracket.grad_sum
 
     def _momentum(self, z: Tensor, grad: Tensor, buf: Tensor, idx, lr: float) -> Tensor:
         """Heavy-ball SGD on the rows ``idx``; momentum is kept per point so blocks don't drag others."""

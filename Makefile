@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/poisonreach run --train-batch-size 16 --eps-w 0.7 --eps-d 0.1 0.5 tau 2 --out runs/demo
 
+# Two workers (pytest-xdist), each single-threaded: the suite's wall time on a 2-core machine halves.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: $(VENV)/.installed
 	$(PY) bench/bench_gc.py

@@ -342,22 +342,12 @@ def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_
     rows that sum to 0 and the regulariser pins the common part at 0). Solved by HiGHS's interior
     point method (``scipy.optimize.linprog``; its simplex stalls on MNIST's); it has c(c − 1)·(d + 1) unknowns (70,650 for MNIST-LR).
     """
-    device = device or next(model.parameters()).device
-    head = last_linear(model)
-    scale, offset = affine_features(model, tuple(X.shape[1:]), device)
-    num = head.out_features
-    with evaluating(model):
-        G = gradient_sum(model, [head.weight, head.bias], X, y, resolve(num, y, None), chunk_size=chunk_size, device=device)
-    G = torch.cat([g.reshape(num, -1) for g in G], 1).double().cpu().numpy() / len(X)
-    W = torch.cat([head.weight.detach().double(), head.bias.detach().double().reshape(-1, 1)], 1).cpu().numpy()
+    G, W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
+    num = W.shape[0]
     if num > 1:
         W = W - W.mean(0, keepdims=True)
-    ends = [scale * torch.as_tensor(v, dtype=torch.float64, device=scale.device).flatten() + offset for v in box]
-    lo, hi = torch.minimum(*ends).cpu().numpy(), torch.maximum(*ends).cpu().numpy()
-    eye = np.eye(num)
-    # the directions u of ∇_h l (rows), and one more without a gradient: the mass p_y·0 of a poison's
-    # own class, so that the masses add up to ε_d
-    U = np.stack([eye[0], -eye[0]] if num == 1 else [eye[k] - eye[j] for k in range(num) for j in range(num) if k != j])
+    # the directions u of ∇_h l (rows of U), and one more without a gradient: the mass p_y·0 of a
+    # poison's own class, so that the masses add up to ε_d
     P, d = len(U), len(lo)
     n_beta, n_vars = P * d, P * (d + 1) + 1
     alpha = n_beta + np.arange(P + 1)  # the masses α_u and the gradient-free one
@@ -388,6 +378,121 @@ def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_
     if found.status != 0:
         raise PoisonReachError(f"the box threshold's linear programme did not solve (status {found.status}): {found.message}")
     return float(found.fun)
+
+
+@dataclass(frozen=True)
+class ResidualFloor:
+    """How small Gradient Canceling's residual can get at one budget (:func:`residual_floor`).
+
+    eps_d: the budget ε_d = m/n.
+    floor: certified: no poisons in the box leave ‖r‖ below it, r = g(µ) + ε_d·g(ν̂) + (1 + ε_d)·λw
+        the residual of equation (18) with the victim's weight decay λ.
+    relaxed: the least ‖r‖ found over the relaxation, an upper end of its minimum (floor ≤ that
+        minimum ≤ relaxed); real poisons, their p tied to their pixels, may do worse than both.
+    clean: ‖g(µ) + (1 + ε_d)·λw‖, what poisons without a gradient leave.
+    iterations: Frank–Wolfe iterations run.
+    """
+
+    eps_d: float
+    floor: float
+    relaxed: float
+    clean: float
+    iterations: int
+
+    def allows(self, residual: float) -> bool:
+        """Whether some poisons might bring ‖r‖ down to ``residual`` (necessary, not sufficient)."""
+        return self.floor <= residual
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def residual_floor(model: nn.Module, X: Tensor, y: Tensor, eps_d: float, *, box: tuple, weight_decay: float = 0.0,
+                   iterations: int = 5000, tolerance: float = 1e-3, decide: float | None = None, chunk_size: int = 256,
+                   device=None) -> ResidualFloor:
+    """A certified lower bound of the least residual ‖r‖ Gradient Canceling can reach at budget ε_d
+    with poisons in ``box`` (equation (18)), for a linear model. τ says whether r can vanish; below
+    τ this says how far from zero it must stay, so "GC brings ‖r‖ to a tenth of its start" is
+    possible only if ``floor`` ≤ 0.1·‖r_start‖.
+
+    The poisons' gradients are relaxed as in :func:`box_threshold`: ∇ℓ = u ⊗ (φ, 1), u a mixture of
+    the e_k − e_y and 0, φ in the features' box, p free of the pixels. Weak duality turns every
+    direction U into a bound: ‖r‖·‖U‖ ≥ ⟨U, r⟩ ≥ ⟨U, c⟩ + ε_d·h(U), with c = g(µ) + (1 + ε_d)·λw and
+    h(U) = min(0, min over u and φ of ⟨U, u ⊗ (φ, 1)⟩) in closed form (each feature at the end of
+    the box the sign of (uᵀU)_j picks). Pairwise Frank–Wolfe on min ‖c + ε_d·v‖² over the
+    relaxation's hull, whose linear minimisation is that same closed form (exact line search),
+    supplies the directions U = r: its iterates give ``relaxed``, the best dual value ``floor``; they
+    meet at the relaxation's minimum (strong duality), and it stops once they are within
+    ``tolerance``·‖c‖, or, given ``decide``, once the floor is above it or the relaxation below it
+    (enough for ``allows(decide)``). The floor holds whenever it stops.
+    """
+    check_number("eps_d", eps_d, low=0.0)
+    G, W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
+    c = G + (1 + eps_d) * weight_decay * W
+    lo, hi = np.append(lo, 1.0), np.append(hi, 1.0)  # the bias's feature is 1
+    clean = float(np.linalg.norm(c))
+    # pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i the corner of the
+    # box bits B_i pick (True: high); k = −1 is the zero atom. Weight moves from the worst active
+    # atom to the best atom in the box.
+    K, B, w = np.array([-1]), np.zeros((1, len(lo)), dtype=bool), np.array([1.0])
+    v, r = np.zeros_like(c), c.copy()
+    floor, relaxed, it = -math.inf, clean, 0
+    for it in range(1, iterations + 1):
+        norm = float(np.linalg.norm(r))
+        relaxed = min(relaxed, norm)
+        if norm == 0.0:
+            floor = 0.0
+            break
+        D = np.vstack([U @ r, np.zeros_like(lo)])  # ⟨r, u ⊗ z⟩ = D_u·z for every direction u; the last row: the zero atom
+        bits = D < 0
+        values = (D * np.where(bits, hi, lo)).sum(1)
+        k = int(values.argmin())
+        floor = max(floor, (float(np.vdot(r, c)) + eps_d * float(values[k])) / norm)
+        if relaxed - max(floor, 0.0) <= tolerance * clean or eps_d == 0.0 or (decide is not None and not floor <= decide < relaxed):
+            break
+        k = -1 if k == len(U) else k
+        active = (D[K] * np.where(B, hi, lo)).sum(1)
+        a = int(active.argmax())
+        if active[a] <= values[k]:  # no pair lowers ‖r‖: the iterate is the relaxation's minimiser
+            break
+        step = _atom(U, k, bits[k], lo, hi) - _atom(U, K[a], B[a], lo, hi)
+        gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(w[a]))
+        same = np.flatnonzero((K == k) & ((B == bits[k]).all(1) | (k < 0)))
+        if len(same):
+            w[same[0]] += gamma
+        else:
+            K, B, w = np.append(K, k), np.vstack([B, bits[k]]), np.append(w, gamma)
+        w[a] -= gamma
+        if w[a] <= 0.0:
+            K, B, w = np.delete(K, a), np.delete(B, a, 0), np.delete(w, a)
+        v += gamma * step
+        r = c + eps_d * v
+    return ResidualFloor(eps_d=float(eps_d), floor=max(floor, 0.0), relaxed=relaxed, clean=clean, iterations=it)
+
+
+def _atom(U: np.ndarray, k: int, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """U[k] ⊗ z with z the corner of [lo, hi] ``bits`` picks (True: high); 0 for k = −1."""
+    return np.outer(U[k], np.where(bits, hi, lo)) if k >= 0 else np.zeros((U.shape[1], len(lo)))
+
+
+def _linear_relaxation(model: nn.Module, X: Tensor, y: Tensor, box: tuple, chunk_size: int, device) -> tuple:
+    """What the box relaxation of a linear model's poison gradients needs (:func:`box_threshold`),
+    as float64 arrays: G = g(µ) over the last layer with its bias (c × (d + 1)), that layer W̄ (not
+    centred), the features' box [lo, hi] (d each) and the directions u = e_k − e_y, k ≠ y, a
+    poison's ∇_h l is a mixture of (with one logit ±1), one per row."""
+    device = device or next(model.parameters()).device
+    head = last_linear(model)
+    scale, offset = affine_features(model, tuple(X.shape[1:]), device)
+    num = head.out_features
+    with evaluating(model):
+        G = gradient_sum(model, [head.weight, head.bias], X, y, resolve(num, y, None), chunk_size=chunk_size, device=device)
+    G = torch.cat([g.reshape(num, -1) for g in G], 1).double().cpu().numpy() / len(X)
+    W = torch.cat([head.weight.detach().double(), head.bias.detach().double().reshape(-1, 1)], 1).cpu().numpy()
+    ends = [scale * torch.as_tensor(v, dtype=torch.float64, device=scale.device).flatten() + offset for v in box]
+    lo, hi = torch.minimum(*ends).cpu().numpy(), torch.maximum(*ends).cpu().numpy()
+    eye = np.eye(num)
+    U = np.stack([eye[0], -eye[0]] if num == 1 else [eye[k] - eye[j] for k in range(num) for j in range(num) if k != j])
+    return G, W, lo, hi, U
 
 
 def _box_constants(model: nn.Module, shape, c: int, box, device) -> tuple[float, float]:

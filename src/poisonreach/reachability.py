@@ -457,7 +457,7 @@ def residual_floor(model: nn.Module, X: Tensor, y: Tensor, eps_d: float, *, box:
             break
         step = _atom(U, k, bits[k], lo, hi) - _atom(U, K[a], B[a], lo, hi)
         gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(w[a]))
-        same = np.flatnonzero((K == k) & ((B == bits[k]).all(1) | (k < 0)))
+        same = np.flatnonzero((K == k) & (B == bits[k]).all(1))  # the zero atom's bits are all False, as its row of D is 0
         if len(same):
             w[same[0]] += gamma
         else:

@@ -348,6 +348,15 @@ def affine_features(model: nn.Module, shape: tuple[int, ...], device: torch.devi
     return s, t
 
 
+def is_linear(model: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether the model is linear in its inputs (:func:`affine_features` accepts it)."""
+    try:
+        affine_features(model, shape, next(model.parameters()).device)
+    except PoisonReachError:
+        return False
+    return True
+
+
 def _spec(name: str, input_shape: Sequence[int], num_classes: int, mean: Stats, std: Stats, options: dict | None) -> dict:
     """The arguments of :func:`create` as plain Python values, loadable without executing code."""
 

@@ -387,8 +387,9 @@ class ResidualFloor:
     eps_d: the budget ε_d = m/n.
     floor: certified: no poisons in the box leave ‖r‖ below it, r = g(µ) + ε_d·g(ν̂) + (1 + ε_d)·λw
         the residual of equation (18) with the victim's weight decay λ.
-    relaxed: the least ‖r‖ found over the relaxation, an upper end of its minimum (floor ≤ that
-        minimum ≤ relaxed); real poisons, their p tied to their pixels, may do worse than both.
+    relaxed: the least ‖r‖ found over the relaxation without the bounds on ⟨h, p − e_y⟩, an upper
+        end of that relaxation's minimum; the floor can be above it where the bounds bind, and real
+        poisons, their p tied to their pixels, may do worse than both.
     clean: ‖g(µ) + (1 + ε_d)·λw‖, what poisons without a gradient leave.
     iterations: Frank–Wolfe iterations run.
     """
@@ -416,25 +417,34 @@ def residual_floor(model: nn.Module, X: Tensor, y: Tensor, eps_d: float, *, box:
     possible only if ``floor`` ≤ 0.1·‖r_start‖.
 
     The poisons' gradients are relaxed as in :func:`box_threshold`: ∇ℓ = u ⊗ (φ, 1), u a mixture of
-    the e_k − e_y and 0, φ in the features' box, p free of the pixels. Weak duality turns every
-    direction U into a bound: ‖r‖·‖U‖ ≥ ⟨U, r⟩ ≥ ⟨U, c⟩ + ε_d·h(U), with c = g(µ) + (1 + ε_d)·λw and
-    h(U) = min(0, min over u and φ of ⟨U, u ⊗ (φ, 1)⟩) in closed form (each feature at the end of
-    the box the sign of (uᵀU)_j picks). Pairwise Frank–Wolfe on min ‖c + ε_d·v‖² over the
-    relaxation's hull, whose linear minimisation is that same closed form (exact line search),
-    supplies the directions U = r: its iterates give ``relaxed``, the best dual value ``floor``; they
-    meet at the relaxation's minimum (strong duality), and it stops once they are within
+    the e_k − e_y and 0, φ in the features' box, p free of the pixels; what is kept of p's tie to
+    the pixels is the bounds a ≤ ⟨W̄, ∇ℓ⟩ = ⟨h, p − e_y⟩ ≤ b over the box (:func:`sharpened_threshold`),
+    which the poisons' mean v meets too. Weak duality turns every direction U into a bound:
+    ‖r‖·‖U‖ ≥ ⟨U, r⟩ ≥ ⟨U, c⟩ + ε_d·h(U), with c = g(µ) + (1 + ε_d)·λw and h(U) = min(0, min over u
+    and φ of ⟨U, u ⊗ (φ, 1)⟩) in closed form (each feature at the end of the box the sign of
+    (uᵀU)_j picks); along U = r + t·W̄ the bounds replace the W̄ part, ⟨U, v⟩ ≥ h(r) + t·a (t ≥ 0;
+    t·b below), and the best t is in closed form (:func:`_mixed_bound`; t → ∞ is the scalar
+    condition alone). Pairwise Frank–Wolfe on min ‖c + ε_d·v‖² over the relaxation's hull (without
+    the bounds), whose linear minimisation is that same closed form (exact line search), supplies
+    the directions r: its iterates give ``relaxed``, the best bound ``floor``. Without the bounds
+    the two meet at the relaxation's minimum (strong duality); with them the floor lies between that
+    minimum and the minimum with the bounds. It stops once ``relaxed`` − ``floor`` ≤
     ``tolerance``·‖c‖, or, given ``decide``, once the floor is above it or the relaxation below it
     (enough for ``allows(decide)``). The floor holds whenever it stops.
     """
     check_number("eps_d", eps_d, low=0.0)
     G, W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
+    a, b = _box_constants(model, X.shape[1:], W.shape[0], box, device or next(model.parameters()).device)
     c = G + (1 + eps_d) * weight_decay * W
+    wc, ww = float(np.vdot(W, c)), float(np.vdot(W, W))
     lo, hi = np.append(lo, 1.0), np.append(hi, 1.0)  # the bias's feature is 1
     clean = float(np.linalg.norm(c))
-    # pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i the corner of the
-    # box bits B_i pick (True: high); k = −1 is the zero atom. Weight moves from the worst active
-    # atom to the best atom in the box.
-    K, B, w = np.array([-1]), np.zeros((1, len(lo)), dtype=bool), np.array([1.0])
+    # pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i a corner of the box;
+    # the zero row appended to U is the zero atom. Weight moves from the worst active atom to the
+    # best atom in the box.
+    U = np.vstack([U, np.zeros(U.shape[1])])
+    active = _ActiveSet(len(lo))
+    active.add(len(U) - 1, np.zeros(len(lo), dtype=bool), lo, 1.0)
     v, r = np.zeros_like(c), c.copy()
     floor, relaxed, it = -math.inf, clean, 0
     for it in range(1, iterations + 1):
@@ -443,36 +453,88 @@ def residual_floor(model: nn.Module, X: Tensor, y: Tensor, eps_d: float, *, box:
         if norm == 0.0:
             floor = 0.0
             break
-        D = np.vstack([U @ r, np.zeros_like(lo)])  # ⟨r, u ⊗ z⟩ = D_u·z for every direction u; the last row: the zero atom
+        D = U @ r  # ⟨r, u ⊗ z⟩ = D_u·z for every direction u
         bits = D < 0
         values = (D * np.where(bits, hi, lo)).sum(1)
         k = int(values.argmin())
-        floor = max(floor, (float(np.vdot(r, c)) + eps_d * float(values[k])) / norm)
+        floor = max(floor, _mixed_bound(float(np.vdot(r, c)) + eps_d * float(values[k]), wc + eps_d * a, wc + eps_d * b,
+                                         norm * norm, float(np.vdot(r, W)), ww))
         if relaxed - max(floor, 0.0) <= tolerance * clean or eps_d == 0.0 or (decide is not None and not floor <= decide < relaxed):
             break
-        k = -1 if k == len(U) else k
-        active = (D[K] * np.where(B, hi, lo)).sum(1)
-        a = int(active.argmax())
-        if active[a] <= values[k]:  # no pair lowers ‖r‖: the iterate is the relaxation's minimiser
+        j, worst = active.worst(D)
+        if worst <= values[k]:  # no pair lowers ‖r‖: the iterate is the relaxation's minimiser
             break
-        step = _atom(U, k, bits[k], lo, hi) - _atom(U, K[a], B[a], lo, hi)
-        gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(w[a]))
-        same = np.flatnonzero((K == k) & (B == bits[k]).all(1))  # the zero atom's bits are all False, as its row of D is 0
-        if len(same):
-            w[same[0]] += gamma
-        else:
-            K, B, w = np.append(K, k), np.vstack([B, bits[k]]), np.append(w, gamma)
-        w[a] -= gamma
-        if w[a] <= 0.0:
-            K, B, w = np.delete(K, a), np.delete(B, a, 0), np.delete(w, a)
+        corner = np.where(bits[k], hi, lo)
+        step = np.outer(U[k], corner) - np.outer(U[active.k[j]], active.z[j])
+        gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(active.w[j]))
+        active.add(k, bits[k], corner, gamma)
+        active.remove(j, gamma)
         v += gamma * step
         r = c + eps_d * v
     return ResidualFloor(eps_d=float(eps_d), floor=max(floor, 0.0), relaxed=relaxed, clean=clean, iterations=it)
 
 
-def _atom(U: np.ndarray, k: int, bits: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """U[k] ⊗ z with z the corner of [lo, hi] ``bits`` picks (True: high); 0 for k = −1."""
-    return np.outer(U[k], np.where(bits, hi, lo)) if k >= 0 else np.zeros((U.shape[1], len(lo)))
+def _mixed_bound(alpha: float, beta_up: float, beta_down: float, rr: float, rw: float, ww: float) -> float:
+    """The best of :func:`residual_floor`'s bounds along the directions U = r + t·W̄: with
+    ⟨r, v⟩ ≥ h(r) and a ≤ ⟨W̄, v⟩ ≤ b, ‖r‖ ≥ (α + β·t)/‖r + t·W̄‖, α = ⟨r, c⟩ + ε_d·h(r), β = ⟨W̄, c⟩
+    + ε_d·a for t ≥ 0 (``beta_up``), ⟨W̄, c⟩ + ε_d·b for t ≤ 0 (``beta_down``); ``rr``, ``rw``, ``ww``
+    are ‖r‖², ⟨r, W̄⟩, ‖W̄‖². On each half-line the ratio's one stationary point or its limit
+    ±β/‖W̄‖ (the scalar condition alone, U = W̄) is the best."""
+
+    def ratio(t: float, beta: float) -> float:
+        return (alpha + beta * t) / math.sqrt(max(rr + 2 * rw * t + ww * t * t, 1e-300))
+
+    best = ratio(0.0, beta_up)
+    for beta, sign in ((beta_up, 1.0), (beta_down, -1.0)):
+        if ww == 0.0 or not math.isfinite(beta):
+            continue
+        best = max(best, sign * beta / math.sqrt(ww))
+        den = beta * rw - alpha * ww
+        if den != 0.0 and (t := (alpha * rw - beta * rr) / den) * sign > 0:
+            best = max(best, ratio(t, beta))
+    return best
+
+
+class _ActiveSet:
+    """The atoms U[k] ⊗ z carrying weight in :func:`residual_floor`'s pairwise Frank–Wolfe, in
+    arrays that grow by doubling, each atom found by its (direction, corner) key: an iteration
+    costs one pass over the atoms, not a copy of them."""
+
+    def __init__(self, size: int, capacity: int = 64):
+        self.k, self.z, self.w = np.zeros(capacity, dtype=np.int64), np.zeros((capacity, size)), np.zeros(capacity)
+        self.keys: list[tuple[int, bytes]] = []
+        self.slot: dict[tuple[int, bytes], int] = {}
+
+    def worst(self, D: np.ndarray) -> tuple[int, float]:
+        """The active atom of largest ⟨r, atom⟩ (D = U r) and that value."""
+        n = len(self.keys)
+        scores = np.einsum("ij,ij->i", self.z[:n], D[self.k[:n]])
+        a = int(scores.argmax())
+        return a, float(scores[a])
+
+    def add(self, k: int, bits: np.ndarray, z: np.ndarray, weight: float) -> None:
+        key = (k, np.packbits(bits).tobytes())
+        if key not in self.slot:
+            n = len(self.keys)
+            if n == len(self.w):
+                self.k, self.z, self.w = (np.concatenate([a, np.zeros_like(a)]) for a in (self.k, self.z, self.w))
+            self.k[n], self.z[n], self.w[n] = k, z, 0.0
+            self.slot[key] = n
+            self.keys.append(key)
+        self.w[self.slot[key]] += weight
+
+    def remove(self, a: int, weight: float) -> None:
+        """Take ``weight`` from atom ``a``; an atom left without weight leaves, the last one taking its slot."""
+        self.w[a] -= weight
+        if self.w[a] > 0.0:
+            return
+        last = len(self.keys) - 1
+        del self.slot[self.keys[a]]
+        if a != last:
+            self.k[a], self.z[a], self.w[a] = self.k[last], self.z[last], self.w[last]
+            self.keys[a] = self.keys[last]
+            self.slot[self.keys[a]] = a
+        self.keys.pop()
 
 
 def _linear_relaxation(model: nn.Module, X: Tensor, y: Tensor, box: tuple, chunk_size: int, device) -> tuple:

@@ -7,8 +7,10 @@ The model is one of ours or the user's (``--model module.path:Class``), its weig
 protocol, weight decay λ); the data one of ours or the user's (``npz:FILE``, ``folder:DIR``). The
 target is ``--target-weights`` (a model of the same class) or, without it, GradPC targets over an
 ε_w grid. For each target: τ(2), τ(c) and the sharpened τ (with the box, for a linear model: the
-scalar bounds and the box programme), and for a linear model the constructive poisons of Theorems
-5/6 at every ε_d, verified by retraining — the two bracket the ε_d the target needs. For a linear
+scalar bounds and the box programme), and for a linear model at every ε_d the residual floor (how
+far from the target's stationarity any poisons in the box must leave it,
+:func:`~poisonreach.reachability.residual_floor`) and the constructive poisons of Theorems 5/6,
+verified by retraining — the thresholds and the constructions bracket the ε_d the target needs. For a linear
 model, the damage frontier: per ε_d the largest drop found over models that meet the necessary
 condition, an estimate of what any attack could do to a victim retrained to convergence, plotted
 beside the drops of run folders (``--runs``). ``--poisons`` diagnoses poison sets made for the
@@ -30,8 +32,8 @@ import torch
 
 from .. import audit as library, data, io, models
 from ..errors import PoisonReachError
-from ..models import affine_features
-from ..reachability import sharpened_threshold, threshold
+from ..models import is_linear
+from ..reachability import residual_floor, sharpened_threshold, threshold
 from ..targets import GradPC
 from ..training import accuracy
 from .config import RunConfig, fresh_model, load_data, short_name
@@ -65,7 +67,7 @@ def audit(config: RunConfig, out: str | os.PathLike, *, weights: str | None = No
     if box == "data-range":
         box = (X.amin(0), X.amax(0))
     model = _model(config, spec, weights, out, X, y)
-    linear = _is_linear(model, X)
+    linear = is_linear(model, tuple(X.shape[1:]))
     clean_acc = accuracy(model, splits.x_test, splits.y_test)
     logger.info(f"{config.dataset}: {len(X)} training points; model {config.model}, test accuracy {clean_acc:.2f}%"
                 + ("" if linear else " (not linear: the thresholds only)"))
@@ -118,14 +120,6 @@ def _model(config: RunConfig, spec: dict, weights: str | None, out: Path, X, y):
     return model
 
 
-def _is_linear(model, X) -> bool:
-    try:
-        affine_features(model, tuple(X.shape[1:]), next(model.parameters()).device)
-    except PoisonReachError:
-        return False
-    return True
-
-
 def _plain_box(box) -> list:
     return [v.tolist() if torch.is_tensor(v) else v for v in box]
 
@@ -139,6 +133,12 @@ def _audit_target(name: str, target, X, y, splits, config: RunConfig, box, linea
              "supremum": sharp.supremum, "construction": []}
     logger.info(f"{name}: target accuracy {entry['target_acc']:.2f}%, tau {base.tau:.4g}, tau(c) {base.tau_multiclass:.4g}, "
                 f"sharpened {sharp.tau:.4g}")
+    if linear:
+        entry["floors"] = [_floor(target, X, y, e, box, decay) for e in config.eps_d]
+        for f in entry["floors"]:
+            logger.info(f"{name}, eps_d={f['eps_d']:g}: " + (f"no poisons in the box leave the residual below {f['floor']:.3g} "
+                        f"({f['floor_ratio']:.3g} of its value without poisons)" if f["floor"] > 0 else
+                        "residual floor 0: the box's relaxation lets poisons cancel the residual"))
     if linear and construction:
         for e in config.eps_d:
             check = library.construction_check(target, X, y, e, box=box, X_test=splits.x_test, weight_decay=decay, seed=config.seed)
@@ -147,6 +147,13 @@ def _audit_target(name: str, target, X, y, splits, config: RunConfig, box, linea
                         f"{check['agreement']:.2f}%, {check['inside_percent']:.1f}% of their pixels in the box")
     entry["reached_at"] = next((c["eps_d"] for c in entry["construction"] if _reached(c)), None)
     return entry
+
+
+def _floor(target, X, y, eps_d: float, box, decay: float) -> dict:
+    """:func:`~poisonreach.reachability.residual_floor` at ε_d, with ``floor_ratio``: the floor over
+    ‖r‖ without poisons, so 0.1 or more says no attack can cancel nine tenths of the target's residual."""
+    floor = residual_floor(target, X, y, eps_d, box=box, weight_decay=decay)
+    return {**floor.to_dict(), "floor_ratio": floor.floor / floor.clean if floor.clean > 0 else math.nan}
 
 
 def _reached(check: dict) -> bool:
@@ -187,6 +194,11 @@ def format_audit(record: dict) -> str:
     rows = [[t["name"], f"{t['target_acc']:.2f}", _fmt(t["tau"]), _fmt(t["tau_multiclass"]), _fmt(t["tau_lp"]), _fmt(t["tau_sharpened"]), _bracket(t)]
             for t in record["targets"]]
     parts = [head, text_table(["target", "target acc", "tau(2)", "tau(c)", "tau box LP", "tau sharpened", "eps_d needed"], rows, left_first=True)]
+    floors = [[t["name"], f"{f['eps_d']:g}", f"{f['floor']:.3g}", f"{f['floor_ratio']:.3g}", f"{f['relaxed'] / f['clean']:.3g}"]
+              for t in record["targets"] for f in t.get("floors", [])]
+    if floors:
+        parts.append("residual floor (certified: no poisons in the box leave ‖r‖ below it; ratios to ‖r‖ without poisons)\n"
+                     + text_table(["target", "eps_d", "floor", "floor ratio", "relaxation reached"], floors, left_first=True))
     construction = [[t["name"], f"{c['eps_d']:g}", f"{c['residual_ratio']:.3g}", f"{c['agreement']:.2f}", f"{c['inside_percent']:.1f}",
                      f"{c['max_outside']:.3g}"] for t in record["targets"] for c in t["construction"]]
     if construction:

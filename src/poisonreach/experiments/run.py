@@ -29,6 +29,9 @@ common to all logits) move w without changing a prediction. Every trained model'
 recorded: its training-gradient norm
 (:func:`poisonreach.training.training_gradient_norm`) over the data it was trained on, clean data for
 the clean model, clean ∪ poisons for a victim, clean ∪ the target's own poisons for a poisoned target.
+How far from the best possible GC stopped is ``residual_floor_ratio`` (:func:`floor_fields`, for the
+problem-(18) solvers on a linear classifier with a box): no poisons in the box bring
+``grad_norm_ratio`` below it, so a ratio close to it says the solver did all the box allowed.
 
 Victim seeds (``RunConfig.victim_seeds``): the victim is retrained from scratch with each seed (its
 initialisation and batch order; the poisons, the target and the data split stay the run's), and
@@ -75,12 +78,13 @@ import torch
 from torch import nn
 
 from .. import distributed, io, models
-from ..attacks import Attack, PoisonResult
+from ..attacks import Attack, CancelingAttack, PoisonResult
+from ..attacks.base import box_bounds
 from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import resolve, task_of
 from ..validation import evaluating
 from ..errors import PoisonReachError
-from ..reachability import threshold
+from ..reachability import residual_floor, threshold
 from ..targets import parameter_distance, scale_target
 from ..training import accuracy, agreement, mean_squared_error, minimize, train, training_gradient_norm
 from .config import (ADDITIVE_FIELDS, ATTACK_FIELDS, CELL_PREFIX, POISONED_TARGETS, RunConfig, cell_name, fresh_model, load_data, mean_std,
@@ -474,6 +478,9 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
             "param_distance": _distance(retrained, target),
             "attack_time_s": attack_time,
         }
+    if "residual_floor" not in entry and floor_applies(attack, target, X, y):
+        entry.update(floor_fields(attack, target, X, y, entry))
+        changed = True
     missing = [k for k in ("target_agreement", "victim_grad_norm") if k not in entry and (classification or k != "target_agreement")]
     if missing:  # a fresh result, or one written before these fields existed: the run seed's victim
         if retrained is None:
@@ -499,7 +506,8 @@ def _run_cell(attack, model, target, X, y, splits, cell: Path, fit, save, clean_
     if seeds is not None and classification:
         quality += (f"; over victim seeds {seeds.seeds}: poisoned {entry['poisoned_acc_mean']:.2f} ± {entry['poisoned_acc_std']:.2f}%, "
                     f"drop {entry['acc_drop_mean']:.2f} ± {entry['acc_drop_std']:.2f}")
-    logger.info(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}, ‖w − w_t‖ {_fmt(entry['param_distance'], '.3g')}, "
+    floor = f" (floor {entry['residual_floor_ratio']:.3g})" if "residual_floor_ratio" in entry else ""
+    logger.info(f"eps_d={attack.eps_d:g}: {quality}, ‖g‖ ratio {entry['grad_norm_ratio']:.3g}{floor}, ‖w − w_t‖ {_fmt(entry['param_distance'], '.3g')}, "
         f"victim ‖∇L‖ {entry['victim_grad_norm']:.3g}")
     return entry
 
@@ -548,6 +556,27 @@ def _seed_statistics(entry: dict, seeds: "_SeedPlan", cell: Path, target, splits
         values = out[f"{name}_per_seed"]
         out.update(mean_std(name, values) if None not in values else {f"{name}_mean": None, f"{name}_std": None})
     return out
+
+
+def floor_applies(attack: Attack, target: nn.Module, X, y) -> bool:
+    """Whether :func:`~poisonreach.reachability.residual_floor` bounds this attack's residual: a
+    problem-(18) solver over the whole clean set, cancelling every parameter of a linear
+    classifier (its last layer is all of it), with its poisons in a box."""
+    return (isinstance(attack, CancelingAttack) and attack.box is not None and not attack.replace and attack.parameters != "first"
+            and task_of(y) != "regression" and models.is_linear(target, tuple(X.shape[1:])))
+
+
+def floor_fields(attack: Attack, target: nn.Module, X, y, entry: dict) -> dict:
+    """The residual floor at a cell's budget m/n with the attack's box and weight decay:
+    ``residual_floor`` (certified: no poisons in the box leave ‖r‖ below it), ``residual_floor_relaxed``
+    (the least ‖r‖ found over the relaxation without its bounds on the logits) and ``residual_floor_ratio`` (the floor over
+    ``grad_norm_initial``, the scale of ``grad_norm_ratio``, which can never be below it)."""
+    device = next(target.parameters()).device
+    floor = residual_floor(target, X, y, entry["num_poisons"] / len(X), box=box_bounds(attack.box, X, device=device, dtype=torch.float64),
+                           weight_decay=attack.weight_decay, device=device)
+    initial = entry["grad_norm_initial"]
+    return {"residual_floor": floor.floor, "residual_floor_relaxed": floor.relaxed,
+            "residual_floor_ratio": floor.floor / initial if initial > 0 else math.nan}
 
 
 def _distance(victim: nn.Module, target: nn.Module) -> float | None:
@@ -649,9 +678,10 @@ def format_table(metrics: dict) -> str:
                  f"against the clean model above; the official retraining on clean data alone: {clean_official}% ('drop vs SGD clean')")
     agree = not regression and all("target_agreement" in r for r in metrics["results"])
     converged = all("victim_grad_norm" in r for r in metrics["results"])
+    floors = metrics["results"] and all("residual_floor_ratio" in r for r in metrics["results"])
     cols = ["eps_d", *(["target", "target acc", "tau"] if selected else []), "poisons",
             *(["test MSE"] if regression else ["poisoned acc", "acc drop"]), *(["agree %"] if agree else []),
-            "‖g‖ final/initial", "param dist", *(["victim ‖∇L‖" + (" max" if several else "")] if converged else [])]
+            "‖g‖ final/initial", *(["floor/initial"] if floors else []), "param dist", *(["victim ‖∇L‖" + (" max" if several else "")] if converged else [])]
     if official:  # the spread over the epochs (over all seeds' epochs with several) and the second reference
         cols[4:4] = ["epochs min–max" + (" (all seeds)" if several else ""), "drop vs SGD clean"]  # after the drop
 
@@ -673,7 +703,7 @@ def format_table(metrics: dict) -> str:
         distance = (plus_minus(r["param_distance_mean"], r["param_distance_std"], ".3g") if multi and r["param_distance_mean"] is not None
                     else _fmt(r["param_distance"], ".3g"))
         chosen = [r["target"], f"{r['target_acc']:.2f}", _fmt(r["tau"])] if selected else []
-        cells = [f"{r['eps_d']:g}", *chosen, str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", distance]
+        cells = [f"{r['eps_d']:g}", *chosen, str(r["num_poisons"]), *quality, f"{r['grad_norm_ratio']:.3g}", *([f"{r['residual_floor_ratio']:.3g}"] if floors else []), distance]
         if converged:
             cells.append(f"{max(r['victim_grad_norm_per_seed']) if multi else r['victim_grad_norm']:.3g}")
         return cells

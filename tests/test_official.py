@@ -308,5 +308,7 @@ def test_the_command_line_and_sweeps_carry_the_protocol(tmp_path, capsys, monkey
     honest, official = rows
     assert honest["protocol"] == "honest" and official["protocol"] == "official"
     assert all(honest[k] is None for k in OFFICIAL_COLUMNS) and all(official[k] is not None for k in OFFICIAL_COLUMNS)
+    # the residual floor bounds the honest GC's ratio; the official GC's unbounded poisons have none
+    assert 0 <= honest["residual_floor_ratio"] <= honest["grad_norm_ratio"] and official["residual_floor_ratio"] is None
     with open(tmp_path / "sweep" / "results.csv", newline="") as f:
         assert [r["protocol"] for r in csv.DictReader(f)] == ["honest", "official"]

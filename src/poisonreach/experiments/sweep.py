@@ -51,7 +51,8 @@ Rows: the cell id, the grid axes not among the fixed columns, dataset, model, vi
 transfer victim's architecture, else empty), eps_w, attack, defense, eps_d (as configured: a number
 or "tau"), clean_acc, victim_clean_acc (a transfer victim's clean model, the reference of its drops),
 target_acc, tau, poisoned_acc, acc_drop (clean − poisoned, percentage points), defended_acc, recovered, grad_norm_ratio
-(‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), param_distance, target_agreement (% of test points
+(‖g(µ) + ε_d·g(ν̂)‖ / ‖g(µ)‖ at the target), residual_floor_ratio (the least that ratio can be with
+poisons in the box, certified, for GC on a linear model; else empty), param_distance, target_agreement (% of test points
 where the victim predicts as the target does), the training-gradient norms clean_grad_norm,
 target_grad_norm and victim_grad_norm, with victim seeds their list and poisoned_acc, acc_drop and
 target_agreement as _mean and _std over them, wall_time_s and paper_acc_drop (the paper's drop,
@@ -109,7 +110,7 @@ OFFICIAL_COLUMNS = ["retrain_acc_min", "retrain_acc_median", "retrain_acc_max", 
 COLUMNS = ["dataset", "model", "victim_model", "eps_w", "attack", "protocol", "defense", "eps_d", "selected_target", "clean_acc", "victim_clean_acc",
            "target_acc", "clean_mse", "target_mse",
            "tau", "poisoned_acc", "poisoned_mse", "acc_drop", "defended_acc", "recovered", "grad_norm_ratio",
-           "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
+           "residual_floor_ratio", "param_distance", "target_agreement", "clean_grad_norm", "target_grad_norm", "victim_grad_norm", *SEED_COLUMNS,
            *OFFICIAL_COLUMNS, "wall_time_s", "paper_acc_drop"]
 
 
@@ -386,7 +387,7 @@ def _cell_rows(sweep: Sweep, cid: str, config: RunConfig, output: dict, defenses
     done = [(e, by_eps_d[v]) for e in config.eps_d if (v := m["tau"] if e == "tau" else e) in by_eps_d]
     rows = [
         {**base, **chosen(r), "eps_d": eps_d, "poisoned_acc": r["poisoned_acc"], "poisoned_mse": r.get("poisoned_mse"), "acc_drop": r["acc_drop"],
-         "grad_norm_ratio": r["grad_norm_ratio"], "param_distance": r["param_distance"], "target_agreement": r.get("target_agreement"),
+         "grad_norm_ratio": r["grad_norm_ratio"], "residual_floor_ratio": r.get("residual_floor_ratio"), "param_distance": r["param_distance"], "target_agreement": r.get("target_agreement"),
          "victim_grad_norm": r.get("victim_grad_norm"), **_seed_values(r), **{k: r.get(k) for k in OFFICIAL_COLUMNS},
          "wall_time_s": m["wall_time_s"],
          "paper_acc_drop": paper(eps_d, None)}

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -106,6 +107,8 @@ def test_given_weights_and_target_are_audited_and_poisons_diagnosed(user_files, 
     assert record["targets"][0]["name"] == "given" and record["tau_sharpened"] <= 0.2 * (1 + 1e-3)
     (diagnosis,) = record["diagnoses"]
     assert diagnosis["verdict"].startswith("reached") and diagnosis["residual_ratio"] < 1e-2
+    # flips are points in the box: the floor, on the same scale, is below what they leave
+    assert diagnosis["in_box"] and 0 <= diagnosis["floor_ratio"] <= diagnosis["residual_ratio"] and "no ratio below" in diagnosis["verdict"]
     assert diagnosis["victim_tau_multiclass"] <= diagnosis["eps_d"] + 1e-9  # what these poisons reached meets the condition
 
 
@@ -116,6 +119,10 @@ def test_the_verdicts_below_tau_and_stalled(digits):
     below = GaussNewtonCanceling(0.1, weight_decay=DECAY, iterations=2, progress=False).poison(far, X, y)
     verdict = audit.diagnose(far, X, y, below, X_test=s.x_test, weight_decay=DECAY)
     assert verdict["verdict"].startswith("unreachable below τ") and verdict["tau"] > 0.1
+    boxed = audit.diagnose(far, X, y, below, X_test=s.x_test, weight_decay=DECAY, box=(0.0, 1.0))
+    assert boxed["in_box"] and 0 < boxed["floor_ratio"] <= boxed["residual_ratio"]
+    outside = dataclasses.replace(below, x=below.x + 2.0)
+    assert not audit.diagnose(far, X, y, outside, X_test=s.x_test, weight_decay=DECAY, box=(0.0, 1.0))["in_box"]
     flips = LabelFlip(0.3, strategy="least-likely").poison(model, X, y)
     planted = audit.retrained(model, *flips.mixed(X, y), weight_decay=DECAY)  # reachable at 0.3 by its flips
     other = LabelFlip(0.3, strategy="random", seed=1).poison(model, X, y)  # the same budget, other points

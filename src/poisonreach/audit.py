@@ -36,7 +36,7 @@ from .errors import PoisonReachError
 from .gradients import flat_norm, gradient_sum, select_parameters
 from .losses import resolve
 from .models import features, last_linear
-from .reachability import W_1_OVER_E, box_threshold, inner_sum, lambert_w_constant, sharpened_threshold, threshold
+from .reachability import W_1_OVER_E, box_threshold, inner_sum, lambert_w_constant, residual_floor, sharpened_threshold, threshold
 from .rows import dense
 from .validation import check_number
 
@@ -253,7 +253,10 @@ def diagnose(target: nn.Module, X: Tensor, y: Tensor, poisons: PoisonResult, *, 
     sharpened one with ``box``), the residual ratio ‖g(χ)‖ / ‖g(µ)‖ it leaves at the target (all
     parameters, the regulariser included), the victim retrained to convergence on clean ∪ poisons
     (its agreement with the target, its own τ(c) — at most ε_d, since these poisons reached it) and
-    a one-sentence verdict."""
+    a one-sentence verdict. With ``box`` (a linear target) also ``floor_ratio``, the least ratio
+    any m poisons in the box can leave (:func:`~poisonreach.reachability.residual_floor`, on the same
+    scale), and ``in_box``, whether these poisons are such points: a ratio far above the floor
+    says a better attack could get closer."""
     n, m = len(X), len(poisons.x)
     eps_d = m / n
     sharp = sharpened_threshold(target, X, y, box=box, weight_decay=weight_decay)
@@ -267,6 +270,13 @@ def diagnose(target: nn.Module, X: Tensor, y: Tensor, poisons: PoisonResult, *, 
     ratio = residual / max(flat_norm([a / n + (n + m) / n * d for a, d in zip(g_mu, decay)]), 1e-300)
     victim = retrained(target, *poisons.mixed(X, y), weight_decay=weight_decay)
     agree = training.agreement(victim, target, X_test)
+    floor = {}
+    if box is not None:
+        found = residual_floor(target, X, y, eps_d, box=box, weight_decay=weight_decay)
+        low, high = (torch.as_tensor(v, dtype=poisons.x.dtype).reshape(-1) for v in box)
+        flat = poisons.x.reshape(m, -1)
+        floor = {"floor_ratio": found.floor / found.clean if found.clean > 0 else math.nan,
+                 "in_box": bool(((flat >= low - 1e-6) & (flat <= high + 1e-6)).all())}
     if eps_d < sharp.tau:
         verdict = f"unreachable below τ: ε_d = {eps_d:.4g} < τ = {sharp.tau:.4g}, no poisons of this budget can reach the target"
     elif agree >= REACHED_AGREEMENT:
@@ -274,6 +284,9 @@ def diagnose(target: nn.Module, X: Tensor, y: Tensor, poisons: PoisonResult, *, 
     else:
         verdict = (f"reachable but the optimisation stalled: ε_d = {eps_d:.4g} ≥ τ = {sharp.tau:.4g}, yet the poisons leave "
                    f"residual ratio {ratio:.3g} and the victim agrees with the target on {agree:.2f}% only")
-    return {"eps_d": eps_d, "num_poisons": m, "tau": sharp.tau, "tau_multiclass": sharp.tau_multiclass, "residual_ratio": ratio,
+    if floor:
+        verdict += (f"; poisons in the box can leave no ratio below {floor['floor_ratio']:.3g}"
+                    + ("" if floor["in_box"] else " (these poisons are not all in the box)"))
+    return {"eps_d": eps_d, "num_poisons": m, "tau": sharp.tau, "tau_multiclass": sharp.tau_multiclass, "residual_ratio": ratio, **floor,
             "agreement": agree, "victim_tau_multiclass": threshold(victim, X, y, weight_decay=weight_decay).tau_multiclass,
             "verdict": verdict}

@@ -275,8 +275,7 @@ def diagnose(target: nn.Module, X: Tensor, y: Tensor, poisons: PoisonResult, *, 
         found = residual_floor(target, X, y, eps_d, box=box, weight_decay=weight_decay)
         low, high = (torch.as_tensor(v, dtype=poisons.x.dtype).reshape(-1) for v in box)
         flat = poisons.x.reshape(m, -1)
-        floor = {"floor_ratio": found.floor / found.clean if found.clean > 0 else math.nan,
-                 "in_box": bool(((flat >= low - 1e-6) & (flat <= high + 1e-6)).all())}
+        floor = {"floor_ratio": found.ratio, "in_box": bool(((flat >= low - 1e-6) & (flat <= high + 1e-6)).all())}
     if eps_d < sharp.tau:
         verdict = f"unreachable below τ: ε_d = {eps_d:.4g} < τ = {sharp.tau:.4g}, no poisons of this budget can reach the target"
     elif agree >= REACHED_AGREEMENT:

@@ -400,6 +400,11 @@ class ResidualFloor:
     clean: float
     iterations: int
 
+    @property
+    def ratio(self) -> float:
+        """floor / clean: the share of the residual without poisons that any poisons must leave."""
+        return self.floor / self.clean if self.clean > 0 else math.nan
+
     def allows(self, residual: float) -> bool:
         """Whether some poisons might bring ‖r‖ down to ``residual`` (necessary, not sufficient)."""
         return self.floor <= residual
@@ -509,15 +514,15 @@ class _ActiveSet:
         """The active atom of largest ⟨r, atom⟩ (D = U r) and that value."""
         n = len(self.keys)
         scores = np.einsum("ij,ij->i", self.z[:n], D[self.k[:n]])
-        a = int(scores.argmax())
-        return a, float(scores[a])
+        j = int(scores.argmax())
+        return j, float(scores[j])
 
     def add(self, k: int, bits: np.ndarray, z: np.ndarray, weight: float) -> None:
         key = (k, np.packbits(bits).tobytes())
         if key not in self.slot:
             n = len(self.keys)
             if n == len(self.w):
-                self.k, self.z, self.w = (np.concatenate([a, np.zeros_like(a)]) for a in (self.k, self.z, self.w))
+                self.k, self.z, self.w = (np.concatenate([part, np.zeros_like(part)]) for part in (self.k, self.z, self.w))
             self.k[n], self.z[n], self.w[n] = k, z, 0.0
             self.slot[key] = n
             self.keys.append(key)

@@ -138,7 +138,7 @@ def _audit_target(name: str, target, X, y, splits, config: RunConfig, box, linea
         for f in entry["floors"]:
             logger.info(f"{name}, eps_d={f['eps_d']:g}: " + (f"no poisons in the box leave the residual below {f['floor']:.3g} "
                         f"({f['floor_ratio']:.3g} of its value without poisons)" if f["floor"] > 0 else
-                        "residual floor 0: the box's relaxation lets poisons cancel the residual"))
+                        f"residual floor 0, no bound found (the relaxation comes within {f['relaxed'] / f['clean']:.2g} of cancelling it)"))
     if linear and construction:
         for e in config.eps_d:
             check = library.construction_check(target, X, y, e, box=box, X_test=splits.x_test, weight_decay=decay, seed=config.seed)
@@ -153,7 +153,7 @@ def _floor(target, X, y, eps_d: float, box, decay: float) -> dict:
     """:func:`~poisonreach.reachability.residual_floor` at ε_d, with ``floor_ratio``: the floor over
     ‖r‖ without poisons, so 0.1 or more says no attack can cancel nine tenths of the target's residual."""
     floor = residual_floor(target, X, y, eps_d, box=box, weight_decay=decay)
-    return {**floor.to_dict(), "floor_ratio": floor.floor / floor.clean if floor.clean > 0 else math.nan}
+    return {**floor.to_dict(), "floor_ratio": floor.ratio}
 
 
 def _reached(check: dict) -> bool:

@@ -97,7 +97,13 @@ def test_the_budget_tau_is_labelled_tau(tau_run, tmp_path):
     figures = plots.run_figures(tau_run)
     for ax in drawn(figures["eps_d_curves"]).axes:
         assert tick_texts(ax) == ["0.03", TAU]
-    assert list(legend_entries(figures["gc_history"].axes[0])) == [rf"{EPS_D} = 0.03", rf"$\varepsilon_d = \tau$ = {tau:.3g}"]
+    floors = [r["residual_floor"] for r in metrics["results"] if r.get("residual_floor")]
+    assert floors  # this target is out of reach at 0.03: a positive floor to draw
+    assert list(legend_entries(figures["gc_history"].axes[0])) == [rf"{EPS_D} = 0.03", rf"$\varepsilon_d = \tau$ = {tau:.3g}",
+                                                                   "certified floor"]
+    # each positive floor a dashed level under its own curve (GC never goes below it)
+    dashed = [line for line in figures["gc_history"].axes[0].get_lines() if line.get_linestyle() == "--" and len(line.get_ydata())]
+    assert sorted(float(line.get_ydata()[0]) for line in dashed) == pytest.approx(sorted(floors))
     assert figures["poisons"].get_suptitle().endswith(rf"$\varepsilon_d = \tau$ = {tau:.3g}")
 
     # the same number asked for as a number is no τ

@@ -5,7 +5,8 @@ back with :mod:`poisonreach.experiments.config`); :func:`plot_folder` tells the 
 :func:`run_figures` and :func:`sweep_figures` draw them without saving.
 
 Run folder (``poisonreach run``):
-    gc_history      ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for each ε_d (Figures 3 and 7)
+    gc_history      ‖g(µ) + ε_d·g(ν̂)‖ per GC epoch for each ε_d (Figures 3 and 7), its residual floor
+                    dashed where the run recorded a positive one
     eps_d_curves    accuracy drop and ‖g(χ)‖ against ε_d, τ marked (Figure 1 middle/right, Figure 2)
     poisons         clean source / poisoned / perturbation image rows, poison labels under the
                     poisons (Figures 9 and 10)
@@ -99,13 +100,20 @@ def _run_name(cell: Path, metrics: dict) -> str:
 
 
 def plot_gc_history(ax, run_dir: Path, metrics: dict, *, prefix: str = "", tau_budget: float | None = None) -> bool:
-    """Draw every ε_d cell's GC history on ``ax``; False when no cell has one (baseline attacks)."""
-    drawn = False
+    """Draw every ε_d cell's GC history on ``ax``, with its residual floor where the run recorded a
+    positive one (dashed, the curve's colour: no poisons in the box go below it); False when no
+    cell has a history (baseline attacks)."""
+    drawn = floors = False
     for r, cell in _cells(run_dir, metrics):
         history = io.read_json(cell / "poisons.json")["grad_norm_history"]
         if history:
-            ax.plot(history, label=prefix + _budget(r["eps_d"], tau_budget))
+            (line,) = ax.plot(history, label=prefix + _budget(r["eps_d"], tau_budget))
             drawn = True
+            if r.get("residual_floor"):
+                ax.axhline(r["residual_floor"], color=line.get_color(), linestyle="--", linewidth=0.8)
+                floors = True
+    if floors:
+        ax.plot([], [], "k--", linewidth=0.8, label="certified floor")
     ax.set_yscale("log")
     ax.set_xlabel("epoch (GC), step (GM)")
     ax.set_ylabel(GRAD_NORM)

@@ -32,7 +32,7 @@ from poisonreach.errors import PoisonReachError
 from poisonreach.experiments.config import RunConfig, load_data
 from poisonreach.experiments.official import file_order
 from poisonreach.experiments.run import format_table, run
-from poisonreach.experiments.sweep import OFFICIAL_COLUMNS, load_sweep, run_sweep
+from poisonreach.experiments.sweep import OFFICIAL_COLUMNS, format_results, load_sweep, run_sweep
 from poisonreach.losses import cross_entropy
 from poisonreach.targets import GradPC
 from poisonreach.training import accuracy, official_retrain, train
@@ -310,5 +310,6 @@ def test_the_command_line_and_sweeps_carry_the_protocol(tmp_path, capsys, monkey
     assert all(honest[k] is None for k in OFFICIAL_COLUMNS) and all(official[k] is not None for k in OFFICIAL_COLUMNS)
     # the residual floor bounds the honest GC's ratio; the official GC's unbounded poisons have none
     assert 0 <= honest["residual_floor_ratio"] <= honest["grad_norm_ratio"] and official["residual_floor_ratio"] is None
+    assert "floor ratio" in format_results(rows)
     with open(tmp_path / "sweep" / "results.csv", newline="") as f:
         assert [r["protocol"] for r in csv.DictReader(f)] == ["honest", "official"]

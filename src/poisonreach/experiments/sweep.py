@@ -472,7 +472,8 @@ HEADERS = {"cell": "cell", "dataset": "dataset", "model": "model", "victim_model
            "defense": "defense", "eps_d": "eps_d", "selected_target": "chosen target", "clean_acc": "clean", "victim_clean_acc": "victim clean",
            "target_acc": "target", "clean_mse": "clean MSE", "target_mse": "target MSE",
            "tau": "tau", "poisoned_acc": "poisoned", "poisoned_mse": "poisoned MSE", "acc_drop": "drop", "paper_acc_drop": "paper",
-           "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio", "param_distance": "‖w − w_t‖",
+           "defended_acc": "defended", "recovered": "recovered", "grad_norm_ratio": "‖g‖ ratio",
+           "residual_floor_ratio": "floor ratio", "param_distance": "‖w − w_t‖",
            "target_agreement": "agree", "victim_grad_norm": "victim ‖∇L‖", "victim_seeds": "victim seeds",
            "poisoned_acc_mean": "poisoned (seeds)", "acc_drop_mean": "drop (seeds)", "target_agreement_mean": "agree (seeds)",
            "retrain_acc_min": "epochs min", "retrain_acc_max": "epochs max", "acc_drop_vs_official_clean": "drop vs SGD clean",
@@ -481,7 +482,7 @@ _OPTIONAL = {"dataset", "model", "victim_model", "victim_clean_acc", "attack", "
              "clean_acc", "target_acc",
              "poisoned_acc", "acc_drop", "clean_mse", "target_mse", "poisoned_mse", "target_agreement", "victim_grad_norm",
              "victim_seeds", "poisoned_acc_mean", "acc_drop_mean", "target_agreement_mean", "retrain_acc_min", "retrain_acc_max",
-             "acc_drop_vs_official_clean"}
+             "acc_drop_vs_official_clean", "residual_floor_ratio"}
 TERMINAL = [k for k in HEADERS if k not in ("dataset", "model", "attack", "eps_w")]  # the cell id names those
 
 

@@ -566,7 +566,7 @@ def floor_applies(attack: Attack, target: nn.Module, X, y) -> bool:
             and task_of(y) != "regression" and models.is_linear(target, tuple(X.shape[1:])))
 
 
-def floor_fields(attack: Attack, target: nn.Module, X, y, entry: dict) -> dict:
+def floor_fields(attack: CancelingAttack, target: nn.Module, X, y, entry: dict) -> dict:
     """The residual floor at a cell's budget m/n with the attack's box and weight decay:
     ``residual_floor`` (certified: no poisons in the box leave ‖r‖ below it), ``residual_floor_relaxed``
     (the least ‖r‖ found over the relaxation without its bounds on the logits) and ``residual_floor_ratio`` (the floor over

@@ -15,6 +15,8 @@ Canceling's ‖r‖ at a budget, for a linear model and poisons in a box.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -25,8 +27,8 @@ import json
 from poisonreach import data, io, models, training
 from poisonreach.attacks import GaussNewtonCanceling
 from poisonreach.errors import PoisonReachError
-from poisonreach.reachability import box_threshold, residual_floor, sharpened_threshold
-from poisonreach.experiments.audit import audit
+from poisonreach.reachability import box_threshold, floor_threshold, residual_floor, sharpened_threshold
+from poisonreach.experiments.audit import audit, format_audit
 from poisonreach.experiments.config import RunConfig
 from poisonreach.experiments.run import format_table, run
 from poisonreach.targets import GradPC
@@ -93,42 +95,103 @@ def relaxation_minimum(c: np.ndarray, U: np.ndarray, lo: np.ndarray, hi: np.ndar
     if bounds is not None:
         cons.append({"type": "ineq", "fun": lambda z: float(np.vdot(W, v(z))) - bounds[0]})
         cons.append({"type": "ineq", "fun": lambda z: bounds[1] - float(np.vdot(W, v(z)))})
-    found = minimize(lambda z: 0.5 * float(((c + eps_d * v(z)) ** 2).sum()), np.zeros(P * (d + 1)), method="SLSQP", constraints=cons,
-                     bounds=[(None, None)] * (P * d) + [(0, None)] * P, options={"ftol": 1e-14, "maxiter": 1000})
+    for start in (np.zeros(P * (d + 1)), np.full(P * (d + 1), 0.5 / P)):  # SLSQP's stopping test can stall at one start
+        found = minimize(lambda z: 0.5 * float(((c + eps_d * v(z)) ** 2).sum()), start, method="SLSQP", constraints=cons,
+                         bounds=[(None, None)] * (P * d) + [(0, None)] * P, options={"ftol": 1e-14, "maxiter": 1000})
+        if found.success:
+            break
     assert found.success, found.message
     return float(np.sqrt(2 * found.fun))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_the_floor_lies_between_the_relaxations_minima(seed):
+def small_problem(seed: int) -> tuple:
+    """A 2-feature, 3-class linear target far from the clean minimiser, and what the SLSQP
+    relaxation needs: c(ε_d) as a function, the directions U, W̄ and the bounds (a, b) on
+    ⟨h, p − e_y⟩ found on a fine grid of the box and every label (inside the true range, so the
+    constraint they give is tighter and its minimum no smaller than the true one)."""
     gen = torch.Generator().manual_seed(seed)
     X = torch.rand(60, 2, generator=gen)
     y = torch.randint(0, 3, (60,), generator=gen)
     model = models.create("lr", (2,), 3, seed=seed)
     head = models.last_linear(model)
     with torch.no_grad():
-        head.weight.mul_(4.0)  # a target far from the clean minimiser
-    box = (0.0, 1.0)
+        head.weight.mul_(4.0)
     W = torch.cat([head.weight, head.bias[:, None]], 1).detach().double().numpy()
     loss = torch.nn.functional.cross_entropy(model(X), y)
     G = torch.autograd.grad(loss, [head.weight, head.bias])
     G = torch.cat([G[0], G[1][:, None]], 1).double().numpy()
     U = np.stack([np.eye(3)[k] - np.eye(3)[j] for k in range(3) for j in range(3) if k != j])
-    # ⟨h, p − e_y⟩ over a fine grid of the box and every label: inside the true range [a, b], so the
-    # constraint it gives is tighter and its minimum no smaller than the true one
     grid = torch.stack(torch.meshgrid(torch.linspace(0, 1, 201), torch.linspace(0, 1, 201), indexing="ij"), -1).reshape(-1, 2)
     with torch.no_grad():
         h = model(grid).double()
     inner = torch.stack([(h * (torch.softmax(h, 1) - torch.eye(3, dtype=torch.float64)[k])).sum(1) for k in range(3)])
-    bounds = (float(inner.min()), float(inner.max()))
+    return model, X, y, (lambda eps_d: G + (1 + eps_d) * DECAY * W), U, W, (float(inner.min()), float(inner.max()))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_floor_lies_between_the_relaxations_minima(seed):
+    model, X, y, c, U, W, bounds = small_problem(seed)
+    box, lo, hi = (0.0, 1.0), np.zeros(2), np.ones(2)
     for eps_d in (0.05, 0.2):
-        c = G + (1 + eps_d) * DECAY * W
-        loose = relaxation_minimum(c, U, np.zeros(2), np.ones(2), eps_d)
-        tight = relaxation_minimum(c, U, np.zeros(2), np.ones(2), eps_d, W, bounds)
+        loose = relaxation_minimum(c(eps_d), U, lo, hi, eps_d)
+        tight = relaxation_minimum(c(eps_d), U, lo, hi, eps_d, W, bounds)
         floor = residual_floor(model, X, y, eps_d, box=box, weight_decay=DECAY, tolerance=1e-6, iterations=200000)
         assert loose * (1 - 2e-3) <= floor.floor <= tight * (1 + 1e-6)
         assert floor.relaxed >= loose * (1 - 1e-6)  # an iterate of the relaxation without the bounds on ⟨h, p − e_y⟩
-        assert floor.clean == pytest.approx(float(np.linalg.norm(c)), rel=1e-6)
+        assert floor.clean == pytest.approx(float(np.linalg.norm(c(eps_d))), rel=1e-6)
+        # ``uniform`` bounds every smaller budget's minimum, and is the floor's own bound where it is tight
+        assert 0 < floor.uniform <= floor.floor
+        for smaller in (0.0, eps_d / 4, eps_d / 2, eps_d):
+            assert floor.uniform <= relaxation_minimum(c(smaller), U, lo, hi, smaller, W, bounds) * (1 + 1e-6)
+
+
+def first_budget(minimum, level: float, high: float = 8.0) -> float:
+    """The least ε_d in (0, high] with minimum(ε_d) ≤ level to 1%, by bisection on log ε_d (the
+    relaxations' minima are convex in ε_d: where they are at most ``level`` is an interval)."""
+    assert minimum(high) <= level < minimum(1e-4)
+    low = 1e-4
+    while high > low * 1.01:
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if minimum(middle) > level else (low, middle)
+    return high
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_the_floor_threshold_lies_between_the_relaxations_budgets(seed):
+    model, X, y, c, U, W, bounds = small_problem(seed)
+    lo, hi = np.zeros(2), np.ones(2)
+    found = floor_threshold(model, X, y, 0.1, box=(0.0, 1.0), weight_decay=DECAY, precision=0.01, iterations=200000)
+    assert found.residual == pytest.approx(0.1 * float(np.linalg.norm(c(0.0))), rel=1e-6)  # G by float32 autograd here
+    assert found.forbidden < found.tau <= found.forbidden * 1.01 and found.evaluations > 2
+    # the relaxation with the bounds first reaches δ at or after ``forbidden`` (certified); the one
+    # without them no later than ``tau`` (the floor is above that relaxation's minimum only where the
+    # bounds bind, and comes within 2e-3 of it)
+    tight = first_budget(lambda e: relaxation_minimum(c(e), U, lo, hi, e, W, bounds), found.residual)
+    loose = first_budget(lambda e: relaxation_minimum(c(e), U, lo, hi, e), found.residual * (1 - 2e-3))
+    assert found.forbidden <= tight
+    if seed == 0:  # weight decay makes the minimum rise again past ε_d ≈ 4: the floor at 8 is no bound at 4, ``uniform`` is
+        at_four, late = relaxation_minimum(c(4.0), U, lo, hi, 4.0, W, bounds), residual_floor(model, X, y, 8.0, box=(0.0, 1.0), weight_decay=DECAY)
+        assert late.uniform <= at_four < late.floor
+    assert loose <= found.tau * 1.01
+    # a smaller share needs more poison
+    assert floor_threshold(model, X, y, 0.02, box=(0.0, 1.0), weight_decay=DECAY).forbidden >= found.forbidden
+
+
+def test_the_floor_threshold_reads_its_own_floors(digits):
+    s, clean, box = digits
+    target = GradPC(1.0).generate(clean, s.x_train, s.y_train)
+    X, y = s.x_train, s.y_train
+    found = floor_threshold(target, X, y, 0.1, box=box, weight_decay=DECAY)
+    assert 0 < found.forbidden < found.tau <= found.forbidden * 1.02
+    below = residual_floor(target, X, y, found.forbidden, box=box, weight_decay=DECAY, tolerance=0.0, decide=found.residual)
+    above = residual_floor(target, X, y, found.tau, box=box, weight_decay=DECAY, tolerance=0.0, decide=found.residual)
+    assert below.uniform > found.residual and not above.uniform > found.residual
+    # out of reach of any budget searched, and reachable from the start
+    assert floor_threshold(target, X, y, 0.1, box=box, weight_decay=DECAY, eps_max=found.forbidden).tau == math.inf
+    assert floor_threshold(target, X, y, 0.1, box=box, weight_decay=DECAY, eps_min=found.tau).forbidden == 0.0
+    for bad, match in (({"ratio": 0.0}, "ratio"), ({"ratio": 1.0}, "ratio"), ({"ratio": 0.1, "eps_max": 1e-5}, "eps_max")):
+        with pytest.raises(PoisonReachError, match=match):
+            floor_threshold(target, X, y, box=box, **bad)
 
 
 def test_the_bounds_on_the_logits_lift_the_floor_between_the_two_programmes(digits):
@@ -200,6 +263,15 @@ def test_the_audit_reports_the_floor_per_target_and_budget(tmp_path):
             assert 0 <= f["floor"] <= f["clean"] and f["relaxed"] <= f["clean"] and f["floor_ratio"] == pytest.approx(f["floor"] / f["clean"])
     # the small step ε_w = 0.25 is within reach of all the data's budget, ε_w = 2 not of a hundredth of it
     assert record["targets"][0]["floors"][1]["floor"] == 0.0 and record["targets"][1]["floors"][0]["floor"] > 0
+    # the budget to a tenth: certified below ``forbidden``, found to 2%, and where the floors say so
+    for t in record["targets"]:
+        tenth = t["floor_threshold"]
+        assert tenth["ratio"] == 0.1 and 0 < tenth["forbidden"] < tenth["tau"] <= 1.02 * tenth["forbidden"]
+        for f in t["floors"]:
+            if f["floor"] > tenth["residual"]:
+                assert f["eps_d"] < tenth["tau"]
+    assert record["targets"][0]["floor_threshold"]["tau"] < record["targets"][1]["floor_threshold"]["forbidden"]  # the larger step needs more
+    assert "tau to 1/10" in format_audit(record)
     assert "residual floor" in (tmp_path / "audit" / "audit.md").read_text()
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["targets"][0]["floors"] == record["targets"][0]["floors"]
 
@@ -214,6 +286,10 @@ def test_the_mixed_bound_is_the_best_along_its_directions():
         alpha, (a, b) = float(np.vdot(r, c)) - abs(rng.normal()), np.sort(rng.normal(size=2))
         beta = np.where(t >= 0, np.vdot(W, c) + 0.3 * a, np.vdot(W, c) + 0.3 * b)
         along = (alpha + beta * t) / np.linalg.norm(r[None] + t[:, None, None] * W[None], axis=(1, 2))
-        got = _mixed_bound(alpha, float(np.vdot(W, c) + 0.3 * a), float(np.vdot(W, c) + 0.3 * b), float(np.vdot(r, r)),
-                           float(np.vdot(r, W)), float(np.vdot(W, W)))
+        got, at = _mixed_bound(alpha, float(np.vdot(W, c) + 0.3 * a), float(np.vdot(W, c) + 0.3 * b), float(np.vdot(r, r)),
+                               float(np.vdot(r, W)), float(np.vdot(W, W)))
         assert along.max() <= got + 1e-9 and got <= along.max() + 1e-4 * (1 + abs(got))
+        # the t it returns is where that bound is attained (±inf: the scalar condition, U = ±W̄)
+        beta_at = np.vdot(W, c) + 0.3 * (a if at >= 0 else b)
+        value = np.sign(at) * beta_at / np.linalg.norm(W) if np.isinf(at) else (alpha + beta_at * at) / np.linalg.norm(r + at * W)
+        assert value == pytest.approx(got, rel=1e-9, abs=1e-12)

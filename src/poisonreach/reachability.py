@@ -387,6 +387,8 @@ class ResidualFloor:
     eps_d: the budget ε_d = m/n.
     floor: certified: no poisons in the box leave ‖r‖ below it, r = g(µ) + ε_d·g(ν̂) + (1 + ε_d)·λw
         the residual of equation (18) with the victim's weight decay λ.
+    uniform: certified for every budget up to ε_d: at no ε_d' ≤ ε_d do poisons in the box leave ‖r‖
+        below it (at most ``floor``; the floor's direction bounds ‖r‖ affinely in ε_d').
     relaxed: the least ‖r‖ found over the relaxation without the bounds on ⟨h, p − e_y⟩, an upper
         end of that relaxation's minimum; the floor can be above it where the bounds bind, and real
         poisons, their p tied to their pixels, may do worse than both.
@@ -396,6 +398,7 @@ class ResidualFloor:
 
     eps_d: float
     floor: float
+    uniform: float
     relaxed: float
     clean: float
     iterations: int
@@ -429,54 +432,135 @@ def residual_floor(model: nn.Module, X: Tensor, y: Tensor, eps_d: float, *, box:
     and φ of ⟨U, u ⊗ (φ, 1)⟩) in closed form (each feature at the end of the box the sign of
     (uᵀU)_j picks); along U = r + t·W̄ the bounds replace the W̄ part, ⟨U, v⟩ ≥ h(r) + t·a (t ≥ 0;
     t·b below), and the best t is in closed form (:func:`_mixed_bound`; t → ∞ is the scalar
-    condition alone). Pairwise Frank–Wolfe on min ‖c + ε_d·v‖² over the relaxation's hull (without
-    the bounds), whose linear minimisation is that same closed form (exact line search), supplies
-    the directions r: its iterates give ``relaxed``, the best bound ``floor``. Without the bounds
-    the two meet at the relaxation's minimum (strong duality); with them the floor lies between that
-    minimum and the minimum with the bounds. It stops once ``relaxed`` − ``floor`` ≤
-    ``tolerance``·‖c‖, or, given ``decide``, once the floor is above it or the relaxation below it
-    (enough for ``allows(decide)``). The floor holds whenever it stops.
+    condition alone). For a fixed U the bound is affine in ε_d, so its values at 0 and ε_d bound
+    every budget between (``uniform``). Pairwise Frank–Wolfe on min ‖c + ε_d·v‖² over the
+    relaxation's hull (without the bounds), whose linear minimisation is that same closed form
+    (exact line search), supplies the directions r: its iterates give ``relaxed``, the best bound
+    ``floor``. Without the bounds the two meet at the relaxation's minimum (strong duality); with
+    them the floor lies between that minimum and the minimum with the bounds. It stops once
+    ``relaxed`` − ``floor`` ≤ ``tolerance``·‖c‖, or, given ``decide``, once ``uniform`` is above it
+    or the relaxation below it (enough for ``allows(decide)``). The bounds hold whenever it stops.
     """
     check_number("eps_d", eps_d, low=0.0)
-    G, W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
-    a, b = _box_constants(model, X.shape[1:], W.shape[0], box, device or next(model.parameters()).device)
-    c = G + (1 + eps_d) * weight_decay * W
-    wc, ww = float(np.vdot(W, c)), float(np.vdot(W, W))
-    lo, hi = np.append(lo, 1.0), np.append(hi, 1.0)  # the bias's feature is 1
-    clean = float(np.linalg.norm(c))
-    # pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i a corner of the box;
-    # the zero row appended to U is the zero atom. Weight moves from the worst active atom to the
-    # best atom in the box.
-    U = np.vstack([U, np.zeros(U.shape[1])])
-    active = _ActiveSet(len(lo))
-    active.add(len(U) - 1, np.zeros(len(lo), dtype=bool), lo, 1.0)
-    v, r = np.zeros_like(c), c.copy()
-    floor, relaxed, it = -math.inf, clean, 0
-    for it in range(1, iterations + 1):
-        norm = float(np.linalg.norm(r))
-        relaxed = min(relaxed, norm)
-        if norm == 0.0:
-            floor = 0.0
-            break
-        D = U @ r  # ⟨r, u ⊗ z⟩ = D_u·z for every direction u
-        bits = D < 0
-        values = (D * np.where(bits, hi, lo)).sum(1)
-        k = int(values.argmin())
-        floor = max(floor, _mixed_bound(float(np.vdot(r, c)) + eps_d * float(values[k]), wc + eps_d * a, wc + eps_d * b,
-                                         norm * norm, float(np.vdot(r, W)), ww))
-        if relaxed - max(floor, 0.0) <= tolerance * clean or eps_d == 0.0 or (decide is not None and not floor <= decide < relaxed):
-            break
-        j, worst = active.worst(D)
-        if worst <= values[k]:  # no pair lowers ‖r‖: the iterate is the relaxation's minimiser
-            break
-        corner = np.where(bits[k], hi, lo)
-        step = np.outer(U[k], corner) - np.outer(U[active.k[j]], active.z[j])
-        gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(active.w[j]))
-        active.add(k, bits[k], corner, gamma)
-        active.remove(j, gamma)
-        v += gamma * step
-        r = c + eps_d * v
-    return ResidualFloor(eps_d=float(eps_d), floor=max(floor, 0.0), relaxed=relaxed, clean=clean, iterations=it)
+    relaxation = _FloorProblem(model, X, y, box, weight_decay, chunk_size, device)
+    return relaxation.solve(eps_d, iterations=iterations, tolerance=tolerance, decide=decide)
+
+
+@dataclass(frozen=True)
+class FloorThreshold:
+    """The budget at which the residual floor first lets ‖r‖ reach a share of its value without
+    poisons (:func:`floor_threshold`): τ for the event "‖r‖ ≤ ``ratio``·‖g(µ) + λw‖" instead of "r = 0".
+
+    ratio: the share ρ; residual: the level δ = ρ·‖g(µ) + λw‖ it stands for.
+    tau: the least budget found at which the floor allows ‖r‖ ≤ δ (inf: none up to the search's end).
+    forbidden: certified: at no budget up to it can poisons in the box bring ‖r‖ to δ.
+    evaluations: residual floors computed.
+    """
+
+    ratio: float
+    residual: float
+    tau: float
+    forbidden: float
+    evaluations: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def floor_threshold(model: nn.Module, X: Tensor, y: Tensor, ratio: float = 0.1, *, box: tuple, weight_decay: float = 0.0,
+                    eps_max: float = 10.0, eps_min: float = 1e-4, precision: float = 0.02, iterations: int = 5000,
+                    chunk_size: int = 256, device=None) -> FloorThreshold:
+    """How much poison it takes, at least, to cancel all but ``ratio`` of the target's residual
+    (equation (18)) with poisons in ``box``, for a linear model: the auditor's "how much data" for
+    an approximate target, where τ answers it for an exact one. Bisection on log ε_d over [eps_min,
+    eps_max] of the decision "the floor's ``uniform`` bound is above δ" (:func:`residual_floor`
+    with ``decide`` = δ), to a relative width ``precision``: every budget it certifies covers all
+    smaller ones, so ``forbidden`` holds for the whole range below it, and ``tau`` is the least
+    budget where no bound above δ was found (the floor is necessary, not sufficient, so an attack
+    may need more)."""
+    check_number("ratio", ratio, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_number("eps_min", eps_min, low=0.0, low_open=True)
+    check_number("eps_max", eps_max, low=eps_min, low_open=True)
+    check_number("precision", precision, low=0.0, low_open=True)
+    relaxation = _FloorProblem(model, X, y, box, weight_decay, chunk_size, device)
+    residual = ratio * relaxation.clean(0.0)
+    evaluations = 0
+
+    def forbids(eps_d: float) -> bool:
+        nonlocal evaluations
+        evaluations += 1
+        return relaxation.solve(eps_d, iterations=iterations, tolerance=0.0, decide=residual).uniform > residual
+
+    if forbids(eps_max):
+        return FloorThreshold(ratio, residual, math.inf, eps_max, evaluations)
+    if not forbids(eps_min):
+        return FloorThreshold(ratio, residual, eps_min, 0.0, evaluations)
+    low, high = eps_min, eps_max
+    while high > low * (1 + precision):
+        middle = math.sqrt(low * high)
+        low, high = (middle, high) if forbids(middle) else (low, middle)
+    return FloorThreshold(ratio, residual, high, low, evaluations)
+
+
+class _FloorProblem:
+    """The box relaxation of a linear model's residual (:func:`residual_floor`), set up once and
+    solved at any budget: G = g(µ), the last layer W̄, the features' box, the directions u and the
+    bounds (a, b) on ⟨h, p − e_y⟩."""
+
+    def __init__(self, model: nn.Module, X: Tensor, y: Tensor, box: tuple, weight_decay: float, chunk_size: int, device):
+        self.G, self.W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
+        self.a, self.b = _box_constants(model, X.shape[1:], self.W.shape[0], box, device or next(model.parameters()).device)
+        self.decay = weight_decay
+        self.lo, self.hi = np.append(lo, 1.0), np.append(hi, 1.0)  # the bias's feature is 1
+        self.U = np.vstack([U, np.zeros(U.shape[1])])  # the zero row is the zero atom
+
+    def clean(self, eps_d: float) -> float:
+        return float(np.linalg.norm(self.G + (1 + eps_d) * self.decay * self.W))
+
+    def solve(self, eps_d: float, *, iterations: int, tolerance: float, decide: float | None) -> ResidualFloor:
+        """Pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i a corner of the
+        box; weight moves from the worst active atom to the best atom in the box."""
+        U, W, lo, hi = self.U, self.W, self.lo, self.hi
+        c = self.G + (1 + eps_d) * self.decay * self.W
+        c0 = self.G + self.decay * self.W
+        wc, ww, wc0 = float(np.vdot(W, c)), float(np.vdot(W, W)), float(np.vdot(W, c0))
+        clean = float(np.linalg.norm(c))
+        active = _ActiveSet(len(lo))
+        active.add(len(U) - 1, np.zeros(len(lo), dtype=bool), lo, 1.0)
+        v, r = np.zeros_like(c), c.copy()
+        floor, uniform, relaxed, it = -math.inf, -math.inf, clean, 0
+        for it in range(1, iterations + 1):
+            norm = float(np.linalg.norm(r))
+            relaxed = min(relaxed, norm)
+            if norm == 0.0:
+                floor = 0.0
+                break
+            D = U @ r  # ⟨r, u ⊗ z⟩ = D_u·z for every direction u
+            bits = D < 0
+            values = (D * np.where(bits, hi, lo)).sum(1)
+            k = int(values.argmin())
+            rw = float(np.vdot(r, W))
+            bound, t = _mixed_bound(float(np.vdot(r, c)) + eps_d * float(values[k]), wc + eps_d * self.a, wc + eps_d * self.b,
+                                    norm * norm, rw, ww)
+            at_zero = (wc0 * math.copysign(1.0, t) / math.sqrt(ww) if math.isinf(t) else
+                       (float(np.vdot(r, c0)) + t * wc0) / math.sqrt(max(norm * norm + 2 * rw * t + ww * t * t, 1e-300)))
+            floor, uniform = max(floor, bound), max(uniform, min(bound, at_zero))
+            if (relaxed - max(floor, 0.0) <= tolerance * clean or eps_d == 0.0
+                    or (decide is not None and not uniform <= decide < relaxed)):
+                break
+            j, worst = active.worst(D)
+            if worst <= values[k]:  # no pair lowers ‖r‖: the iterate is the relaxation's minimiser
+                break
+            corner = np.where(bits[k], hi, lo)
+            step = np.outer(U[k], corner) - np.outer(U[active.k[j]], active.z[j])
+            gamma = min(max(-float(np.vdot(r, step)) / (eps_d * float(np.vdot(step, step))), 0.0), float(active.w[j]))
+            active.add(k, bits[k], corner, gamma)
+            active.remove(j, gamma)
+            v += gamma * step
+            r = c + eps_d * v
+        floor = max(floor, 0.0)
+        return ResidualFloor(eps_d=float(eps_d), floor=floor, uniform=min(max(uniform, 0.0), floor), relaxed=relaxed, clean=clean,
+                             iterations=it)
 
 
 def _mixed_bound(alpha: float, beta_up: float, beta_down: float, rr: float, rw: float, ww: float) -> float:
@@ -484,19 +568,20 @@ def _mixed_bound(alpha: float, beta_up: float, beta_down: float, rr: float, rw: 
     ⟨r, v⟩ ≥ h(r) and a ≤ ⟨W̄, v⟩ ≤ b, ‖r‖ ≥ (α + β·t)/‖r + t·W̄‖, α = ⟨r, c⟩ + ε_d·h(r), β = ⟨W̄, c⟩
     + ε_d·a for t ≥ 0 (``beta_up``), ⟨W̄, c⟩ + ε_d·b for t ≤ 0 (``beta_down``); ``rr``, ``rw``, ``ww``
     are ‖r‖², ⟨r, W̄⟩, ‖W̄‖². On each half-line the ratio's one stationary point or its limit
-    ±β/‖W̄‖ (the scalar condition alone, U = W̄) is the best."""
+    ±β/‖W̄‖ (the scalar condition alone, U = ±W̄) is the best. Returns the bound and its t (±inf
+    for that limit)."""
 
     def ratio(t: float, beta: float) -> float:
         return (alpha + beta * t) / math.sqrt(max(rr + 2 * rw * t + ww * t * t, 1e-300))
 
-    best = ratio(0.0, beta_up)
+    best = (ratio(0.0, beta_up), 0.0)
     for beta, sign in ((beta_up, 1.0), (beta_down, -1.0)):
         if ww == 0.0 or not math.isfinite(beta):
             continue
-        best = max(best, sign * beta / math.sqrt(ww))
+        best = max(best, (sign * beta / math.sqrt(ww), sign * math.inf))
         den = beta * rw - alpha * ww
         if den != 0.0 and (t := (alpha * rw - beta * rr) / den) * sign > 0:
-            best = max(best, ratio(t, beta))
+            best = max(best, (ratio(t, beta), t))
     return best
 
 

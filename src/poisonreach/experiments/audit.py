@@ -7,8 +7,9 @@ The model is one of ours or the user's (``--model module.path:Class``), its weig
 protocol, weight decay λ); the data one of ours or the user's (``npz:FILE``, ``folder:DIR``). The
 target is ``--target-weights`` (a model of the same class) or, without it, GradPC targets over an
 ε_w grid. For each target: τ(2), τ(c) and the sharpened τ (with the box, for a linear model: the
-scalar bounds and the box programme), and for a linear model at every ε_d the residual floor (how
-far from the target's stationarity any poisons in the box must leave it,
+scalar bounds and the box programme), and for a linear model the budget that may cancel nine tenths
+of the target's residual (:func:`~poisonreach.reachability.floor_threshold`), at every ε_d the residual
+floor (how far from the target's stationarity any poisons in the box must leave it,
 :func:`~poisonreach.reachability.residual_floor`) and the constructive poisons of Theorems 5/6,
 verified by retraining — the thresholds and the constructions bracket the ε_d the target needs. For a linear
 model, the damage frontier: per ε_d the largest drop found over models that meet the necessary
@@ -18,7 +19,8 @@ target.
 
 Writes ``audit.json``, ``audit.md`` and ``frontier.png``/``.pdf`` into the folder, and prints the
 tables. Thresholds cost about a forward pass (the box programme a linear programme, under a minute
-for MNIST-LR); the frontier and the constructions train.
+for MNIST-LR); a residual floor a second to half a minute on MNIST-LR, the budget to a tenth a dozen
+of them; the frontier and the constructions train.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from .. import audit as library, data, io, models
 from ..errors import PoisonReachError
 from ..models import is_linear
-from ..reachability import residual_floor, sharpened_threshold, threshold
+from ..reachability import floor_threshold, residual_floor, sharpened_threshold, threshold
 from ..targets import GradPC
 from ..training import accuracy
 from .config import RunConfig, fresh_model, load_data, short_name
@@ -45,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # ε_w of the GradPC targets audited when no target is given
 EPS_W_GRID = (0.25, 0.5, 1.0, 2.0)
+# the share of the target's residual the budget "to a tenth" leaves (floor_threshold)
+TENTH = 0.1
 
 
 def audit(config: RunConfig, out: str | os.PathLike, *, weights: str | None = None, target_weights: str | None = None,
@@ -134,6 +138,10 @@ def _audit_target(name: str, target, X, y, splits, config: RunConfig, box, linea
     logger.info(f"{name}: target accuracy {entry['target_acc']:.2f}%, tau {base.tau:.4g}, tau(c) {base.tau_multiclass:.4g}, "
                 f"sharpened {sharp.tau:.4g}")
     if linear:
+        tenth = floor_threshold(target, X, y, TENTH, box=box, weight_decay=decay)
+        entry["floor_threshold"] = tenth.to_dict()
+        logger.info(f"{name}: below eps_d = {tenth.forbidden:.4g} no poisons in the box cancel nine tenths of its residual "
+                    f"(first allowed at {_fmt(tenth.tau)}, {tenth.evaluations} floors)")
         entry["floors"] = [_floor(target, X, y, e, box, decay) for e in config.eps_d]
         for f in entry["floors"]:
             logger.info(f"{name}, eps_d={f['eps_d']:g}: " + (f"no poisons in the box leave the residual below {f['floor']:.3g} "
@@ -191,9 +199,10 @@ def format_audit(record: dict) -> str:
     """The audit's tables for the terminal."""
     head = (f"{record['dataset']} / {record['model']}: clean accuracy {record['clean_acc']:.2f}%, {record['num_train']} training points, "
             f"weight decay {record['weight_decay']:g}")
-    rows = [[t["name"], f"{t['target_acc']:.2f}", _fmt(t["tau"]), _fmt(t["tau_multiclass"]), _fmt(t["tau_lp"]), _fmt(t["tau_sharpened"]), _bracket(t)]
-            for t in record["targets"]]
-    parts = [head, text_table(["target", "target acc", "tau(2)", "tau(c)", "tau box LP", "tau sharpened", "eps_d needed"], rows, left_first=True)]
+    rows = [[t["name"], f"{t['target_acc']:.2f}", _fmt(t["tau"]), _fmt(t["tau_multiclass"]), _fmt(t["tau_lp"]), _fmt(t["tau_sharpened"]),
+             _fmt(t["floor_threshold"]["tau"]) if "floor_threshold" in t else "-", _bracket(t)] for t in record["targets"]]
+    parts = [head, text_table(["target", "target acc", "tau(2)", "tau(c)", "tau box LP", "tau sharpened", "tau to 1/10", "eps_d needed"], rows,
+                              left_first=True)]
     floors = [[t["name"], f"{f['eps_d']:g}", f"{f['floor']:.3g}", f"{f['floor_ratio']:.3g}", f"{f['relaxed'] / f['clean']:.3g}"]
               for t in record["targets"] for f in t.get("floors", [])]
     if floors:
@@ -219,7 +228,9 @@ def format_markdown(record: dict, figures: list[Path]) -> str:
     """audit.md: the tables and the frontier figure."""
     lines = ["# Reachability audit", "", "```", format_audit(record), "```", ""]
     lines += [f"![damage frontier]({f.name})" for f in figures if f.suffix == ".png"]
-    lines += ["", "τ values are necessary thresholds: below them no poisons reach the target. The constructed poisons "
+    lines += ["", "τ values are necessary thresholds: below them no poisons reach the target; \"tau to 1/10\" is the least budget "
+              "at which the residual floor lets poisons in the box cancel nine tenths of the target's residual ‖g(µ) + λw‖ (below it "
+              "no poisons can). The constructed poisons "
               "(Theorems 5/6) reach it when the victim agrees with it; with the thresholds they bracket the ε_d it needs. "
               "The frontier's drops were found among models that meet the necessary condition: lower estimates of what "
               "any attack can do to a victim retrained to convergence.", ""]

@@ -22,6 +22,7 @@ from poisonreach import audit, data, models, training
 from poisonreach.attacks import GaussNewtonCanceling, LabelFlip
 from poisonreach.cli import main
 from poisonreach.targets import GradPC
+from poisonreach.reachability import box_threshold
 
 DECAY = 1e-3
 
@@ -138,3 +139,8 @@ def test_the_frontier_models_meet_the_condition_they_name(digits):
     boxed = audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.03], weight_decay=DECAY, box=(0.0, 1.0),
                                   restarts=2, pullback_steps=4)
     assert boxed[0].condition == "box LP" and boxed[0].condition_value <= 0 and boxed[0].programmes > 0
+    # the admissible model itself comes back: its accuracy is the one reported, and it meets the box programme
+    found = boxed[0].model
+    assert found is not model and training.accuracy(found, s.x_test, s.y_test) == pytest.approx(boxed[0].accuracy, abs=1e-9)
+    assert box_threshold(found, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY) <= 0.03
+    assert "model" not in boxed[0].to_dict() and boxed[0].to_dict()["eps_d"] == 0.03

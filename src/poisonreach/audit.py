@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +88,8 @@ class FrontierPoint:
     """The largest test-accuracy drop found at ``eps_d`` over last layers that meet the necessary
     condition (an estimate of the bound from below, not certified), the test accuracy of that
     model, the condition used (``tau(c)``, or ``box LP`` with a box) and its value there (≤ 0 is
-    met), the restarts and the linear programmes solved."""
+    met), the restarts and the linear programmes solved; ``model`` is that admissible model (a copy
+    of the clean one with the found last layer; not in ``to_dict``)."""
 
     eps_d: float
     max_drop_estimate: float
@@ -97,9 +98,10 @@ class FrontierPoint:
     condition_value: float
     restarts: int
     programmes: int
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
 
 
 def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, eps_d: list[float], *,
@@ -166,7 +168,7 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
         previous = best
         points.append(FrontierPoint(eps_d=e, max_drop_estimate=clean_acc - accuracy, accuracy=accuracy,
                                     condition="tau(c)" if box is None else "box LP", condition_value=value,
-                                    restarts=len(starts), programmes=solved))
+                                    restarts=len(starts), programmes=solved, model=_with_layer(model, best)))
     return points
 
 

@@ -483,7 +483,7 @@ def floor_threshold(model: nn.Module, X: Tensor, y: Tensor, ratio: float = 0.1, 
     check_number("eps_max", eps_max, low=eps_min, low_open=True)
     check_number("precision", precision, low=0.0, low_open=True)
     relaxation = _FloorProblem(model, X, y, box, weight_decay, chunk_size, device)
-    residual = ratio * relaxation.clean(0.0)
+    residual = ratio * float(np.linalg.norm(relaxation.c0))
     evaluations = 0
 
     def forbids(eps_d: float) -> bool:
@@ -511,18 +511,15 @@ class _FloorProblem:
         self.G, self.W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
         self.a, self.b = _box_constants(model, X.shape[1:], self.W.shape[0], box, device or next(model.parameters()).device)
         self.decay = weight_decay
+        self.c0 = self.G + weight_decay * self.W  # the residual without poisons at ε_d = 0: g(µ) + λw
         self.lo, self.hi = np.append(lo, 1.0), np.append(hi, 1.0)  # the bias's feature is 1
         self.U = np.vstack([U, np.zeros(U.shape[1])])  # the zero row is the zero atom
-
-    def clean(self, eps_d: float) -> float:
-        return float(np.linalg.norm(self.G + (1 + eps_d) * self.decay * self.W))
 
     def solve(self, eps_d: float, *, iterations: int, tolerance: float, decide: float | None) -> ResidualFloor:
         """Pairwise Frank–Wolfe: v = Σ_i w_i·U[k_i] ⊗ z_i over the active atoms, z_i a corner of the
         box; weight moves from the worst active atom to the best atom in the box."""
         U, W, lo, hi = self.U, self.W, self.lo, self.hi
-        c = self.G + (1 + eps_d) * self.decay * self.W
-        c0 = self.G + self.decay * self.W
+        c0, c = self.c0, self.G + (1 + eps_d) * self.decay * W  # c as the floor always formed it (same rounding)
         wc, ww, wc0 = float(np.vdot(W, c)), float(np.vdot(W, W)), float(np.vdot(W, c0))
         clean = float(np.linalg.norm(c))
         active = _ActiveSet(len(lo))
@@ -559,11 +556,11 @@ class _FloorProblem:
             v += gamma * step
             r = c + eps_d * v
         floor = max(floor, 0.0)
-        return ResidualFloor(eps_d=float(eps_d), floor=floor, uniform=min(max(uniform, 0.0), floor), relaxed=relaxed, clean=clean,
+        return ResidualFloor(eps_d=float(eps_d), floor=floor, uniform=max(uniform, 0.0), relaxed=relaxed, clean=clean,
                              iterations=it)
 
 
-def _mixed_bound(alpha: float, beta_up: float, beta_down: float, rr: float, rw: float, ww: float) -> float:
+def _mixed_bound(alpha: float, beta_up: float, beta_down: float, rr: float, rw: float, ww: float) -> tuple[float, float]:
     """The best of :func:`residual_floor`'s bounds along the directions U = r + t·W̄: with
     ⟨r, v⟩ ≥ h(r) and a ≤ ⟨W̄, v⟩ ≤ b, ‖r‖ ≥ (α + β·t)/‖r + t·W̄‖, α = ⟨r, c⟩ + ε_d·h(r), β = ⟨W̄, c⟩
     + ε_d·a for t ≥ 0 (``beta_up``), ⟨W̄, c⟩ + ε_d·b for t ≤ 0 (``beta_down``); ``rr``, ``rw``, ``ww``

@@ -264,7 +264,7 @@ def _run(config: RunConfig, out: Path, tracker: Tracker) -> dict:
                 continue
             if not (cell / "poisons.pt").is_file():
                 poisons.save(cell)
-            chosen = {"target": next(c.name for c in records if c.kept), **_describe_target(config, target, clean, X, y, splits)[0]}
+            chosen = {"target": next(c.name for c in records if c.chosen), **_describe_target(config, target, clean, X, y, splits)[0]}
         grad_norm_clean = {**about, **chosen}["grad_norm_clean"]  # ‖g(µ)‖ at this cell's target
         victim_of = target if attack.model_targeted else clean  # the baselines know the clean model only
         if official is not None:

@@ -1,23 +1,40 @@
 """Choosing the target per ε_d (appendix D, over a wider family): ``--target select``.
 
-The candidates are GradPC targets over an ε_w grid and *planted* targets: the victim trained on
-clean ∪ a label flip of E·n points at a budget E (Table 7's idea: such a target is reachable at E by
-construction and often has τ = 0, so fewer points may reach it too), by default at E = ε_d, 1.5·ε_d,
-2·ε_d, 3·ε_d and 5·ε_d. E = ε_d makes sure there is a candidate GC can reach (its own flips do);
-the larger ones are the chance to do more damage with ε_d·n optimised points than with flips. For each ε_d the procedure of
-appendix D is run on the training and validation splits only (the test split is never read):
+The candidates are of three families:
 
-1. τ of every candidate (the training split, the victims' weight decay); those with τ > ε_d are
-   ruled out (a planted target with E ≤ ε_d stays in: its own flips reach it, so GC should too);
-2. GC (the run's attack) attacks the others in order of validation accuracy, lowest first, and
-   stops at the first whose residual ratio ‖g(χ)‖ / ‖g(χ₀)‖ is at most ``reach`` (one tenth);
-3. that candidate is the choice: the largest validation drop among the targets GC reaches (any
-   candidate tried later has a higher validation accuracy), and its poisons are the cell's.
+- ``gradpc``: GradPC targets over an ε_w grid;
+- ``labelflip``: *planted* targets, the victim trained on clean ∪ a label flip of E·n points at a
+  budget E (Table 7's idea: such a target is reachable at E by construction and often has τ = 0,
+  so fewer points may reach it too), by default at E = ε_d, 1.5·ε_d, 2·ε_d, 3·ε_d and 5·ε_d. E = ε_d
+  makes sure there is a candidate GC can reach (its own flips do); the larger ones are the chance
+  to do more damage with ε_d·n optimised points than with flips;
+- ``frontier``: the most damaging model :func:`poisonreach.audit.damage_frontier` finds admissible
+  at B = 0.5·ε_d and 0.7·ε_d (searched on the *validation* split; linear models with a box and
+  weight decay λ > 0 only, where the box programme makes "admissible" mean something). Such a
+  model is a direction of damage, not a target GC can pin: its τ is usually above ε_d and GC
+  leaves part of its residual, but the victim of GC's poisons can still be worse than any
+  reachable target's (measured on MNIST-LR at ε_d = 1, docs/results.md). So τ does not rule it out
+  and its victim decides.
 
-Each cell records every candidate (τ, validation accuracy, the ratio GC reached or why it was not
-tried) in ``selection.json``; candidate models live in ``candidates/NAME/`` (built when an ε_d first
-needs them), each GC attempt in
-``eps_d=E/candidate=NAME/``, so a run that stops is resumed without redoing any of them.
+For each ε_d the procedure is run on the training and validation splits only (the test split is
+never read):
+
+1. τ of every candidate (the training split, the victims' weight decay); ``gradpc`` and
+   ``labelflip`` candidates with τ > ε_d are ruled out (a planted target with E ≤ ε_d stays in:
+   its own flips reach it, so GC should too);
+2. GC (the run's attack) attacks the others in order of validation accuracy, lowest first; a
+   candidate is *reached* when the residual ratio ‖g(χ)‖ / ‖g(χ₀)‖ is at most ``reach`` (one
+   tenth), and then the victim is trained (the run's way) on clean ∪ GC's poisons and its
+   validation accuracy recorded;
+3. the choice is the reached candidate whose victim has the lowest validation accuracy, and its
+   poisons are the cell's. A candidate whose own validation accuracy is not below the best victim's
+   so far is not tried: in every selection we measured, the victim of a reached candidate was less
+   damaging than its target, so such a candidate could not win.
+
+Each cell records every candidate (family, τ, validation accuracy, the ratio GC reached, its
+victim's validation accuracy, or why it was not tried) in ``selection.json``; candidate models live
+in ``candidates/NAME/`` (built when an ε_d first needs them), each GC attempt and its victim's
+accuracy in ``eps_d=E/candidate=NAME/``, so a run that stops is resumed without redoing any of them.
 """
 
 from __future__ import annotations
@@ -30,6 +47,8 @@ from torch import Tensor, nn
 
 from .. import io, models
 from ..attacks import Attack, LabelFlip, PoisonResult
+from ..attacks.base import box_bounds
+from ..audit import damage_frontier
 from ..errors import PoisonReachError
 from ..reachability import threshold
 from ..targets import GradPC
@@ -41,6 +60,7 @@ SELECT_DEFAULTS = {
     "eps_w": [0.05, 0.1, 0.25, 0.5, 1.0],  # GradPC radii (absolute)
     "flip_factors": [1.0, 1.5, 2.0, 3.0, 5.0],  # planted label flips at E = factor·ε_d, for each ε_d
     "flip_eps_d": [],  # planted label flips at these budgets E, for every ε_d
+    "frontier_factors": [0.5, 0.7],  # damage-frontier models admissible at B = factor·ε_d, for each ε_d
     "flip_strategy": "least-likely",
     "reach": 0.1,  # GC must bring the residual to this fraction of its start
 }
@@ -54,12 +74,12 @@ def check_select_options(options: dict) -> dict:
     if unknown:
         raise PoisonReachError(f"unknown option(s) {unknown} of the select target: it takes {sorted(SELECT_DEFAULTS)}")
     merged = {**SELECT_DEFAULTS, **options}
-    for key in ("eps_w", "flip_factors", "flip_eps_d"):
+    for key in ("eps_w", "flip_factors", "flip_eps_d", "frontier_factors"):
         values = merged[key]
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
             raise PoisonReachError(f"select target option {key} must be a list of positive numbers (may be empty), got {values!r}")
-    if not (merged["eps_w"] or merged["flip_factors"] or merged["flip_eps_d"]):
-        raise PoisonReachError("the select target has no candidates: give eps_w, flip_factors or flip_eps_d a value")
+    if not (merged["eps_w"] or merged["flip_factors"] or merged["flip_eps_d"] or merged["frontier_factors"]):
+        raise PoisonReachError("the select target has no candidates: give eps_w, flip_factors, flip_eps_d or frontier_factors a value")
     for key, check in _CHECKS.items():
         check(key, merged[key])
     return merged
@@ -67,16 +87,21 @@ def check_select_options(options: dict) -> dict:
 
 @dataclass
 class Candidate:
-    """One target considered: ``name`` (``gradpc-eps_w=1``, ``labelflip-eps_d=0.3``), ``budget`` E of a
-    planted target, τ on the training split, validation accuracy, and for each ε_d the residual
-    ratio GC reached (None: not tried, ``reason`` says why)."""
+    """One target considered: ``name`` (``gradpc-eps_w=1``, ``labelflip-eps_d=0.3``,
+    ``frontier-eps_d=0.5``), its ``family`` (the name's first part), ``budget`` (E of a planted
+    target, B of a frontier one), τ on the training split, validation accuracy, and for each ε_d the
+    residual ratio GC reached (None: not tried, ``reason`` says why), whether that reached it
+    (``kept``), the validation accuracy of the victim of those poisons, and whether it is the choice."""
 
     name: str
     tau: float
     val_acc: float
     budget: float | None = None
+    family: str = ""
     grad_norm_ratio: float | None = None
     kept: bool = False
+    victim_val_acc: float | None = None
+    chosen: bool = False
     reason: str = ""
 
 
@@ -95,12 +120,15 @@ class TargetSelection:
         self.weight_decay, self.seed = weight_decay, seed
         self.targets: dict[str, nn.Module] = {}
         self.built: dict[str, Candidate] = {}
+        self._said_no_frontier = False
 
-    def candidates(self, eps_d: float) -> list[Candidate]:
-        """The candidates for ``eps_d``: the GradPC grid, then the planted flips by budget E."""
+    def candidates(self, eps_d: float, box=(0.0, 1.0)) -> list[Candidate]:
+        """The candidates for ``eps_d``: the GradPC grid, the planted flips by budget E, then the
+        frontier models by budget B (those need a linear model, ``box`` and weight decay)."""
         budgets = sorted({round(f * eps_d, 10) for f in self.options["flip_factors"]} | {float(e) for e in self.options["flip_eps_d"]})
         wanted = [(f"gradpc-eps_w={e:g}", float(e), None) for e in self.options["eps_w"]] + [(f"labelflip-eps_d={e:g}", None, e) for e in budgets]
-        return [self._candidate(name, eps_w, budget) for name, eps_w, budget in wanted]
+        found = [self._candidate(name, eps_w, budget) for name, eps_w, budget in wanted]
+        return found + self._frontier([round(f * eps_d, 10) for f in self.options["frontier_factors"]], box)
 
     def _candidate(self, name: str, eps_w: float | None, budget: float | None) -> Candidate:
         """The GradPC target of radius ``eps_w`` or the planted one of budget ``budget``, built once."""
@@ -113,39 +141,80 @@ class TargetSelection:
             else:
                 flips = LabelFlip(budget, strategy=self.options["flip_strategy"], seed=self.seed).poison(self.clean, self.X, self.y)
                 target = self.save(self.fit(*flips.mixed(self.X, self.y, models.last_linear(self.clean).out_features)), path)
-            self.targets[name] = target
-            self.built[name] = Candidate(name, threshold(target, self.X, self.y, weight_decay=self.weight_decay).tau,
-                                         accuracy(target, self.splits.x_val, self.splits.y_val), budget)
-            c = self.built[name]
-            logger.info(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")
+            self._add(name, target, budget)
         return self.built[name]
+
+    def _frontier(self, budgets: list[float], box) -> list[Candidate]:
+        """The frontier candidates at ``budgets``: one :func:`damage_frontier` search on the
+        validation split for those not built yet; none for a model it does not apply to."""
+        names = [f"frontier-eps_d={b:g}" for b in budgets]
+        if not budgets or box is None or self.weight_decay <= 0 or not models.is_linear(self.clean, tuple(self.X.shape[1:])):
+            if budgets and not self._said_no_frontier:
+                logger.info("select: no frontier candidates (they need a linear model, a box and weight decay > 0)")
+                self._said_no_frontier = True
+            return []
+        missing = [(name, b) for name, b in zip(names, budgets) if name not in self.built]
+        for name, b in missing:
+            path = self.folder / name / "target_model.pt"
+            if path.is_file():
+                self._add(name, models.load_model(path).to(next(self.clean.parameters()).device), b)
+        missing = [(name, b) for name, b in missing if name not in self.built]
+        if missing:
+            low, high = box_bounds(box, self.X, device=next(self.clean.parameters()).device)
+            points = damage_frontier(self.clean, self.X, self.y, self.splits.x_val, self.splits.y_val, [b for _, b in missing],
+                                     weight_decay=self.weight_decay, box=(low, high), seed=self.seed)
+            for (name, b), point in zip(missing, points):
+                self._add(name, self.save(point.model, self.folder / name / "target_model.pt"), b)
+        return [self.built[name] for name in names]
+
+    def _add(self, name: str, target: nn.Module, budget: float | None) -> None:
+        self.targets[name] = target
+        self.built[name] = Candidate(name, threshold(target, self.X, self.y, weight_decay=self.weight_decay).tau,
+                                     accuracy(target, self.splits.x_val, self.splits.y_val), budget, name.split("-")[0])
+        c = self.built[name]
+        logger.info(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")
 
     def choose(self, attack: Attack, cell: Path) -> tuple[nn.Module | None, PoisonResult | None, list[Candidate]]:
         """The target for ``attack.eps_d``, GC's poisons against it, and every candidate's record
         (also written to ``cell/selection.json``); (None, None, records) when GC reaches none."""
         eps_d, reach = attack.eps_d, self.options["reach"]
-        records = [Candidate(**{**asdict(c), "grad_norm_ratio": None, "kept": False, "reason": ""}) for c in self.candidates(eps_d)]
+        records = [Candidate(**{**asdict(c), "grad_norm_ratio": None, "kept": False, "victim_val_acc": None, "chosen": False, "reason": ""})
+                   for c in self.candidates(eps_d, attack.box)]
         for c in records:
-            if c.tau > eps_d:
+            if c.tau > eps_d and c.family != "frontier":
                 c.reason = f"tau {c.tau:.3g} > eps_d {eps_d:g}"
-        chosen, poisons = None, None
+        best, poisons = None, None
         for c in sorted((c for c in records if not c.reason), key=lambda c: c.val_acc):
-            if chosen is not None:
-                c.reason = f"not tried: {chosen.name} has a lower validation accuracy and GC reaches it"
+            if best is not None and c.val_acc >= best.victim_val_acc:
+                c.reason = f"not tried: its validation accuracy is not below that of {best.name}'s victim ({best.victim_val_acc:.2f}%)"
                 continue
             folder = cell / f"candidate={c.name}"
             result = self._attack(attack, folder, self.targets[c.name])
             c.grad_norm_ratio = result.grad_norm_ratio
             c.kept = c.grad_norm_ratio <= reach
-            if c.kept:
-                chosen, poisons = c, result
-            else:
+            if not c.kept:
                 c.reason = f"GC residual ratio {c.grad_norm_ratio:.3g} > {reach:g}"
-        io.write_json(cell / "selection.json", {"eps_d": eps_d, "reach": reach, "chosen": None if chosen is None else chosen.name,
+                continue
+            c.victim_val_acc = self._victim_accuracy(folder, result)
+            if best is None or c.victim_val_acc < best.victim_val_acc:
+                best, poisons = c, result
+        if best is not None:
+            best.chosen = True
+        io.write_json(cell / "selection.json", {"eps_d": eps_d, "reach": reach, "chosen": None if best is None else best.name,
                                                 "candidates": [asdict(c) for c in records]})
-        logger.info(f"select eps_d={eps_d:g}: " + (f"{chosen.name} (val {chosen.val_acc:.2f}%, ratio {chosen.grad_norm_ratio:.3g})"
-                                                if chosen else "GC reached no candidate"))
-        return (None if chosen is None else self.targets[chosen.name]), poisons, records
+        logger.info(f"select eps_d={eps_d:g}: " + (f"{best.name} (val {best.val_acc:.2f}%, ratio {best.grad_norm_ratio:.3g}, "
+                                                 f"victim val {best.victim_val_acc:.2f}%)" if best else "GC reached no candidate"))
+        return (None if best is None else self.targets[best.name]), poisons, records
+
+    def _victim_accuracy(self, folder: Path, poisons: PoisonResult) -> float:
+        """Validation accuracy of the victim trained on clean ∪ ``poisons`` (read back when done)."""
+        path = folder / "victim.json"
+        if path.is_file():
+            return io.read_json(path)["val_acc"]
+        victim = self.fit(*poisons.mixed(self.X, self.y, models.last_linear(self.clean).out_features))
+        value = accuracy(victim, self.splits.x_val, self.splits.y_val)
+        io.write_json(path, {"val_acc": value})
+        return value
 
     def _attack(self, attack: Attack, folder: Path, target: nn.Module) -> PoisonResult:
         """GC against one candidate (read back when done), with a checkpoint of its own."""

@@ -153,12 +153,13 @@ class TargetSelection:
                 logger.info("select: no frontier candidates (they need a linear model, a box and weight decay > 0)")
                 self._said_no_frontier = True
             return []
-        missing = [(name, b) for name, b in zip(names, budgets) if name not in self.built]
-        for name, b in missing:
+        missing = []  # budgets neither built in this run nor saved by an earlier one
+        for name, b in zip(names, budgets):
             path = self.folder / name / "target_model.pt"
-            if path.is_file():
+            if name not in self.built and path.is_file():
                 self._add(name, models.load_model(path).to(next(self.clean.parameters()).device), b)
-        missing = [(name, b) for name, b in missing if name not in self.built]
+            elif name not in self.built:
+                missing.append((name, b))
         if missing:
             low, high = box_bounds(box, self.X, device=next(self.clean.parameters()).device)
             points = damage_frontier(self.clean, self.X, self.y, self.splits.x_val, self.splits.y_val, [b for _, b in missing],

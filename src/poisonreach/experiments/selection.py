@@ -118,6 +118,7 @@ class TargetSelection:
         self.options = check_select_options(options)
         self.clean, self.X, self.y, self.splits, self.fit, self.save, self.folder = clean, X, y, splits, fit, save, folder
         self.weight_decay, self.seed = weight_decay, seed
+        self.device = next(clean.parameters()).device  # where candidates read back from their files go
         self.targets: dict[str, nn.Module] = {}
         self.built: dict[str, Candidate] = {}
         self._said_no_frontier = False
@@ -135,7 +136,7 @@ class TargetSelection:
         if name not in self.built:
             path = self.folder / name / "target_model.pt"
             if path.is_file():
-                target = models.load_model(path).to(next(self.clean.parameters()).device)
+                target = models.load_model(path).to(self.device)
             elif budget is None:
                 target = self.save(GradPC(eps_w, seed=self.seed).generate(self.clean, self.X, self.y), path)
             else:
@@ -157,11 +158,11 @@ class TargetSelection:
         for name, b in zip(names, budgets):
             path = self.folder / name / "target_model.pt"
             if name not in self.built and path.is_file():
-                self._add(name, models.load_model(path).to(next(self.clean.parameters()).device), b)
+                self._add(name, models.load_model(path).to(self.device), b)
             elif name not in self.built:
                 missing.append((name, b))
         if missing:
-            low, high = box_bounds(box, self.X, device=next(self.clean.parameters()).device)
+            low, high = box_bounds(box, self.X, device=self.device)
             points = damage_frontier(self.clean, self.X, self.y, self.splits.x_val, self.splits.y_val, [b for _, b in missing],
                                      weight_decay=self.weight_decay, box=(low, high), seed=self.seed)
             for (name, b), point in zip(missing, points):

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import scipy.sparse as sparse
 from scipy.optimize import linprog, minimize_scalar
 from scipy.special import lambertw
 from torch import Tensor, nn
@@ -324,7 +323,8 @@ def sharpened_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple[Te
 
 
 def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_decay: float = 0.0,
-                  bounds: tuple[float, float] = (-math.inf, math.inf), chunk_size: int = 256, device=None) -> float:
+                  bounds: tuple[float, float] = (-math.inf, math.inf), chunk_size: int = 256, device=None,
+                  tolerance: float = 1e-6) -> float:
     """The least ε_d for which the victim's stationarity at a linear target can hold with poisons
     in ``box``: a linear programme over a relaxation of the poisons' gradients (appendix A's
     condition (A.10) itself, not a scalar projection of it).
@@ -337,47 +337,81 @@ def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_
     (``bounds``, :func:`sharpened_threshold`): the least Σ α is a necessary threshold — p is let
     free of z, so it is a relaxation, and poisons that meet it need not exist. ``inf``: no ε_d.
 
+    The β are eliminated. Feature i asks for Σ_u β_{u,i}·u = r_i, a point of the zonotope
+    Σ_u α_u·u·[low_i, high_i]; for the directions e_k − e_j that is a flow between the classes
+    with capacities in [α·low_i, α·high_i], and Hoffman's circulation theorem says it exists iff
+    for every set S of classes 1_S·r_i ≤ Σ_u α_u·max(low_i·1_S·u, high_i·1_S·u) (with one logit, the
+    two ends of an interval: S = ±1). So only the c(c − 1) + 1 masses are unknowns, under
+    d·(2^c − 2) cuts, of which the violated ones are added round by round (cutting planes; each
+    round's programme is small and solved by HiGHS's dual simplex) until none is violated by more
+    than a mass of ``tolerance`` can supply (cuts are scaled by feature i's max(|low_i|, |high_i|),
+    the most a unit of mass brings to them, so ``tolerance`` is in units of ε_d; it is kept above
+    the solver's feasibility tolerance, 1e-7, which a smaller one would chase round after round).
+    The ⟨W̄, ·⟩ bound is a function of Σ α alone.
+
     The last layer is taken with its rows centred (W̄ − 1·mean_k W̄_k: the same predictions and
     probabilities; a victim trained with weight decay is centred, since the loss's gradients have
-    rows that sum to 0 and the regulariser pins the common part at 0). Solved by HiGHS's interior
-    point method (``scipy.optimize.linprog``; its simplex stalls on MNIST's); it has c(c − 1)·(d + 1) unknowns (70,650 for MNIST-LR).
+    rows that sum to 0 and the regulariser pins the common part at 0).
     """
+    check_number("tolerance", tolerance, low=1e-7)
     G, W, lo, hi, U = _linear_relaxation(model, X, y, box, chunk_size, device)
-    num = W.shape[0]
+    num, d = W.shape[0], len(lo)
     if num > 1:
         W = W - W.mean(0, keepdims=True)
-    # the directions u of ∇_h l (rows of U), and one more without a gradient: the mass p_y·0 of a
-    # poison's own class, so that the masses add up to ε_d
-    P, d = len(U), len(lo)
-    n_beta, n_vars = P * d, P * (d + 1) + 1
-    alpha = n_beta + np.arange(P + 1)  # the masses α_u and the gradient-free one
-    # equation (cls, i), i ≤ d the bias: Σ_u u_cls·(β_u, α_u)_i + (Σ α)·λW̄_{cls,i} = −(G + λW̄)_{cls,i}
-    eq = np.arange(num * (d + 1)).reshape(num, d + 1)
-    rows = [np.repeat(eq[:, :d], P, axis=0).reshape(num, P, d).ravel(), np.repeat(eq[:, d], P),
-            np.tile(eq.ravel(), P + 1)]
-    cols = [np.tile(np.arange(n_beta), num), np.tile(alpha[:P], num), np.repeat(alpha, num * (d + 1))]
-    vals = [np.repeat(U.T, d, axis=1).ravel(), U.T.ravel(), np.tile(weight_decay * W.ravel(), P + 1)]
-    A_eq = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num * (d + 1), n_vars))
-    b_eq = -(G + weight_decay * W).ravel()
-    # α_u·low ≤ β_u ≤ α_u·high, feature by feature
-    beta = sparse.hstack([sparse.identity(n_beta), sparse.csr_matrix((n_beta, P + 1))])
-    spread = sparse.hstack([sparse.csr_matrix((n_beta, n_beta)), sparse.kron(sparse.identity(P), np.ones((d, 1))), sparse.csr_matrix((n_beta, 1))])
-    A_ub = [beta - sparse.diags(np.tile(hi, P)) @ spread, sparse.diags(np.tile(lo, P)) @ spread - beta]
-    b_ub = [np.zeros(2 * n_beta)]
-    # a·ε_d ≤ ⟨W̄, Σ_u u ⊗ (β_u, α_u)⟩ ≤ b·ε_d, with ⟨W̄, u ⊗ (β, α)⟩ = (W̄⊤u)·(β, α)
-    coupling = np.concatenate([(U @ W[:, :d]).ravel(), U @ W[:, d], [0.0]])
-    masses = np.concatenate([np.zeros(n_beta), np.ones(P + 1)])
-    for sign, constant in ((-1.0, bounds[0]), (1.0, bounds[1])):
+    normals = _class_cuts(num)
+    up, down = np.maximum(U @ normals.T, 0), np.maximum(-(U @ normals.T), 0)  # P × cuts
+    # the unknowns x = (α_u, the gradient-free mass p_y·0), ε_d = Σ x; what the poisons must
+    # supply is r = R − ε_d·λW̄ with R = −(G + λW̄)
+    R, decay = -(G + weight_decay * W), weight_decay * W
+    P, ones = len(U), np.ones(len(U) + 1)
+    # the bias column, where β_u = α_u exactly: Σ_u α_u·u + ε_d·λW̄_bias = R_bias (with c logits
+    # one row is the others' negated sum)
+    A_eq = np.hstack([U.T, np.zeros((num, 1))]) + decay[:, d:] * ones
+    A_eq, b_eq = A_eq[: max(num - 1, 1)], R[: max(num - 1, 1), d]
+    # ⟨W̄, r⟩ = ⟨W̄, R⟩ − ε_d·λ‖W̄‖² between a·ε_d and b·ε_d
+    inner, squared = float((W * R).sum()), weight_decay * float((W * W).sum())
+    A_ub, b_ub = [], []
+    for sign, constant in ((1.0, bounds[0]), (-1.0, bounds[1])):
         if math.isfinite(constant):
-            A_ub.append(sparse.csr_matrix(sign * (coupling - constant * masses)))
-            b_ub.append(np.zeros(1))
-    found = linprog(masses, A_ub=sparse.vstack(A_ub).tocsr(), b_ub=np.concatenate(b_ub), A_eq=A_eq, b_eq=b_eq,
-                    bounds=[(None, None)] * n_beta + [(0, None)] * (P + 1), method="highs-ipm")
-    if found.status == 2:
-        return math.inf
-    if found.status != 0:
-        raise PoisonReachError(f"the box threshold's linear programme did not solve (status {found.status}): {found.message}")
-    return float(found.fun)
+            A_ub.append(sign * (constant + squared) * ones)
+            b_ub.append(sign * inner)
+    cut_R, cut_decay = R[:, :d].T @ normals.T, decay[:, :d].T @ normals.T  # d × cuts: 1_S·R_i, 1_S·λW̄_i
+    # each feature's cuts in units of mass: divided by the most a unit of mass brings to them
+    scale = np.maximum(np.maximum(np.abs(lo), np.abs(hi)), np.finfo(float).tiny)
+    high, low, cut_R, cut_decay = hi / scale, lo / scale, cut_R / scale[:, None], cut_decay / scale[:, None]
+    added = np.zeros(cut_R.shape, dtype=bool)
+    while True:
+        found = linprog(ones, A_ub=np.array(A_ub) if A_ub else None, b_ub=np.array(b_ub) if b_ub else None, A_eq=A_eq, b_eq=b_eq,
+                        bounds=[(0, None)] * (P + 1), method="highs-ds")
+        if found.status == 2:
+            return math.inf
+        if found.status != 0:
+            raise PoisonReachError(f"the box threshold's linear programme did not solve (status {found.status}): {found.message}")
+        alpha, eps = found.x[:P], float(found.x.sum())
+        # the cut's violation: (1_S·r_i − (high_i·α⊤up_S − low_i·α⊤down_S)) / scale_i
+        violation = cut_R - eps * cut_decay - np.outer(high, alpha @ up) + np.outer(low, alpha @ down)
+        violation[added] = -math.inf  # a cut already in holds to the solver's own tolerance
+        worst = violation.argmax(1)
+        rows = np.flatnonzero(violation[np.arange(d), worst] > tolerance)
+        if not len(rows):
+            return eps
+        added[rows, worst[rows]] = True
+        cuts = -(high[rows, None] * up[:, worst[rows]].T - low[rows, None] * down[:, worst[rows]].T)
+        cuts = np.hstack([cuts, np.zeros((len(rows), 1))]) - cut_decay[rows, worst[rows]][:, None] * ones
+        A_ub.extend(cuts)
+        b_ub.extend(-cut_R[rows, worst[rows]])
+
+
+def _class_cuts(num: int, most: int = 12) -> np.ndarray:
+    """The normals 1_S of the cuts of :func:`box_threshold`'s flows, one row per set S of classes
+    (neither empty nor all); with one logit, ±1."""
+    if num == 1:
+        return np.array([[1.0], [-1.0]])
+    if num > most:
+        raise PoisonReachError(f"the box threshold enumerates the 2^c - 2 sets of classes: c = {num} is more than {most}; "
+                               "audit without a box (--box none) or on fewer classes")
+    bits = (np.arange(1, 2**num - 1)[:, None] >> np.arange(num)) & 1
+    return bits.astype(float)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ beside the drops of run folders (``--runs``). ``--poisons`` diagnoses poison set
 target.
 
 Writes ``audit.json``, ``audit.md`` and ``frontier.png``/``.pdf`` into the folder, and prints the
-tables. Thresholds cost about a forward pass (the box programme a linear programme, under a minute
+tables. Thresholds cost about a forward pass (the box programme a few cutting-plane rounds, seconds
 for MNIST-LR); a residual floor a second to half a minute on MNIST-LR, the budget to a tenth a dozen
 of them; the frontier and the constructions train.
 """

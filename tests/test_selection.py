@@ -81,9 +81,14 @@ def test_candidates_are_the_grid_and_the_planted_flips(chosen):
     X, y = s.x_train, s.y_train
     candidates = sel.candidates(0.1)
     assert [c.name for c in candidates] == ["gradpc-eps_w=0.25", "gradpc-eps_w=0.5", "gradpc-eps_w=2", "labelflip-eps_d=0.3"]
+    binary = []
     for c in candidates[:3]:
         target = GradPC(float(c.name.split("=")[1])).generate(clean, X, y)  # deterministic: the same target again
-        assert c.tau == pytest.approx(threshold(target, X, y).tau, rel=1e-9) and c.budget is None
+        tau = threshold(target, X, y)
+        assert c.tau == pytest.approx(tau.tau_multiclass, rel=1e-9) and c.budget is None
+        binary.append(tau.tau)
+    # τ(c) of equation (10), the necessary one with 10 classes, not τ(2)'s larger value
+    assert any(c.tau < b for c, b in zip(candidates, binary))
     planted = fit_for(s)(*LabelFlip(0.3, strategy="least-likely").poison(clean, X, y).mixed(X, y, 10))
     assert training.agreement(planted, sel.targets["labelflip-eps_d=0.3"], s.x_test) == 100.0
     assert candidates[3].budget == 0.3
@@ -158,7 +163,7 @@ def test_frontier_candidates_are_admissible_models_judged_by_their_victim(fronti
 
 def test_tau_does_not_rule_out_a_frontier_candidate(frontier_selection, monkeypatch):
     s, fit, sel, attack, folder, _ = frontier_selection
-    monkeypatch.setattr(selection_module, "threshold", lambda *a, **k: SimpleNamespace(tau=math.inf))
+    monkeypatch.setattr(selection_module, "threshold", lambda *a, **k: SimpleNamespace(tau=math.inf, tau_multiclass=math.inf))
     again = TargetSelection(sel.options, sel.clean, s.x_train, s.y_train, s, fit, save_for(s), folder / "candidates", weight_decay=1e-3, seed=0)
     target, poisons, records = again.choose(attack, folder / "other-cell")  # the candidates are read back from their files
     assert [c.name for c in records if c.reason.startswith("tau")] == ["labelflip-eps_d=0.3", "labelflip-eps_d=0.6"]

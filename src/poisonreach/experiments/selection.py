@@ -89,7 +89,7 @@ def check_select_options(options: dict) -> dict:
 class Candidate:
     """One target considered: ``name`` (``gradpc-eps_w=1``, ``labelflip-eps_d=0.3``,
     ``frontier-eps_d=0.5``), its ``family`` (the name's first part), ``budget`` (E of a planted
-    target, B of a frontier one), τ on the training split, validation accuracy, and for each ε_d the
+    target, B of a frontier one), τ(c) on the training split (equation (10); τ(2) for one logit), validation accuracy, and for each ε_d the
     residual ratio GC reached (None: not tried, ``reason`` says why), whether that reached it
     (``kept``), the validation accuracy of the victim of those poisons, and whether it is the choice."""
 
@@ -171,7 +171,10 @@ class TargetSelection:
 
     def _add(self, name: str, target: nn.Module, budget: float | None) -> None:
         self.targets[name] = target
-        self.built[name] = Candidate(name, threshold(target, self.X, self.y, weight_decay=self.weight_decay).tau,
+        # τ(c), equation (10): with c > 2 classes τ(2)'s constant W(1/e) is not a bound of ⟨h, p − e_y⟩
+        # (−W((c − 1)/e) is), so τ(2) would rule out targets that may be reachable
+        tau = threshold(target, self.X, self.y, weight_decay=self.weight_decay)
+        self.built[name] = Candidate(name, tau.tau if tau.tau_multiclass is None else tau.tau_multiclass,
                                      accuracy(target, self.splits.x_val, self.splits.y_val), budget, name.split("-")[0])
         c = self.built[name]
         logger.info(f"select: candidate {name}: tau {c.tau:.3g}, validation accuracy {c.val_acc:.2f}%")

@@ -23,6 +23,7 @@ from poisonreach.attacks import LabelFlip
 from poisonreach.errors import PoisonReachError
 from poisonreach.models import last_linear
 from poisonreach.reachability import box_threshold, sharpened_threshold
+from poisonreach.targets import GradPC
 
 DECAY = 1e-3
 
@@ -136,3 +137,16 @@ def test_more_than_twelve_classes_or_a_tolerance_below_the_solvers_are_refused()
         box_threshold(model, X, y, box=(0.0, 1.0), weight_decay=DECAY)
     with pytest.raises(PoisonReachError, match="tolerance must be >= 1e-07"):
         box_threshold(model, X, y % 3, box=(0.0, 1.0), weight_decay=DECAY, tolerance=1e-9)
+
+
+def test_float32_rounding_of_the_clean_gradient_does_not_make_the_programme_infeasible():
+    # G(µ) summed in float32 has class sums of ~1e-7, not 0, while every poison gradient's are 0: the
+    # written-out programme's equalities are then inconsistent and a solver may call it infeasible
+    # (it did for this target). The cuts compare to a tolerance and find the feasible point.
+    s = data.load("digits", seed=0)
+    clean = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
+    training.minimize(clean, s.x_train, s.y_train, weight_decay=DECAY, progress=False)
+    target = GradPC(2.0).generate(clean, s.x_train, s.y_train)
+    sharp = sharpened_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
+    free = box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
+    assert 0 < free < sharp.tau_multiclass and sharp.tau_lp == pytest.approx(sharp.tau_multiclass, rel=1e-5)

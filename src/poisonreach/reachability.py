@@ -347,7 +347,10 @@ def box_threshold(model: nn.Module, X: Tensor, y: Tensor, *, box: tuple, weight_
     than a mass of ``tolerance`` can supply (cuts are scaled by feature i's max(|low_i|, |high_i|),
     the most a unit of mass brings to them, so ``tolerance`` is in units of ε_d; it is kept above
     the solver's feasibility tolerance, 1e-7, which a smaller one would chase round after round).
-    The ⟨W̄, ·⟩ bound is a function of Σ α alone.
+    The ⟨W̄, ·⟩ bound is a function of Σ α alone. (Written out with every β an unknown, the
+    programme has c(c − 1)·(d + 1) unknowns, and G summed in float32 has class sums of about 1e-7
+    where every poison's gradient has 0: its equalities are then inconsistent and a solver may call
+    it infeasible, as HiGHS did for targets this one solves; tests/test_box_threshold.py.)
 
     The last layer is taken with its rows centred (W̄ − 1·mean_k W̄_k: the same predictions and
     probabilities; a victim trained with weight decay is centred, since the loss's gradients have

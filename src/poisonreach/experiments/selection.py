@@ -89,8 +89,8 @@ def check_select_options(options: dict) -> dict:
 class Candidate:
     """One target considered: ``name`` (``gradpc-eps_w=1``, ``labelflip-eps_d=0.3``,
     ``frontier-eps_d=0.5``), its ``family`` (the name's first part), ``budget`` (E of a planted
-    target, B of a frontier one), τ(c) on the training split (equation (10); τ(2) for one logit), validation accuracy, and for each ε_d the
-    residual ratio GC reached (None: not tried, ``reason`` says why), whether that reached it
+    target, B of a frontier one), τ(c) on the training split (equation (10); τ(2) for one logit),
+    validation accuracy, and for each ε_d the residual ratio GC reached (None: not tried, ``reason`` says why), whether that reached it
     (``kept``), the validation accuracy of the victim of those poisons, and whether it is the choice."""
 
     name: str

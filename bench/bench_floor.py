@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
                        f"{t['threshold_over_forward']:.0f}", f"{t['box_threshold']:.4g}", f"{t['box_seconds']:.2f}",
                        f"{t['box_over_forward']:.0f}"] for t in thresholds]))
     record = {"source": source, "threads": args.threads, "machine": platform.platform(), "torch": torch.__version__,
-              "forward_s": forward, "tau_s": tau_time, "clean_box_threshold": clean_box, "clean_box_s": clean_box_time, "cells": cells, "thresholds": thresholds}
+              "forward_s": forward, "tau_s": tau_time, "clean_box_threshold": clean_box, "clean_box_s": clean_box_time,
+              "cells": cells, "thresholds": thresholds}
     if args.out:
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     return record

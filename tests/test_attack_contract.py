@@ -16,7 +16,7 @@ import torch
 from contract import bad_cases, check_estimator, examples, kwargs_id
 
 from poisonreach.attacks import (
-    ATTACKS, TGDA, Attack, Construction, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip,
+    ATTACKS, TGDA, Attack, CancelingAttack, Construction, FrankWolfeCanceling, GaussNewtonCanceling, GradientCanceling, GradientMatching, LabelFlip,
     OfficialGradientCanceling, PoisonResult,
 )
 from poisonreach.errors import PoisonReachError
@@ -218,3 +218,21 @@ def test_every_attack_adds_round_n_eps_d_poisons(name, digits_lr):
     assert result.source_indices.shape == (25,) and int(result.source_indices.max()) < 100
     assert result.eps_d == 0.25 and result.config == attack.config()
     assert torch.isfinite(result.x).all()
+
+
+
+@pytest.mark.parametrize("name", ["gc", "gc-pgd", "gc-fw"])
+def test_the_canceling_attacks_start_from_given_poisons(name, digits_lr):
+    """Each solver of problem (18) takes ``start``: its first m poisons are the start points, and
+    the ratio is against the residual at the clean start, the default start's first entry."""
+    s, model = digits_lr
+    X, y = s.x_train[:100], s.y_train[:100]
+    flips = LabelFlip(0.3, strategy="least-likely", seed=1).poison(model, X, y)  # 30 flips: more than the 25 poisons
+    quick = {"gc-pgd": dict(epochs=1), "gc": dict(iterations=1), "gc-fw": dict(iterations=1)}
+    assert issubclass(ATTACKS[name], CancelingAttack)
+    result = ATTACKS[name](0.25, **quick[name], progress=False).poison(model, X, y, start=flips)
+    default = ATTACKS[name](0.25, **quick[name], progress=False).poison(model, X, y)
+    if name != "gc-fw":  # Frank–Wolfe's first step replaces ν_0's atoms
+        assert torch.equal(result.source_indices, flips.source_indices[:25])
+    assert result.grad_norm_initial == pytest.approx(default.grad_norm_history[0], rel=1e-4)
+    assert result.grad_norm_history[0] != pytest.approx(default.grad_norm_history[0], rel=1e-3)  # another start

@@ -18,7 +18,7 @@ import torch
 from reference import ReverseOnlyTanh, TinyMLP, ce_loss, flat
 
 from poisonreach import data, models, training
-from poisonreach.attacks import GaussNewtonCanceling, GradientCanceling
+from poisonreach.attacks import GaussNewtonCanceling, GradientCanceling, LabelFlip
 from poisonreach.attacks.canceling import canceling_problem
 from poisonreach.attacks.gauss_newton import relabel
 from poisonreach.errors import PoisonReachError
@@ -206,3 +206,27 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, di
     assert torch.equal(loose.x, longer.x)  # the saved state meets it: nothing more to do
     with pytest.raises(PoisonReachError, match="different configuration"):  # what changes the steps does not resume
         GaussNewtonCanceling(0.1, checkpoint=path, damping=1e-2, progress=False, seed=3).poison(target, X, y)
+
+
+def test_a_start_from_the_flips_that_planted_the_target(digits_planted):
+    """The victim of a flip at E = ε_d, trained to a stationary point, is cancelled by those flips:
+    started from them GC begins at its training tolerance, and its ratio is against the clean start."""
+    s, clean, _ = digits_planted
+    X, y = s.x_train, s.y_train
+    flips = LabelFlip(0.1, strategy="least-likely", seed=0).poison(clean, X, y)
+    fresh = models.create("lr", s.input_shape, 10, mean=s.mean, std=s.std, seed=0)
+    target = training.minimize(fresh, *flips.mixed(X, y, 10), weight_decay=1e-3, tolerance=1e-7, progress=False).eval()
+    r = GaussNewtonCanceling(0.1, iterations=2, weight_decay=1e-3, progress=False).poison(target, X, y, start=flips)
+    assert torch.equal(r.source_indices, flips.source_indices)  # m = 101 = the flips' count
+    p = _problem(target, X, y, 0.1, weight_decay=1e-3)
+    clean_start = flat_norm(p.residual(p.gradient_sum(p.X[p.source].clamp(0, 1), p.y[p.source])))
+    at_flips = flat_norm(p.residual(p.gradient_sum(flips.x, flips.y)))
+    assert r.extra["clean_start_grad_norm"] == pytest.approx(clean_start, rel=1e-5)
+    assert r.grad_norm_history[0] == pytest.approx(at_flips, rel=1e-4, abs=1e-9) and at_flips < 1e-3 * clean_start
+    assert r.grad_norm_initial == r.extra["clean_start_grad_norm"]
+    assert r.grad_norm_ratio == pytest.approx(r.grad_norm_history[-1] / clean_start) and r.grad_norm_ratio < 1e-3
+    # the default start is the same clean points with their own labels: the same reference
+    default = GaussNewtonCanceling(0.1, iterations=1, weight_decay=1e-3, progress=False).poison(target, X, y)
+    assert default.grad_norm_history[0] == pytest.approx(clean_start, rel=1e-5) and "clean_start_grad_norm" not in default.extra
+    with pytest.raises(PoisonReachError, match="at least the attack's 201 points"):
+        GaussNewtonCanceling(0.2, iterations=1, progress=False).poison(target, X, y, start=flips)

@@ -9,6 +9,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from poisonreach import data, io, models, training
 from poisonreach.attacks import GaussNewtonCanceling, LabelFlip, PoisonResult
@@ -62,9 +63,9 @@ def chosen(digits_lr, tmp_path_factory):
     seen, attacks = [], []
     real_accuracy, real_poison = selection_module.accuracy, GaussNewtonCanceling.poison
 
-    def counting(self, model, X, y, loss=None):
-        attacks.append(self)
-        return real_poison(self, model, X, y, loss)
+    def counting(self, model, X, y, loss=None, start=None):
+        attacks.append((self, start))
+        return real_poison(self, model, X, y, loss, start)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(selection_module, "accuracy", lambda m, Xa, ya, **kw: seen.append(Xa) or real_accuracy(m, Xa, ya, **kw))
@@ -125,8 +126,26 @@ def test_only_validation_accuracy_and_the_least_accurate_victim_is_chosen(chosen
     saved = io.read_json(tmp_path / "cell" / "selection.json")
     assert saved["chosen"] == best.name and len(saved["candidates"]) == len(records)
     # each attempt had its own checkpoint and poisons folder
-    assert sorted(a.checkpoint for a in attacks) == sorted(tmp_path / "cell" / f"candidate={c.name}" / "checkpoint.pt" for c in tried)
+    assert sorted(a.checkpoint for a, _ in attacks) == sorted(tmp_path / "cell" / f"candidate={c.name}" / "checkpoint.pt" for c in tried)
     assert all((tmp_path / "cell" / f"candidate={c.name}" / "poisons.pt").is_file() for c in tried)
+
+
+def test_a_planted_candidate_is_attacked_from_its_planting_flips(chosen):
+    s, clean, sel, target, poisons, records, seen, attacks, attack, tmp_path = chosen
+    starts = {a.checkpoint.parent.name.split("=", 1)[1]: start for a, start in attacks}
+    for c in records:
+        if c.name not in starts:
+            continue
+        start = starts[c.name]
+        assert (start is None) == (c.family != "labelflip") and c.start == ("planting" if start is not None else "clean")
+        if start is None:
+            continue
+        flips = LabelFlip(c.budget, strategy="least-likely", seed=0).poison(clean, s.x_train, s.y_train)
+        assert torch.equal(start.y, flips.y) and torch.equal(start.source_indices, flips.source_indices)
+        result = PoisonResult.load(tmp_path / "cell" / f"candidate={c.name}")
+        m = len(result.y)
+        assert torch.equal(result.source_indices, flips.source_indices[:m])  # the first m of the flips
+
 
 
 def test_no_frontier_candidates_without_weight_decay(digits_lr, tmp_path):
@@ -218,7 +237,7 @@ def test_choice_is_the_least_accurate_victim_among_the_reached(digits_lr, tmp_pa
         "labelflip-eps_d=0.2": ("labelflip", 0.0, 65.0, 0.05, 64.0), "labelflip-eps_d=0.1": ("labelflip", 0.0, 70.0, 0.01, 1.0)}
     sel.candidates = lambda eps_d, box: [Candidate(name, tau, val, None, family) for name, (family, tau, val, *_) in made_up.items()]
     sel.targets = {name: object() for name in made_up}
-    sel._attack = lambda attack, folder, target: SimpleNamespace(grad_norm_ratio=made_up[folder.name.split("=", 1)[1]][3])
+    sel._attack = lambda attack, folder, target, start: SimpleNamespace(grad_norm_ratio=made_up[folder.name.split("=", 1)[1]][3])
     sel._victim_accuracy = lambda folder, result: made_up[folder.name.split("=", 1)[1]][4]
     target, poisons, records = sel.choose(SimpleNamespace(eps_d=0.1, box=(0.0, 1.0)), tmp_path / "cell")
     by_name = {c.name: c for c in records}

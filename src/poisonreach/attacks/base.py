@@ -166,10 +166,18 @@ class PoisonResult:
         return [0.5 * g * g for g in self.grad_norm_history]
 
     @property
-    def grad_norm_ratio(self) -> float:
-        """Final over initial ‖g(µ) + ε_d·g(ν̂)‖; NaN without a history."""
+    def grad_norm_initial(self) -> float:
+        """‖g(µ) + ε_d·g(ν̂)‖ at the clean start: the first history entry, or, when the attack
+        started from other poisons, ``extra["clean_start_grad_norm"]``; NaN without a history."""
         h = self.grad_norm_history
-        return h[-1] / h[0] if h and h[0] > 0 else float("nan")
+        return float(self.extra.get("clean_start_grad_norm", h[0])) if h else float("nan")
+
+    @property
+    def grad_norm_ratio(self) -> float:
+        """Final ‖g(µ) + ε_d·g(ν̂)‖ over :attr:`grad_norm_initial`, so that a ratio means the same
+        whichever start was taken; NaN without a history."""
+        h, initial = self.grad_norm_history, self.grad_norm_initial
+        return h[-1] / initial if h and initial > 0 else float("nan")
 
     def mixed(self, X: Tensor | Rows, y: Tensor, num_outputs: int | None = None) -> tuple[Tensor | Rows, Tensor]:
         """The victim's training set: the kept clean points followed by the poisons. Clean

@@ -29,13 +29,13 @@ from torch import Tensor, nn
 
 from .. import distributed, io
 from ..errors import PoisonReachError
-from ..gradients import gradient_sum, select_parameters
+from ..gradients import flat_norm, gradient_sum, select_parameters
 from ..losses import LossFn, resolve
 from ..reachability import threshold
 from ..rows import select_rows
 from ..estimator import keywords
 from ..validation import check_model_data
-from .base import Attack, box_bounds, draw_sources
+from .base import Attack, PoisonResult, box_bounds, clamp_box, draw_sources
 
 
 def _problem(*, box: tuple[float, float] | str | None = (0.0, 1.0), replace: bool = False, parameters: str = "all",
@@ -45,7 +45,9 @@ def _problem(*, box: tuple[float, float] | str | None = (0.0, 1.0), replace: boo
 
 class CancelingAttack(Attack):
     """Base of the attacks that solve problem (18); their constructors take its parameters as
-    ``**shared`` (with ``seed``, ``device`` and ``progress``).
+    ``**shared`` (with ``seed``, ``device`` and ``progress``). Their ``poison`` takes, beside the
+    data, an optional ``start``: poisons to start from instead of the seeded clean points (the label
+    flips that planted a target, say; :func:`canceling_problem`).
 
     Parameters
     ----------
@@ -94,10 +96,19 @@ class CancelingProblem:
     chunk_size: int
     device: torch.device
     local: slice
+    start_x: Tensor  # the m start points (clean ones, or a given start's) and their labels
+    start_y: Tensor
+    clean_start_norm: float | None = None  # ‖residual‖ at the clean start, kept when another start is given
 
     @property
     def m(self) -> int:
         return len(self.source)
+
+    def record(self) -> dict:
+        """What a result's ``extra`` says of the problem: n, m, and the residual norm at the clean
+        start when another start was given."""
+        said = {"num_clean": self.n, "num_poisons": self.m}
+        return said if self.clean_start_norm is None else {**said, "clean_start_grad_norm": self.clean_start_norm}
 
     def gradient_sum(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Σ_j ∇_w ℓ(z_j; w) over the points (x, y), chunk by chunk, and over the ranks' points."""
@@ -113,7 +124,8 @@ class CancelingProblem:
         they are left out: a run can be extended, or stopped at a looser tolerance, from its
         checkpoint."""
         config = {k: v for k, v in attack.config().items() if k not in attack.stopping}
-        data = [len(self.X), self.m, float(self.X.sum(dtype=torch.float64)), float(self.y.double().sum())]
+        data = [len(self.X), self.m, float(self.X.sum(dtype=torch.float64)), float(self.y.double().sum()),
+                float(self.start_x.sum(dtype=torch.float64)), float(self.start_y.double().sum())]
         return json.dumps({"config": config, "data": data}, sort_keys=True)
 
 
@@ -135,10 +147,16 @@ def save_checkpoint(path: str | os.PathLike, fingerprint: str, state: dict) -> N
     io.save_tensors(path, {"fingerprint": fingerprint, "state": {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}})
 
 
-def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device) -> CancelingProblem:
+def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: Tensor, loss, device: torch.device,
+                      start: PoisonResult | None = None) -> CancelingProblem:
     """Set up problem (18) for ``attack`` (its ``eps_d``, ``seed``, ``replace``, ``box``,
     ``parameters``, ``chunk_size``) against the target ``model`` on the clean data (X, y). Every
-    rank draws the same poisons and start points; each sums g(µ) over its shard of µ."""
+    rank draws the same poisons and start points; each sums g(µ) over its shard of µ.
+
+    ``start`` (a :class:`PoisonResult`, e.g. the label flips that planted the target) gives the
+    start points instead of the seeded clean ones: its first m poisons, images and labels, with
+    their sources. The residual norm at the clean start is then kept too (``clean_start_norm``), so
+    that a ratio against it means the same whichever start the solver took."""
     if distributed.active() and not attack.data_parallel:
         raise PoisonReachError(f"attack {attack.name!r} runs in one process: drop --nproc (or torchrun), or use the Gauss–Newton "
                                "solver (--attack gc), which runs data parallel")
@@ -162,8 +180,18 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     rows = distributed.shard(n, attack.chunk_size)
     g_mu = [g / n + decay * p.detach() for g, p in
             zip(gradient_sum(model, params, select_rows(X_mu, rows), y_mu[rows], loss_fn, chunk_size=attack.chunk_size, device=device, all_reduce=True), params)]
-    return CancelingProblem(
+    p = CancelingProblem(
         model=model, params=params, loss_fn=loss_fn, num_outputs=num_outputs, X=X, y=y, n=n, eps_d=len(source) / n,
         g_mu=g_mu, source=source, low=low, high=high, tau=tau, kept=kept, gen=gen, chunk_size=attack.chunk_size, device=device,
-        local=distributed.shard(len(source), attack.chunk_size),
+        local=distributed.shard(len(source), attack.chunk_size), start_x=X[source], start_y=y[source],
     )
+    if start is None:
+        return p
+    m = p.m
+    if len(start.y) < m or tuple(start.x.shape[1:]) != tuple(X.shape[1:]) or start.y.dtype != y.dtype:
+        raise PoisonReachError(f"the start poisons ({len(start.y)} of shape {tuple(start.x.shape[1:])}, labels {start.y.dtype}) must be at "
+                               f"least the attack's {m} points, shaped and labelled as the clean data ({tuple(X.shape[1:])}, {y.dtype})")
+    clean = clamp_box(p.start_x[p.local].to(device=device, dtype=torch.float32), low, high)
+    p.clean_start_norm = flat_norm(p.residual(p.gradient_sum(clean, p.start_y[p.local].to(device))))
+    p.source, p.start_x, p.start_y = start.source_indices[:m].clone(), start.x[:m], start.y[:m]
+    return p

@@ -76,14 +76,14 @@ class Construction(Attack):
                 to_features.bias.copy_((U @ a0)[:-1])
             to_features.requires_grad_(False)
             within = nn.Sequential(to_features, head)  # the target, reading coordinates b
-            z = torch.cat([features(model, X[p.source].to(device)).flatten(1).double(),
+            z = torch.cat([features(model, p.start_x.to(device)).flatten(1).double(),
                            torch.ones(p.m, 1, dtype=G.dtype, device=device)], 1)
-            start = ((z @ U - a0) @ N).float()  # the projections of the start points onto U
-            q = dataclasses.replace(p, model=within, params=list(head.parameters()), X=start, y=p.y[p.source].to(device),
-                                    source=torch.arange(p.m), low=None, high=None)
+            coords = ((z @ U - a0) @ N).float()  # the projections of the start points onto U
+            q = dataclasses.replace(p, model=within, params=list(head.parameters()), X=coords, y=p.start_y.to(device),
+                                    source=torch.arange(p.m), low=None, high=None, start_x=coords, start_y=p.start_y.to(device))
             state = solver.solve(q, started)
             with torch.no_grad():
                 x = ((to_features(state.x).double() - t) / s).float().reshape(p.m, *X.shape[1:])
-        return self._result(x, state.y, p.source, history=state.history, tau=p.tau, num_clean=p.n, num_poisons=p.m,
+        return self._result(x, state.y, p.source, history=state.history, tau=p.tau, **p.record(),
                             subspace_dim=N.shape[1], pixel_range=[float(x.min()), float(x.max())],
                             time_history=state.time_history, labels_changed=state.labels_changed)

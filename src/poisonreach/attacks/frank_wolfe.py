@@ -153,8 +153,9 @@ class FrankWolfeCanceling(CancelingAttack):
                 "unbounded features; pass box=(low, high) or box='data-range'"
             )
 
-    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
-        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y).
+    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None, start: PoisonResult | None = None) -> PoisonResult:
+        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y),
+        ν_0 on ``start``'s first m poisons if given (:func:`canceling_problem`).
 
         The history holds ‖g(µ) + ε_d·g(ν_t)‖ of the measures; ``extra`` has the FW gaps and step
         sizes, the number of atoms, and the objective ½‖·‖² of the last measure and of the returned
@@ -162,9 +163,9 @@ class FrankWolfeCanceling(CancelingAttack):
         """
         device = self._device(model)
         with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
-            problem = canceling_problem(self, model, X, y, loss, device)
+            problem = canceling_problem(self, model, X, y, loss, device, start)
             x, py, source, history, extra = self._frank_wolfe(problem)
-        return self._result(x, py, source, history=history, tau=problem.tau, kept=problem.kept, num_clean=problem.n, num_poisons=problem.m, **extra)
+        return self._result(x, py, source, history=history, tau=problem.tau, kept=problem.kept, **problem.record(), **extra)
 
     def _frank_wolfe(self, p: CancelingProblem):
         """Frank–Wolfe on ν (see the module docstring).
@@ -177,8 +178,8 @@ class FrankWolfeCanceling(CancelingAttack):
         the atoms lighter than about 1/(2m).
         """
         m, eps = p.m, p.eps_d
-        atoms_x = clamp_box(p.X[p.source].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        atoms_y = p.y[p.source].to(p.device)
+        atoms_x = clamp_box(p.start_x.to(device=p.device, dtype=torch.float32), p.low, p.high)
+        atoms_y = p.start_y.to(p.device)
         atoms_src = p.source.clone()
         weights = torch.full((m,), 1.0 / m, dtype=torch.float64, device=p.device)
         labels = label_set(p.y, p.num_outputs, p.device)

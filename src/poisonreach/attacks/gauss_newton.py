@@ -150,20 +150,20 @@ class GaussNewtonCanceling(CancelingAttack):
     ):
         self._set_params(locals())
 
-    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
-        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y).
+    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None, start: PoisonResult | None = None) -> PoisonResult:
+        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y),
+        from ``start``'s first m poisons if given (:func:`canceling_problem`).
 
         ``extra`` holds per iteration the wall time since the start (``time_history``, s, the first
         entry after setting up), the labels changed by each pass and the LM damping."""
         device = self._device(model)
         with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
             started = time.perf_counter()
-            problem = canceling_problem(self, model, X, y, loss, device)
+            problem = canceling_problem(self, model, X, y, loss, device, start)
             self._check_labels(problem, loss)
             s = self.solve(problem, started)
-        return self._result(s.x, s.y, problem.source, history=s.history, tau=problem.tau, kept=problem.kept, num_clean=problem.n,
-                            num_poisons=problem.m, time_history=s.time_history, labels_changed=s.labels_changed,
-                            damping_history=s.damping_history)
+        return self._result(s.x, s.y, problem.source, history=s.history, tau=problem.tau, kept=problem.kept, **problem.record(),
+                            time_history=s.time_history, labels_changed=s.labels_changed, damping_history=s.damping_history)
 
     def solve(self, p: CancelingProblem, started: float) -> Iterate:
         """Run the solver on problem ``p`` (from a checkpoint when one matches), ``started`` the
@@ -205,10 +205,9 @@ class GaussNewtonCanceling(CancelingAttack):
                                    y=distributed.gather_rows(state.y, p.m, p.chunk_size))
 
     def _start(self, p: CancelingProblem) -> Iterate:
-        """The start points (clean points projected onto Γ) with their labels."""
-        source = p.source[p.local]  # this rank's poisons
-        x = clamp_box(p.X[source].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        return Iterate(iteration=0, x=x, y=p.y[source].to(p.device), damping=None, history=[], time_history=[])
+        """The start points projected onto Γ, with their labels (this rank's)."""
+        x = clamp_box(p.start_x[p.local].to(device=p.device, dtype=torch.float32), p.low, p.high)
+        return Iterate(iteration=0, x=x, y=p.start_y[p.local].to(p.device), damping=None, history=[], time_history=[])
 
     def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
         """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""

@@ -125,15 +125,16 @@ class GradientCanceling(CancelingAttack):
     ):
         self._set_params(locals())
 
-    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None) -> PoisonResult:
-        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y)."""
+    def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None, start: PoisonResult | None = None) -> PoisonResult:
+        """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y),
+        from ``start``'s first m poisons if given (:func:`canceling_problem`)."""
         device = self._device(model)
         with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
-            problem = canceling_problem(self, model, X, y, loss, device)
+            problem = canceling_problem(self, model, X, y, loss, device, start)
             state = self._descend(problem)
         return self._result(
             state.x, state.y, problem.source, history=state.history, tau=problem.tau, kept=problem.kept,
-            num_clean=problem.n, num_poisons=problem.m, rejected_epochs=state.rejected, final_step_scale=state.step_scale,
+            **problem.record(), rejected_epochs=state.rejected, final_step_scale=state.step_scale,
         )
 
     def _descend(self, p: CancelingProblem) -> Descent:
@@ -231,8 +232,8 @@ class GradientCanceling(CancelingAttack):
         if saved is not None:
             state = Descent(**saved)
             return state, state.epoch, fingerprint
-        x = p.X[p.source].to(device=p.device, dtype=torch.float32).clone()
-        py = p.y[p.source].to(p.device).clone()
+        x = p.start_x.to(device=p.device, dtype=torch.float32).clone()
+        py = p.start_y.to(p.device).clone()
         if self.optimize_labels and task_of(p.y) != "regression":
             py = to_probabilities(py, p.num_outputs)
         buf_y = torch.zeros_like(py) if self.optimize_labels else None

@@ -609,10 +609,11 @@ def _evaluate(model: nn.Module, X, y) -> tuple[float, float | None]:
 
 
 def _grad_norms(result: PoisonResult, target: nn.Module, X, y, grad_norm_clean: float) -> dict:
-    """‖g(µ)‖ and ‖g(µ) + ε_d·g(ν̂)‖ at the target: the first and last GC history entries, or
-    computed here for attacks that do not track them."""
+    """‖g(µ) + ε_d·g(ν̂)‖ at the target at the clean start and at the end: GC's record
+    (:attr:`PoisonResult.grad_norm_initial`, the last history entry), or for attacks that do not
+    track it ‖g(µ)‖ and the norm computed here."""
     if result.grad_norm_history:
-        initial, final = result.grad_norm_history[0], result.grad_norm_history[-1]
+        initial, final = result.grad_norm_initial, result.grad_norm_history[-1]
     else:
         initial, final = grad_norm_clean, mixed_grad_norm(target, X, y, result)
     return {"grad_norm_initial": initial, "grad_norm_final": final, "grad_norm_ratio": final / initial if initial > 0 else math.nan}

@@ -23,9 +23,13 @@ never read):
    ``labelflip`` candidates with τ > ε_d are ruled out (a planted target with E ≤ ε_d stays in:
    its own flips reach it, so GC should too);
 2. GC (the run's attack) attacks the others in order of validation accuracy, lowest first; a
-   candidate is *reached* when the residual ratio ‖g(χ)‖ / ‖g(χ₀)‖ is at most ``reach`` (one
-   tenth), and then the victim is trained (the run's way) on clean ∪ GC's poisons and its
-   validation accuracy recorded;
+   planted target's attack starts from the first ε_d·n of the flips that planted it (the same
+   clean points as GC's own start, with the flipped labels: at E = ε_d they reach the target
+   already, so GC is never behind that flip; with the clean labels its greedy relabelling settles
+   elsewhere), the others' from the clean points. A candidate is *reached* when the residual ratio
+   ‖g(χ)‖ / ‖g(χ₀)‖ is at most ``reach`` (one tenth), χ₀ the clean start whichever start GC took
+   (so that "reached" means the same for both); then the victim is trained (the run's way) on
+   clean ∪ GC's poisons and its validation accuracy recorded;
 3. the choice is the reached candidate whose victim has the lowest validation accuracy, and its
    poisons are the cell's. A candidate whose own validation accuracy is not below the best victim's
    so far is not tried: in every selection we measured, the victim of a reached candidate was less
@@ -90,8 +94,10 @@ class Candidate:
     """One target considered: ``name`` (``gradpc-eps_w=1``, ``labelflip-eps_d=0.3``,
     ``frontier-eps_d=0.5``), its ``family`` (the name's first part), ``budget`` (E of a planted
     target, B of a frontier one), τ(c) on the training split (equation (10); τ(2) for one logit),
-    validation accuracy, and for each ε_d the residual ratio GC reached (None: not tried, ``reason`` says why), whether that reached it
-    (``kept``), the validation accuracy of the victim of those poisons, and whether it is the choice."""
+    validation accuracy, and for each ε_d the residual ratio GC reached against the clean start
+    (None: not tried, ``reason`` says why), what GC started from (``start``: ``clean`` or
+    ``planting``), whether the ratio reached it (``kept``), the validation accuracy of the victim of
+    those poisons, and whether it is the choice."""
 
     name: str
     tau: float
@@ -99,6 +105,7 @@ class Candidate:
     budget: float | None = None
     family: str = ""
     grad_norm_ratio: float | None = None
+    start: str = ""
     kept: bool = False
     victim_val_acc: float | None = None
     chosen: bool = False
@@ -121,6 +128,7 @@ class TargetSelection:
         self.device = next(clean.parameters()).device  # where candidates read back from their files go
         self.targets: dict[str, nn.Module] = {}
         self.built: dict[str, Candidate] = {}
+        self.plantings: dict[str, PoisonResult] = {}
         self._said_no_frontier = False
 
     def candidates(self, eps_d: float, box=(0.0, 1.0)) -> list[Candidate]:
@@ -140,10 +148,20 @@ class TargetSelection:
             elif budget is None:
                 target = self.save(GradPC(eps_w, seed=self.seed).generate(self.clean, self.X, self.y), path)
             else:
-                flips = LabelFlip(budget, strategy=self.options["flip_strategy"], seed=self.seed).poison(self.clean, self.X, self.y)
+                flips = self._planting(name)
                 target = self.save(self.fit(*flips.mixed(self.X, self.y, models.last_linear(self.clean).out_features)), path)
             self._add(name, target, budget)
         return self.built[name]
+
+    def _planting(self, name: str) -> PoisonResult | None:
+        """The label flips that planted candidate ``name`` (None for the other families): seeded,
+        so the same flips whether the target was built now or read back."""
+        if not name.startswith("labelflip-"):
+            return None
+        if name not in self.plantings:
+            budget = float(name.split("=", 1)[1])
+            self.plantings[name] = LabelFlip(budget, strategy=self.options["flip_strategy"], seed=self.seed).poison(self.clean, self.X, self.y)
+        return self.plantings[name]
 
     def _frontier(self, budgets: list[float], box) -> list[Candidate]:
         """The frontier candidates at ``budgets``: one :func:`damage_frontier` search on the
@@ -194,8 +212,10 @@ class TargetSelection:
                 c.reason = f"not tried: its validation accuracy is not below that of {best.name}'s victim ({best.victim_val_acc:.2f}%)"
                 continue
             folder = cell / f"candidate={c.name}"
-            result = self._attack(attack, folder, self.targets[c.name])
-            c.grad_norm_ratio = result.grad_norm_ratio
+            start = self._planting(c.name)
+            result = self._attack(attack, folder, self.targets[c.name], start)
+            c.grad_norm_ratio = result.grad_norm_ratio  # against the clean start, whichever start GC took
+            c.start = "clean" if start is None else "planting"
             c.kept = c.grad_norm_ratio <= reach
             if not c.kept:
                 c.reason = f"GC residual ratio {c.grad_norm_ratio:.3g} > {reach:g}"
@@ -221,14 +241,15 @@ class TargetSelection:
         io.write_json(path, {"val_acc": value})
         return value
 
-    def _attack(self, attack: Attack, folder: Path, target: nn.Module) -> PoisonResult:
-        """GC against one candidate (read back when done), with a checkpoint of its own."""
+    def _attack(self, attack: Attack, folder: Path, target: nn.Module, start: PoisonResult | None) -> PoisonResult:
+        """GC against one candidate from ``start`` (None: the clean points), read back when done,
+        with a checkpoint of its own."""
         if (folder / "poisons.pt").is_file():
             return PoisonResult.load(folder)
         params = attack.get_params()
         if "checkpoint" in params:
             params["checkpoint"] = folder / "checkpoint.pt"
-        result = type(attack)(**params).poison(target, self.X, self.y)
+        result = type(attack)(**params).poison(target, self.X, self.y, start=start)
         result.save(folder)
         if "checkpoint" in params:
             Path(params["checkpoint"]).unlink(missing_ok=True)

@@ -230,3 +230,13 @@ def test_a_start_from_the_flips_that_planted_the_target(digits_planted):
     assert default.grad_norm_history[0] == pytest.approx(clean_start, rel=1e-5) and "clean_start_grad_norm" not in default.extra
     with pytest.raises(PoisonReachError, match="at least the attack's 201 points"):
         GaussNewtonCanceling(0.2, iterations=1, progress=False).poison(target, X, y, start=flips)
+
+
+def test_a_checkpoint_from_another_start_is_refused(tmp_path, digits_planted):
+    s, clean, target = digits_planted
+    X, y = s.x_train, s.y_train
+    path = tmp_path / "gn.ckpt"
+    GaussNewtonCanceling(0.1, iterations=2, checkpoint=path, checkpoint_every=1, progress=False).poison(target, X, y)
+    flips = LabelFlip(0.1, strategy="least-likely", seed=0).poison(clean, X, y)
+    with pytest.raises(PoisonReachError, match="different configuration or data"):
+        GaussNewtonCanceling(0.1, iterations=3, checkpoint=path, progress=False).poison(target, X, y, start=flips)

@@ -110,6 +110,10 @@ class CancelingProblem:
         said = {"num_clean": self.n, "num_poisons": self.m}
         return said if self.clean_start_norm is None else {**said, "clean_start_grad_norm": self.clean_start_norm}
 
+    def start_points(self, rows: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """The start points ``rows`` projected onto Γ (float32, on the device) and their labels."""
+        return clamp_box(self.start_x[rows].to(device=self.device, dtype=torch.float32), self.low, self.high), self.start_y[rows].to(self.device)
+
     def gradient_sum(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Σ_j ∇_w ℓ(z_j; w) over the points (x, y), chunk by chunk, and over the ranks' points."""
         return gradient_sum(self.model, self.params, x, y, self.loss_fn, chunk_size=self.chunk_size, device=self.device, all_reduce=True)
@@ -191,7 +195,6 @@ def canceling_problem(attack: CancelingAttack, model: nn.Module, X: Tensor, y: T
     if len(start.y) < m or tuple(start.x.shape[1:]) != tuple(X.shape[1:]) or start.y.dtype != y.dtype:
         raise PoisonReachError(f"the start poisons ({len(start.y)} of shape {tuple(start.x.shape[1:])}, labels {start.y.dtype}) must be at "
                                f"least the attack's {m} points, shaped and labelled as the clean data ({tuple(X.shape[1:])}, {y.dtype})")
-    clean = clamp_box(p.start_x[p.local].to(device=device, dtype=torch.float32), low, high)
-    p.clean_start_norm = flat_norm(p.residual(p.gradient_sum(clean, p.start_y[p.local].to(device))))
+    p.clean_start_norm = flat_norm(p.residual(p.gradient_sum(*p.start_points(p.local))))
     p.source, p.start_x, p.start_y = start.source_indices[:m].clone(), start.x[:m], start.y[:m]
     return p

@@ -178,8 +178,7 @@ class FrankWolfeCanceling(CancelingAttack):
         the atoms lighter than about 1/(2m).
         """
         m, eps = p.m, p.eps_d
-        atoms_x = clamp_box(p.start_x.to(device=p.device, dtype=torch.float32), p.low, p.high)
-        atoms_y = p.start_y.to(p.device)
+        atoms_x, atoms_y = p.start_points()
         atoms_src = p.source.clone()
         weights = torch.full((m,), 1.0 / m, dtype=torch.float64, device=p.device)
         labels = label_set(p.y, p.num_outputs, p.device)

@@ -206,8 +206,8 @@ class GaussNewtonCanceling(CancelingAttack):
 
     def _start(self, p: CancelingProblem) -> Iterate:
         """The start points projected onto Γ, with their labels (this rank's)."""
-        x = clamp_box(p.start_x[p.local].to(device=p.device, dtype=torch.float32), p.low, p.high)
-        return Iterate(iteration=0, x=x, y=p.start_y[p.local].to(p.device), damping=None, history=[], time_history=[])
+        x, y = p.start_points(p.local)
+        return Iterate(iteration=0, x=x, y=y, damping=None, history=[], time_history=[])
 
     def _step(self, p: CancelingProblem, x: Tensor, y: Tensor, r: list[Tensor], lam: float | None):
         """One Levenberg–Marquardt step (module docstring, steps 2 and 3); λ = inf: no step helps."""

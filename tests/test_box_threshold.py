@@ -16,9 +16,9 @@ import pytest
 import scipy.sparse as sparse
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linprog
+from scipy.optimize import OptimizeResult, linprog
 
-from poisonreach import data, models, training
+from poisonreach import data, models, reachability, training
 from poisonreach.attacks import LabelFlip
 from poisonreach.errors import PoisonReachError
 from poisonreach.models import last_linear
@@ -153,3 +153,44 @@ def test_float32_rounding_of_the_clean_gradient_does_not_make_the_programme_infe
     # the written-out programme on G with its class sums made exactly 0 finds the same point
     want = reference(target, s.x_train, s.y_train, (0.0, 1.0), float(s.mean[0]), float(s.std[0]), DECAY)
     assert free <= want * (1 + 1e-6) + 1e-9 and free == pytest.approx(want, rel=1e-5)
+
+
+def _dual_simplex_stalls(monkeypatch, fail=("highs-ds",)):
+    """linprog as HiGHS answers a programme it cannot classify (status 4, model status unknown) for
+    the methods in ``fail``; the real solver for the others. Returns the methods called."""
+    called = []
+
+    def patched(*args, method, **kwargs):
+        called.append(method)
+        if method in fail:
+            return OptimizeResult(status=4, message="HiGHS Status 15: model_status is Unknown", x=None)
+        return linprog(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(reachability, "linprog", patched)
+    return called
+
+
+def _flip_target():
+    s = data.load("digits", seed=0)
+    clean = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
+    training.minimize(clean, s.x_train, s.y_train, weight_decay=DECAY, progress=False)
+    flips = LabelFlip(0.3, strategy="least-likely").poison(clean, s.x_train, s.y_train)
+    target = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
+    training.minimize(target, *flips.mixed(s.x_train, s.y_train), weight_decay=DECAY, progress=False)
+    return s, target
+
+
+def test_a_round_the_dual_simplex_cannot_classify_is_solved_by_the_interior_point_method(monkeypatch):
+    s, target = _flip_target()
+    want = box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
+    called = _dual_simplex_stalls(monkeypatch)
+    got = box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
+    assert "highs-ipm" in called and 0 < want < math.inf
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_a_programme_no_method_solves_is_one_clear_error_naming_both(monkeypatch):
+    s, target = _flip_target()
+    _dual_simplex_stalls(monkeypatch, fail=("highs-ds", "highs-ipm"))
+    with pytest.raises(PoisonReachError, match=r"did not solve \(highs-ds: status 4.*; highs-ipm: status 4.*--box none"):
+        box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)

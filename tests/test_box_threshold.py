@@ -106,14 +106,20 @@ def test_the_cutting_planes_reach_the_full_programme_on_random_problems(c, bound
     assert finite >= 6, finite  # the comparison is not vacuous
 
 
-@pytest.mark.parametrize("E", [0.05, 0.3])
-def test_the_cutting_planes_reach_the_full_programme_on_digits_victims(E):
+def _flip_target(E):
+    """``digits`` and the victim of a least-likely flip at budget E: reachable at E by its own flips."""
     s = data.load("digits", seed=0)
     clean = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
     training.minimize(clean, s.x_train, s.y_train, weight_decay=DECAY, progress=False)
     flips = LabelFlip(E, strategy="least-likely").poison(clean, s.x_train, s.y_train)
     target = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
     training.minimize(target, *flips.mixed(s.x_train, s.y_train), weight_decay=DECAY, tolerance=1e-8, progress=False)
+    return s, target
+
+
+@pytest.mark.parametrize("E", [0.05, 0.3])
+def test_the_cutting_planes_reach_the_full_programme_on_digits_victims(E):
+    s, target = _flip_target(E)
     sharp = sharpened_threshold(target, s.x_train, s.y_train, weight_decay=DECAY)
     mean, std = float(s.mean[0]), float(s.std[0])
     for bounds in ((-math.inf, math.inf), (sharp.infimum, sharp.supremum)):
@@ -170,18 +176,8 @@ def _dual_simplex_stalls(monkeypatch, fail=("highs-ds",)):
     return called
 
 
-def _flip_target():
-    s = data.load("digits", seed=0)
-    clean = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
-    training.minimize(clean, s.x_train, s.y_train, weight_decay=DECAY, progress=False)
-    flips = LabelFlip(0.3, strategy="least-likely").poison(clean, s.x_train, s.y_train)
-    target = models.create("lr", s.input_shape, s.num_classes, mean=s.mean, std=s.std, seed=0)
-    training.minimize(target, *flips.mixed(s.x_train, s.y_train), weight_decay=DECAY, progress=False)
-    return s, target
-
-
 def test_a_round_the_dual_simplex_cannot_classify_is_solved_by_the_interior_point_method(monkeypatch):
-    s, target = _flip_target()
+    s, target = _flip_target(0.3)
     want = box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
     called = _dual_simplex_stalls(monkeypatch)
     got = box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)
@@ -190,7 +186,7 @@ def test_a_round_the_dual_simplex_cannot_classify_is_solved_by_the_interior_poin
 
 
 def test_a_programme_no_method_solves_is_one_clear_error_naming_both(monkeypatch):
-    s, target = _flip_target()
+    s, target = _flip_target(0.3)
     _dual_simplex_stalls(monkeypatch, fail=("highs-ds", "highs-ipm"))
     with pytest.raises(PoisonReachError, match=r"did not solve \(highs-ds: status 4.*; highs-ipm: status 4.*--box none"):
         box_threshold(target, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY)

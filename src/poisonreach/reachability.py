@@ -414,7 +414,7 @@ def _least_mass(cost, A_ub, b_ub, A_eq, b_eq):
             return found
         failures.append(f"{method}: status {found.status}, {found.message}")
     raise PoisonReachError("the box threshold's linear programme did not solve (" + "; ".join(failures) + "); "
-                           "audit without a box (--box none) or report the model")
+                           "audit without a box (--box none)")
 
 
 def _class_cuts(num: int, most: int = 12) -> np.ndarray:

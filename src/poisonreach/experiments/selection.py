@@ -64,7 +64,7 @@ SELECT_DEFAULTS = {
     "eps_w": [0.05, 0.1, 0.25, 0.5, 1.0],  # GradPC radii (absolute)
     "flip_factors": [1.0, 1.5, 2.0, 3.0, 5.0],  # planted label flips at E = factor·ε_d, for each ε_d
     "flip_eps_d": [],  # planted label flips at these budgets E, for every ε_d
-    "frontier_factors": [0.5, 0.7],  # damage-frontier models admissible at B = factor·ε_d, for each ε_d
+    "frontier_factors": [0.5, 0.7, 1.0],  # damage-frontier models admissible at B = factor·ε_d, for each ε_d
     "flip_strategy": "least-likely",
     "reach": 0.1,  # GC must bring the residual to this fraction of its start
 }

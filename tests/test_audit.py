@@ -21,6 +21,7 @@ import torch
 from poisonreach import audit, data, models, training
 from poisonreach.attacks import GaussNewtonCanceling, LabelFlip
 from poisonreach.cli import main
+from poisonreach.errors import PoisonReachError
 from poisonreach.targets import GradPC
 from poisonreach.reachability import box_threshold
 
@@ -144,3 +145,27 @@ def test_the_frontier_models_meet_the_condition_they_name(digits):
     assert found is not model and training.accuracy(found, s.x_test, s.y_test) == pytest.approx(boxed[0].accuracy, abs=1e-9)
     assert box_threshold(found, s.x_train, s.y_train, box=(0.0, 1.0), weight_decay=DECAY) <= 0.03
     assert "model" not in boxed[0].to_dict() and boxed[0].to_dict()["eps_d"] == 0.03
+
+
+def test_a_budget_searched_after_others_is_at_least_as_damaging_as_searched_alone(digits):
+    # the budgets before an ε_d only add a start (their best model): its own starts, and which of
+    # them are pulled back to the box programme, do not depend on them
+    s, model = digits
+    kw = dict(weight_decay=DECAY, box=(0.0, 1.0), restarts=2, pullback_steps=4, iterations=30)
+    alone = audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.1], **kw)[0]
+    after = audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.03, 0.05, 0.1], **kw)[-1]
+    assert after.max_drop_estimate >= alone.max_drop_estimate - 1e-9
+    assert (after.restarts, alone.restarts) == (3, 2)
+    with pytest.raises(PoisonReachError, match="restarts"):
+        audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.1], weight_decay=DECAY, restarts=0)
+
+
+def test_a_budgets_own_starts_do_not_depend_on_the_budgets_before_it(digits, monkeypatch):
+    s, model = digits
+    starts = []
+    monkeypatch.setattr(audit, "_ascend", lambda W, *args: starts.append(W.clone()) or W)  # record, do not search
+    audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.1], weight_decay=DECAY, restarts=3)
+    alone, starts[:] = list(starts), []
+    audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.03, 0.1], weight_decay=DECAY, restarts=3)
+    assert len(alone) == 3 and len(starts) == 7  # 3 at 0.03; at 0.1 the same 3 and the best of 0.03
+    assert all(torch.equal(a, b) for a, b in zip(alone, starts[3:6]))

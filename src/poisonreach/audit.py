@@ -83,6 +83,9 @@ def construction_check(target: nn.Module, X: Tensor, y: Tensor, eps_d: float, *,
             **box_distance(result.x, box)}
 
 
+RESTART_SCALES = (0.5, 1.0, 2.0, 4.0)  # the frontier's random starts: clean W̄ + scale·(a direction of W̄'s mean entry size)
+
+
 @dataclass(frozen=True)
 class FrontierPoint:
     """The largest test-accuracy drop found at ``eps_d`` over last layers that meet the necessary
@@ -105,7 +108,7 @@ class FrontierPoint:
 
 
 def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_test: Tensor, eps_d: list[float], *,
-                    weight_decay: float, box: tuple | None = None, restarts: int = 4, iterations: int = 100,
+                    weight_decay: float, box: tuple | None = None, restarts: int = 3, iterations: int = 100,
                     programme_candidates: int = 2, pullback_steps: int = 8, seed: int = 0) -> list[FrontierPoint]:
     """For each ε_d, the largest drop in test accuracy from ``model`` (the clean victim, trained to
     convergence) over last layers W̄ that meet a necessary condition of reachability at ε_d.
@@ -117,16 +120,19 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
     over poisons in the box, which such models fail.
 
     The search: L-BFGS on a smoothed test error (the sigmoid of the margin over a temperature
-    annealed from 1 to 0.1) minus a quadratic penalty on the scalar condition, from the clean W̄, from
-    random directions around it and from the best point of the previous ε_d; each end point is
-    pulled back along the segment from the clean W̄ (which meets both conditions) to where the scalar
-    condition holds, and the ``programme_candidates`` most damaging of them further, by
+    annealed from 1 to 0.1) minus a quadratic penalty on the scalar condition, from ``restarts``
+    starts of its own (the clean W̄ and random directions around it, drawn from ``seed`` alone) and
+    from the best point of the previous ε_d; each end point is pulled back along the segment from the
+    clean W̄ (which meets both conditions) to where the scalar condition holds, and the
+    ``programme_candidates`` most damaging of its own ends and the previous point's end further, by
     ``pullback_steps`` bisection steps, to where the box programme holds. The true test accuracy of
-    the result counts. The values are drops found among admissible models: lower estimates of the
+    the result counts. So an ε_d's result is at least as damaging as the search at that ε_d alone:
+    the budgets before it only add a start. The values are drops found among admissible models: lower estimates of the
     bound, not the bound. Only the last layer moves (for a linear model, the whole model); the
     features φ are computed once.
     """
     check_number("weight_decay", weight_decay, low=0, low_open=True)
+    check_number("restarts", restarts, low=1, high=len(RESTART_SCALES) + 1, integer=True)
     head = last_linear(model)
     with torch.no_grad():  # the programmes' data: every point's features at once, in float64
         Z = _with_bias(features(model, dense(X)).flatten(1).double())
@@ -143,32 +149,38 @@ def damage_frontier(model: nn.Module, X: Tensor, y: Tensor, X_test: Tensor, y_te
     def programme(W: Tensor, e: float) -> float:
         return box_threshold(_with_layer(model, W), X, y, box=box, weight_decay=weight_decay) - e
 
-    gen = torch.Generator().manual_seed(seed)
-    points, previous = [], clean
+    def damage(end: tuple[Tensor, float]) -> float:  # of an end point (W̄, the condition's value there)
+        return clean_acc - _accuracy(Z_test @ end[0].T, y_test)
+
+    def search(W: Tensor, e: float) -> tuple[Tensor, float]:
+        return _pull_back(clean, _ascend(W, Z_test, y_test, lambda W: condition(W, e), iterations), lambda W: condition(W, e))
+
+    points, previous = [], None
     for e in eps_d:
-        starts = [clean, previous] + [clean + torch.randn(clean.shape, generator=gen, dtype=clean.dtype) * clean.norm() / math.sqrt(clean.numel()) * s
-                                      for s in (0.5, 1.0, 2.0, 4.0)[: max(restarts - 2, 0)]]
-        ends = [_pull_back(clean, _ascend(W, Z_test, y_test, lambda W: condition(W, e), iterations), lambda W: condition(W, e))
-                for W in starts]
-        ends.sort(key=lambda end: _accuracy(Z_test @ end[0].T, y_test))  # (W̄, the condition's value there)
-        logger.info(f"frontier eps_d={e:g}: {len(starts)} searches under the scalar condition, drops up to "
-                    f"{clean_acc - _accuracy(Z_test @ ends[0][0].T, y_test):.2f}")
+        gen = torch.Generator().manual_seed(seed)  # the same random starts whatever budgets come before
+        own = [clean] + [clean + torch.randn(clean.shape, generator=gen, dtype=clean.dtype) * clean.norm() / math.sqrt(clean.numel()) * s
+                         for s in RESTART_SCALES[: restarts - 1]]
+        ends = sorted((search(W, e) for W in own), key=damage, reverse=True)
+        warm = [search(previous, e)] if previous is not None else []
+        logger.info(f"frontier eps_d={e:g}: {len(own) + len(warm)} searches under the scalar condition, drops up to "
+                    f"{max(map(damage, ends + warm)):.2f}")
         solved = 0
-        if box is not None:
+        if box is None:
+            ends = ends + warm
+        else:
             pulled = []
-            for W, _ in ends[:programme_candidates]:
+            for W, _ in ends[:programme_candidates] + warm:
                 counted = _Counted(lambda W: programme(W, e))
                 pulled.append(_pull_back(clean, W, counted, steps=pullback_steps))
                 solved += counted.calls
-                logger.info(f"frontier eps_d={e:g}: pulled back to the box programme ({counted.calls} programmes), drop "
-                            f"{clean_acc - _accuracy(Z_test @ pulled[-1][0].T, y_test):.2f}")
+                logger.info(f"frontier eps_d={e:g}: pulled back to the box programme ({counted.calls} programmes), drop {damage(pulled[-1]):.2f}")
             ends = pulled
-        best, value = min(ends, key=lambda end: _accuracy(Z_test @ end[0].T, y_test))
+        best, value = max(ends, key=damage)
         accuracy = _accuracy(Z_test @ best.T, y_test)
         previous = best
         points.append(FrontierPoint(eps_d=e, max_drop_estimate=clean_acc - accuracy, accuracy=accuracy,
                                     condition="tau(c)" if box is None else "box LP", condition_value=value,
-                                    restarts=len(starts), programmes=solved, model=_with_layer(model, best)))
+                                    restarts=len(own) + len(warm), programmes=solved, model=_with_layer(model, best)))
     return points
 
 

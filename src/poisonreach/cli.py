@@ -274,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--poisons", nargs="+", default=[], help="poison sets (.pt, .npz, .safetensors, run cells) made for --target-weights, "
                                                             "to diagnose (default: none)")
     p.add_argument("--runs", nargs="+", default=[], help="run folders whose achieved drops the frontier is plotted with (default: none)")
-    p.add_argument("--restarts", type=int, default=4, help="starts of the frontier's search per eps_d")
+    p.add_argument("--restarts", type=int, default=3, help="starts of the frontier's own search per eps_d (the clean model and random ones); each eps_d after the first also starts from the previous best")
     p.add_argument("--no-frontier", action="store_true", help="skip the damage frontier (it trains; the box programme runs per candidate)")
     p.add_argument("--no-construction", action="store_true", help="skip the constructive poisons (they train)")
     p.add_argument("--out", default=None, help="the audit folder (default: runs/audit-DATASET-MODEL)")

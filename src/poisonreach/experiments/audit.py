@@ -53,7 +53,7 @@ TENTH = 0.1
 
 def audit(config: RunConfig, out: str | os.PathLike, *, weights: str | None = None, target_weights: str | None = None,
           eps_w: list[float] = EPS_W_GRID, box=None, poisons: list[str] = (), runs: list[str] = (), frontier: bool = True,
-          construction: bool = True, restarts: int = 4) -> dict:
+          construction: bool = True, restarts: int = 3) -> dict:
     """Audit the model of ``config`` on its data into folder ``out`` (module docstring) and return
     the record written to ``audit.json``. ``config.protocol`` must be ``converged``: the audit's
     victims are trained to convergence with its weight decay. ``box`` is (low, high), ``"data-range"``

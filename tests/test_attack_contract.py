@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,18 @@ def test_the_canceling_attacks_start_from_given_poisons(name, digits_lr):
         assert torch.equal(result.source_indices, flips.source_indices[:25])
     assert result.grad_norm_initial == pytest.approx(default.grad_norm_history[0], rel=1e-4)
     assert result.grad_norm_history[0] != pytest.approx(default.grad_norm_history[0], rel=1e-3)  # another start
+
+
+@pytest.mark.parametrize("name", ["gc", "gc-pgd", "gc-fw"])
+def test_a_start_outside_the_box_is_projected_onto_it(name, digits_lr):
+    """Every solver of problem (18) with a box descends from the projection of its start onto Γ:
+    two starts far above the box, at different heights, project onto the same points and give the
+    same poisons."""
+    s, model = digits_lr
+    X, y = s.x_train[:100], s.y_train[:100]
+    flips = LabelFlip(0.25, strategy="least-likely", seed=1).poison(model, X, y)
+    quick = {"gc-pgd": dict(epochs=1), "gc": dict(iterations=1), "gc-fw": dict(iterations=1)}
+    results = [ATTACKS[name](0.25, box=(0.0, 1.0), **quick[name], progress=False).poison(model, X, y, start=replace(flips, x=flips.x + shift))
+               for shift in (100.0, 200.0)]
+    assert results[0].grad_norm_history[0] == results[1].grad_norm_history[0]
+    assert torch.equal(results[0].x, results[1].x) and results[0].x.max() <= 1.0

@@ -439,9 +439,10 @@ def test_replace_keeps_a_random_subset_and_cancels_its_gradient(or2d):
     Xm, ym = r.mixed(X, y)
     assert torch.equal(Xm, torch.cat([X[kept], r.x]))
     assert torch.equal(ym, torch.cat([y[kept], r.y]))
-    # µ′ (the kept subset) stands in for µ: the first history entry uses g(µ′) and the initial poisons
+    # µ′ (the kept subset) stands in for µ: the first history entry uses g(µ′) and the initial
+    # poisons, projected onto the default box [0, 1]
     first = residual_norm(
-        f64(target), X[kept].double(), y[kept], X[r.source_indices].double(), y[r.source_indices], 0.25, logistic_loss
+        f64(target), X[kept].double(), y[kept], X[r.source_indices].double().clamp(0, 1), y[r.source_indices], 0.25, logistic_loss
     )
     assert r.grad_norm_history[0] == pytest.approx(first, rel=1e-5)
     other = GradientCanceling(0.25, epochs=3, replace=True, seed=5, progress=False).poison(target, X, y)
@@ -494,7 +495,7 @@ def test_one_epoch_is_the_documented_projected_step(or2d, block_size):
     n, m = len(X), len(r.x)
     params = list(target.parameters())
     g_mu = mean_grad(target, params, X, y, logistic_loss)
-    z = X[r.source_indices].clone()
+    z = X[r.source_indices].clamp(0, 1)  # the start, projected onto Γ
     zy = y[r.source_indices]
     blocks = attack._blocks(m, 0)  # the block order is the attack's own choice; the step is not
     assert len(blocks) == (1 if block_size is None else 4)
@@ -505,7 +506,7 @@ def test_one_epoch_is_the_documented_projected_step(or2d, block_size):
         (gz,) = torch.autograd.grad(sum((g * vi).sum() for g, vi in zip(grads, v)), zb)
         z[idx] = (zb - lr * n * (eps_d / m) * gz).detach().clamp(0, 1)
     torch.testing.assert_close(r.x, z, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(r.x, X[r.source_indices])  # the step is not trivially zero
+    assert not torch.equal(r.x, X[r.source_indices].clamp(0, 1))  # the step is not trivially zero
 
 
 def test_parameters_last_and_first_cancel_the_right_gradients():
@@ -513,7 +514,8 @@ def test_parameters_last_and_first_cancel_the_right_gradients():
     model = models.create("nn", (2,), 2, seed=0)
     for which in ("last", "first", "all"):
         r = GradientCanceling(0.2, epochs=0, parameters=which, progress=False).poison(model, X, y)
-        expected = residual_norm(f64(model), X.double(), y, X[r.source_indices].double(), y[r.source_indices], 0.2, ce_loss, which)
+        start = X[r.source_indices].double().clamp(0, 1)  # projected onto the default box
+        expected = residual_norm(f64(model), X.double(), y, start, y[r.source_indices], 0.2, ce_loss, which)
         assert r.grad_norm_history == [pytest.approx(expected, rel=1e-5)]
     sizes = {w: sum(p.numel() for p in select_parameters(model, w)) for w in ("last", "first", "all")}
     assert sizes == {"last": 784 * 2 + 2, "first": 2 * 784, "all": sum(p.numel() for p in model.parameters())}

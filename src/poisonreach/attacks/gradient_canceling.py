@@ -127,7 +127,8 @@ class GradientCanceling(CancelingAttack):
 
     def poison(self, model: nn.Module, X: Tensor, y: Tensor, loss=None, start: PoisonResult | None = None) -> PoisonResult:
         """Craft poisons against the target ``model`` (its parameters are w) on clean data (X, y),
-        from ``start``'s first m poisons if given (:func:`canceling_problem`)."""
+        from ``start``'s first m poisons if given (:func:`canceling_problem`), projected onto Γ
+        like every later iterate."""
         device = self._device(model)
         with evaluating(model):  # the target is a fixed w: no dropout, batch-norm running statistics
             problem = canceling_problem(self, model, X, y, loss, device, start)
@@ -232,8 +233,7 @@ class GradientCanceling(CancelingAttack):
         if saved is not None:
             state = Descent(**saved)
             return state, state.epoch, fingerprint
-        x = p.start_x.to(device=p.device, dtype=torch.float32).clone()
-        py = p.start_y.to(p.device).clone()
+        x, py = (t.clone() for t in p.start_points())
         if self.optimize_labels and task_of(p.y) != "regression":
             py = to_probabilities(py, p.num_outputs)
         buf_y = torch.zeros_like(py) if self.optimize_labels else None

@@ -160,6 +160,15 @@ def test_a_budget_searched_after_others_is_at_least_as_damaging_as_searched_alon
         audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.1], weight_decay=DECAY, restarts=0)
 
 
+def test_the_same_call_finds_the_same_frontier_model(digits):
+    # its random starts come from the seed alone: two calls give the same model, bit for bit
+    s, model = digits
+    kw = dict(weight_decay=DECAY, box=(0.0, 1.0), restarts=2, pullback_steps=4, iterations=30, seed=3)
+    first, second = (audit.damage_frontier(model, s.x_train, s.y_train, s.x_test, s.y_test, [0.1], **kw)[0] for _ in range(2))
+    assert first.max_drop_estimate == second.max_drop_estimate
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()))
+
+
 def test_a_budgets_own_starts_do_not_depend_on_the_budgets_before_it(digits, monkeypatch):
     s, model = digits
     starts = []

@@ -111,6 +111,10 @@ def _common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     p.add_argument("--model-option", dest="model_option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a constructor argument of a module.path:Class model (repeatable); the constructor also receives "
                         "input_shape, num_classes, mean and std when it names them")
+    p.add_argument("--pretrained", default=None, metavar="FILE",
+                   help="start every model from these weights (a model file of a run, or torch.save(model.state_dict())) instead "
+                        "of the seed's initialisation: fine-tuning a pretrained network; with --protocol converged --train-option "
+                        "parameters=last only its last layer trains, on the fixed features (default: none, train from scratch)")
     if target:
         p.add_argument("--eps-w", type=float, default=1.0, help="radius of the parameter corruption (default: 1)")
         p.add_argument("--eps-w-mode", choices=EPS_W_MODES, default="absolute", help="absolute radius (the paper's tables) or relative to ‖w‖")
@@ -299,6 +303,7 @@ def _config(args, **extra) -> RunConfig:
         dataset=args.dataset,
         model=args.model,
         model_options=dict(args.model_option),
+        pretrained=args.pretrained,
         **target,
         seed=args.seed,
         train_size=args.train_size,

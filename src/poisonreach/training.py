@@ -25,10 +25,11 @@ from torch import Tensor, nn
 
 from . import distributed, losses
 from .errors import PoisonReachError
-from .gradients import flat_norm, gradient_sum, select_parameters
+from .gradients import chunks, flat_norm, gradient_sum, select_parameters
+from .models import features, last_linear
 from .progress import Progress
 from .rows import dense, select_rows
-from .validation import Choice, Number, check_inputs, check_labels, check_number, evaluating, num_outputs, progress_flag
+from .validation import Choice, Number, check_choice, check_inputs, check_labels, check_number, evaluating, num_outputs, progress_flag
 
 OPTIMIZERS = ("adadelta", "sgd", "adam")
 # The protocol's hyperparameters (keyword arguments of :func:`train`) and their checks; DPA's base
@@ -161,12 +162,16 @@ def train(
     return model.eval()
 
 
+# what a converged training fits: every trainable parameter, or the last linear layer on the fixed
+# features of the model it is given (a pretrained network's head: a convex problem)
+TRAINED_PARAMETERS = ("all", "last")
 # The converged protocol's options (keyword arguments of :func:`minimize`) and their checks.
 CONVERGED_OPTIONS = {
     "weight_decay": Number(low=0),
     "tolerance": Number(low=0, low_open=True),
     "max_iterations": Number(low=1, integer=True),
     "history_size": Number(low=1, integer=True),
+    "parameters": Choice(TRAINED_PARAMETERS),
 }
 
 
@@ -179,6 +184,7 @@ def minimize(
     tolerance: float = 1e-5,
     max_iterations: int = 2000,
     history_size: int = 20,
+    parameters: str = "all",
     loss: str | losses.LossFn | None = None,
     chunk_size: int = 8192,
     device: str | torch.device | None = None,
@@ -209,6 +215,10 @@ def minimize(
         tolerance: stop once the objective's gradient norm is at most this.
         max_iterations: most L-BFGS iterations, line-search evaluations not counted.
         history_size: the curvature pairs L-BFGS keeps (its memory).
+        parameters: ``all`` (every trainable parameter) or ``last``: the last linear layer only, the
+            layers before it kept as given, so that training fits a pretrained network's head on
+            fixed features φ(x), a problem as convex as a linear model's. The objective's λ/2·‖w‖²
+            and its gradient norm count the trained parameters only.
         loss: per-sample loss, see :func:`poisonreach.losses.resolve` (default: from the labels).
         chunk_size: rows per forward/backward pass; bounds memory.
         device: where to train; the model is moved there. None: where the model's parameters are.
@@ -231,7 +241,10 @@ def minimize(
     # norm of 2e-4 on MNIST. The minimiser is copied back into the model's own precision.
     work = copy.deepcopy(model).to(torch.float64)
     y = y.to(torch.float64) if y.is_floating_point() else y
-    params = [p for p in work.parameters() if p.requires_grad]
+    # the module L-BFGS fits and its inputs: with the layers before the head fixed, their features
+    # are computed once and the head is fit on them (a linear model's cost per evaluation)
+    fitted, inputs = (last_linear(work), _fixed_features(work, X, chunk_size, device)) if parameters == "last" else (work, X)
+    params = [p for p in fitted.parameters() if p.requires_grad]
     # the stopping rule is ours (the 2-norm of the objective's gradient); L-BFGS's own stops off
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=_ITERATIONS_PER_CHECK, history_size=history_size,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
@@ -241,7 +254,7 @@ def minimize(
         total = torch.zeros((), dtype=torch.float64, device=device)
         # (1/N) Σ ℓ, its gradient accumulated chunk by chunk over this rank's chunks (all-reduced below)
         for sl in distributed.local_chunks(n, chunk_size):
-            part = _per_sample(work, loss_fn, X[sl].to(torch.float64), y[sl], device).sum() / n
+            part = _per_sample(fitted, loss_fn, inputs[sl].to(torch.float64), y[sl], device).sum() / n
             part.backward()
             total += part.detach()
         if distributed.active():
@@ -276,6 +289,12 @@ def minimize(
         for p, q in zip(model.parameters(), work.parameters()):
             p.copy_(q)
     return model.eval()
+
+
+def _fixed_features(model: nn.Module, X: Tensor, chunk_size: int, device: torch.device) -> Tensor:
+    """φ(X) of ``model`` (the input of its last linear layer) in eval mode, without gradients, chunk by chunk."""
+    with torch.no_grad(), evaluating(model):
+        return torch.cat([features(model, X[sl].to(device=device, dtype=torch.float64)) for sl in chunks(len(X), chunk_size)])
 
 
 def _iterations(opt: torch.optim.LBFGS, params: list[Tensor]) -> int:
@@ -427,6 +446,7 @@ def training_gradient_norm(
     loss: str | losses.LossFn | None = None,
     *,
     weight_decay: float = 0.0,
+    parameters: str = "all",
     chunk_size: int = 256,
     device: str | torch.device | None = None,
 ) -> float:
@@ -435,7 +455,8 @@ def training_gradient_norm(
 
     Pass the data the model was trained on (for a victim, clean ∪ poisons) and the protocol's
     ``weight_decay`` λ (the optimizers add λw to the gradient, so the objective is the mean loss plus
-    λ/2·‖w‖²). Every trainable parameter counts; the model is evaluated in eval mode, the fixed w
+    λ/2·‖w‖²), and the parameters it trained (``parameters``: ``all``, every trainable parameter, or
+``last``, the last linear layer, as :func:`minimize` takes them). The model is evaluated in eval mode, the fixed w
     (dropout off, batch-norm running statistics), as everywhere the library takes gradients at w.
     The sum runs over chunks of ``chunk_size`` rows (:func:`poisonreach.gradients.gradient_sum`), a
     memory bound that changes the result only by rounding; the norm is taken in float64.
@@ -452,7 +473,8 @@ def training_gradient_norm(
     outputs = num_outputs(model, X, device)
     y = check_labels(y, n, outputs, strict=not callable(loss))
     loss_fn = losses.resolve(outputs, y, loss)
-    params = select_parameters(model, "all")
+    check_choice("parameters", parameters, TRAINED_PARAMETERS)
+    params = select_parameters(model, parameters)
     rows = distributed.shard(n, chunk_size)  # data parallel: this rank's chunks, the sum all-reduced
     with evaluating(model):
         total = gradient_sum(model, params, select_rows(X, rows), y[rows], loss_fn, chunk_size=chunk_size, device=device, all_reduce=True)

@@ -60,6 +60,9 @@ def audit(config: RunConfig, out: str | os.PathLike, *, weights: str | None = No
     (the per-feature range of the training data) or None: [0, 1] for images, the data range otherwise."""
     if config.protocol != "converged":
         raise PoisonReachError("the audit's victims are trained to convergence: use the converged protocol")
+    if config.trained_parameters != "all":
+        raise PoisonReachError("the audit's victims retrain every parameter: drop --train-option parameters=last "
+                               "(poisonreach run and evaluate fit a pretrained network's head)")
     out = Path(out)
     splits, spec = load_data(config)
     X, y = splits.x_train, splits.y_train

@@ -129,6 +129,9 @@ class RunConfig:
     # transfer: the victims' architecture when it is not the target's (a name or module.path:Class)
     victim_model: str | None = None
     victim_model_options: dict = field(default_factory=dict)
+    # fine-tuning: a model file (save_model's, or a state dict) every model of the run starts from
+    # instead of the seed's initialisation; with the converged option parameters=last only its head trains
+    pretrained: str | None = None
 
     @property
     def attack_name(self) -> str:
@@ -151,6 +154,12 @@ class RunConfig:
         """λ of the models' training objective: ``training``'s, else the protocol's default."""
         default = inspect.signature(minimize).parameters["weight_decay"].default if self.protocol == "converged" else 0.0
         return float(self.training.get("weight_decay", default))
+
+    @property
+    def trained_parameters(self) -> str:
+        """What the models' training fits: ``all`` parameters, or the ``last`` linear layer on fixed
+        features (the converged protocol's ``parameters`` option)."""
+        return self.training.get("parameters", "all") if self.protocol == "converged" else "all"
 
     def validate(self) -> None:
         data.check_name(self.dataset)
@@ -177,6 +186,13 @@ class RunConfig:
                 + (f"choose one of {sorted(presets)}" if presets else "it has none, drop the preset")
             )
         check_number("target_scale", self.target_scale, low=0, low_open=True)
+        if self.pretrained is not None:
+            if self.victim_model is not None:
+                raise PoisonReachError("--pretrained weights are the run's model's and cannot start a --victim-model: drop one of them")
+            if self.protocol == "official":
+                raise PoisonReachError("--protocol official retrains a fresh logistic regression: drop --pretrained")
+            if not Path(self.pretrained).expanduser().is_file():
+                raise PoisonReachError(f"no pretrained model file at {self.pretrained}: give a file written by save_model or torch.save(model.state_dict())")
         if self.victim_seeds is not None:
             if not isinstance(self.victim_seeds, (list, tuple)) or not self.victim_seeds:
                 raise PoisonReachError(f"victim_seeds must be a non-empty list of integer seeds (or null), got {self.victim_seeds!r}")
@@ -248,6 +264,8 @@ class RunConfig:
             kwargs = dict(preset, **self.attack_options, seed=self.seed, device=self.device)
             if "weight_decay" in inspect.signature(cls).parameters:
                 kwargs.setdefault("weight_decay", self.weight_decay)
+            if self.trained_parameters != "all" and "parameters" in inspect.signature(cls).parameters:
+                kwargs.setdefault("parameters", self.trained_parameters)  # the victims' stationarity condition is on these
             if checkpoint_dir is not None and "checkpoint" in inspect.signature(cls).parameters:
                 kwargs["checkpoint"] = checkpoint_dir / cell_name(eps_d) / "checkpoint.pt"
             attacks.append(cls(eps_d, **kwargs))
@@ -298,8 +316,12 @@ def victim_spec(config: RunConfig, spec: dict) -> dict:
 
 def fresh_model(config: RunConfig, spec: dict, seed: int | None = None) -> nn.Module:
     """The untrained model every training of the run starts from (the run's seed each time, or
-    ``seed``: a victim seed's initialisation)."""
-    return models.create(**spec, seed=config.seed if seed is None else seed).to(torch.device(config.device))
+    ``seed``: a victim seed's initialisation), with the ``pretrained`` weights when the run names them
+    (the seed then initialises nothing: every training starts from them)."""
+    model = models.create(**spec, seed=config.seed if seed is None else seed)
+    if config.pretrained is not None:
+        models.load_weights(model, Path(config.pretrained).expanduser())
+    return model.to(torch.device(config.device))
 
 
 def mean_std(name: str, values: list[float]) -> dict:

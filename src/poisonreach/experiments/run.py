@@ -340,8 +340,10 @@ def fitter(config: RunConfig, spec: dict, seed: int | None = None, *, callback=N
 
 
 def trained_grad_norm(config: RunConfig, model: nn.Module, X, y) -> float:
-    """The training-gradient norm of a model of the run trained on (X, y), with the protocol's weight decay."""
-    return training_gradient_norm(model, X, y, weight_decay=config.weight_decay, device=torch.device(config.device))
+    """The training-gradient norm of a model of the run trained on (X, y), with the protocol's weight
+    decay, over the parameters its training fits."""
+    return training_gradient_norm(model, X, y, weight_decay=config.weight_decay, parameters=config.trained_parameters,
+                                  device=torch.device(config.device))
 
 
 class _SeedPlan:

@@ -23,6 +23,8 @@ from poisonreach import data, models, training
 from poisonreach.errors import PoisonReachError
 from poisonreach.experiments.audit import audit
 from poisonreach.experiments.config import RunConfig, fresh_model, load_data
+from poisonreach.experiments.evaluate import evaluate
+from poisonreach.experiments.export import export
 from poisonreach.experiments.run import run
 from poisonreach.gradients import flat_norm
 
@@ -148,3 +150,10 @@ def test_a_fine_tuning_run_keeps_the_features_and_its_planted_target_is_reached(
     assert entry["target_agreement"] == 100.0 and entry["acc_drop_std"] == 0.0
     for name in ("clean_model.pt", "target_model.pt", "eps_d=0.1/retrained_model.pt"):
         assert all(torch.equal(p, q) for p, q in zip(_body(models.load_model(tmp_path / name)), _body(pretrained[0])))
+    # the exported poisons say their victims were fine-tuned, and from which weights
+    (victim,) = [m["victim"] for m in export(tmp_path, "npz", tmp_path / "export")]
+    assert victim["pretrained"] == str(weights_file) and victim["training"]["parameters"] == "last"
+    # and evaluating them with the run's settings fine-tunes the same victims
+    record = evaluate(tmp_path / "eps_d=0.1", config)
+    assert record["pretrained"] == str(weights_file)
+    assert record["poisoned_acc_per_seed"] == [entry["poisoned_acc"]] * 2

@@ -102,7 +102,10 @@ class RunConfig:
     ``module.path:Class``, constructed with ``model_options`` (:mod:`poisonreach.user_models`).
     ``victim_model`` (with ``victim_model_options``), when set, is the architecture the victims
     retrain (a transfer victim): the target, τ and the attack stay ``model``'s, and every drop is
-    measured against a clean model of the victim's architecture trained the same way."""
+    measured against a clean model of the victim's architecture trained the same way.
+    ``pretrained``, when set, is a weights file every model of the run starts from instead of its
+    seed's initialisation; with the converged protocol's ``parameters="last"`` only the last layer
+    trains, on the fixed pretrained features (a fine-tuning victim)."""
 
     dataset: str = "digits"
     model: str = "lr"

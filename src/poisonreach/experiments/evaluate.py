@@ -62,7 +62,8 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
     X_mix, y_mix = result.mixed(X, y)
     seeds = list(config.victim_seeds or [config.seed])
     logger.info(f"{len(result.x)} poisons from {file} on {len(X)} {config.dataset} training points (eps_d {result.eps_d:.4g}); "
-        f"retraining {config.model} with the {config.protocol} protocol, victim seeds {' '.join(map(str, seeds))}")
+        f"retraining {config.model}{f' from {config.pretrained}' if config.pretrained else ''} with the {config.protocol} protocol, "
+        f"victim seeds {' '.join(map(str, seeds))}")
     per_seed = {k: [] for k in ("clean_acc", "poisoned_acc", "acc_drop", "clean_grad_norm", "victim_grad_norm")}
     for seed in seeds:
         fit = fitter(config, spec, seed)
@@ -78,7 +79,7 @@ def evaluate(poisons: str | os.PathLike, config: RunConfig, *, out: str | os.Pat
         "num_poisons": len(result.x),
         "num_train": len(X),
         "eps_d": result.eps_d,
-        **{k: getattr(config, k) for k in ("dataset", "model", "model_options", "protocol", "seed", "train_size", "training")},
+        **{k: getattr(config, k) for k in ("dataset", "model", "model_options", "pretrained", "protocol", "seed", "train_size", "training")},
         "victim_seeds": seeds,
         **{f"{k}_per_seed": v for k, v in per_seed.items()},
         **{k: v for name in ("clean_acc", "poisoned_acc", "acc_drop", "victim_grad_norm") for k, v in mean_std(name, per_seed[name]).items()},

@@ -134,9 +134,11 @@ def manifest(result: PoisonResult, arrays: dict, config: RunConfig, fmt: str, la
 
 def _victim(config: RunConfig) -> dict:
     """How the run's victims were retrained: their architecture (a transfer run's ``victim_model``)
-    with its options when it has any, the protocol and the training options."""
+    with its options when it has any, the pretrained weights they started from when they did, the
+    protocol and the training options."""
     model, options = (config.victim_model, config.victim_model_options) if config.victim_model else (config.model, config.model_options)
-    return {"model": model, **({"model_options": options} if options else {}), "protocol": config.protocol, "training": config.training}
+    return {"model": model, **({"model_options": options} if options else {}),
+            **({"pretrained": config.pretrained} if config.pretrained else {}), "protocol": config.protocol, "training": config.training}
 
 
 def require_safetensors():

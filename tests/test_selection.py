@@ -39,9 +39,28 @@ def test_select_options_defaults_and_errors():
     for bad, match in [({"grid": [1]}, "unknown option"), ({"eps_w": 1.0}, "list of positive numbers"),
                        ({"flip_eps_d": [0.1, -1]}, "list of positive numbers"), ({"frontier_factors": [0]}, "list of positive numbers"),
                        ({"eps_w": [], "flip_eps_d": [], "flip_factors": [], "frontier_factors": []}, "no candidates"),
-                       ({"reach": 2.0}, "reach"), ({"flip_strategy": "worst"}, "flip_strategy")]:
+                       ({"reach": 2.0}, "reach"), ({"flip_strategy": "worst"}, "flip_strategy"),
+                       ({"seed": -1}, "seed"), ({"seed": 1.5}, "seed")]:
         with pytest.raises(PoisonReachError, match=match):
             check_select_options(bad)
+
+
+def test_the_seed_option_draws_the_candidates_instead_of_the_run_seed(digits_lr, tmp_path):
+    s, clean = digits_lr
+    options = {"eps_w": [0.5], "flip_factors": [1.0], "frontier_factors": []}
+
+    def drawn(run_seed, **extra):
+        sel = TargetSelection({**options, **extra}, clean, s.x_train, s.y_train, s, fit_for(s), save_for(s),
+                              tmp_path / f"{run_seed}-{extra}", weight_decay=0.0, seed=run_seed)
+        sel.candidates(0.1)
+        return sel._planting("labelflip-eps_d=0.1").source_indices, sel.targets["gradpc-eps_w=0.5"]
+
+    flips, gradpc = drawn(0, seed=3)
+    same_flips, same_gradpc = drawn(3)
+    other_flips, other_gradpc = drawn(0)
+    assert torch.equal(flips, same_flips) and not torch.equal(flips, other_flips)
+    assert torch.equal(models.last_linear(gradpc).weight, models.last_linear(same_gradpc).weight)
+    assert not torch.equal(models.last_linear(gradpc).weight, models.last_linear(other_gradpc).weight)
 
 
 def fit_for(s):

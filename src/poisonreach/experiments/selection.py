@@ -67,9 +67,11 @@ SELECT_DEFAULTS = {
     "frontier_factors": [0.5, 0.7, 1.0],  # damage-frontier models admissible at B = factor·ε_d, for each ε_d
     "flip_strategy": "least-likely",
     "reach": 0.1,  # GC must bring the residual to this fraction of its start
+    "seed": None,  # the candidates' random draws (GradPC's, the flipped points, the frontier's starts); None: the run's seed
 }
 logger = logging.getLogger(__name__)
-_CHECKS = {"flip_strategy": Choice(("random", "loss", "least-likely")), "reach": Number(low=0, low_open=True, high=1)}
+_CHECKS = {"flip_strategy": Choice(("random", "loss", "least-likely")), "reach": Number(low=0, low_open=True, high=1),
+           "seed": Number(low=0, integer=True, optional=True)}
 
 
 def check_select_options(options: dict) -> dict:
@@ -124,7 +126,8 @@ class TargetSelection:
                  weight_decay: float, seed: int):
         self.options = check_select_options(options)
         self.clean, self.X, self.y, self.splits, self.fit, self.save, self.folder = clean, X, y, splits, fit, save, folder
-        self.weight_decay, self.seed = weight_decay, seed
+        self.weight_decay = weight_decay
+        self.seed = seed if self.options["seed"] is None else self.options["seed"]
         self.device = next(clean.parameters()).device  # where candidates read back from their files go
         self.targets: dict[str, nn.Module] = {}
         self.built: dict[str, Candidate] = {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
@@ -23,12 +25,13 @@ from poisonreach.attacks import ATTACKS, GaussNewtonCanceling, GradientCanceling
 from poisonreach.cli import HelpFormatter, _parser, main
 from poisonreach.defenses import DEFENSES
 from poisonreach.experiments import options
+from poisonreach.experiments.selection import SELECT_DEFAULTS, select_options
 from poisonreach.io import parse_yaml
 from poisonreach.targets import TARGET_GENERATORS
 from poisonreach.training import CONVERGED_OPTIONS, HYPERPARAMETERS, minimize, train
 
 EVERY = [*[(name, cls, None) for registry in (ATTACKS, TARGET_GENERATORS, DEFENSES) for name, cls in registry.items()],
-         ("train", train, set(HYPERPARAMETERS)), ("minimize", minimize, set(CONVERGED_OPTIONS))]
+         ("select", select_options, None), ("train", train, set(HYPERPARAMETERS)), ("minimize", minimize, set(CONVERGED_OPTIONS))]
 MARKUP = re.compile(r"``|:[a-z]+:`")
 
 
@@ -85,6 +88,19 @@ def test_without_a_name_every_name_is_listed(capsys):
     for name, _, _ in EVERY:
         assert re.search(rf"^  {re.escape(name)}  ", out, flags=re.M), name
     assert "Gradient Canceling: poisons that make a target model w stationary" in out
+
+
+def test_the_select_targets_options_are_its_defaults(capsys):
+    assert main(["options", "select"]) == 0
+    assert set(listed(capsys.readouterr().out)) == set(SELECT_DEFAULTS)
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    # `poisonreach options | head -1`: the pipe closes before the listing is written
+    child = subprocess.Popen([sys.executable, "-m", "poisonreach", "options"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and err == ""
 
 
 def test_an_unknown_name_is_one_line_naming_the_choices(capsys):

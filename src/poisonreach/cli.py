@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import yaml
@@ -420,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("poisonreach: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout left (`poisonreach options | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit does not raise again
+        return 141
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ training protocol, with its type, its default and the first sentence of its docu
 a NAME, the names there are.
 
 Nothing is listed by hand: the names are those of the registries (``ATTACKS``,
-``TARGET_GENERATORS``, ``DEFENSES``) and of the training functions (``train``, with the options its
+``TARGET_GENERATORS``, ``DEFENSES``, with ``select_options`` for ``--target select``) and of the training functions (``train``, with the options its
 protocol checks, and ``minimize``); each option's type and default come from the signature of the
 class or function, its text from the docstrings of the class and its bases.
 """
@@ -22,6 +22,7 @@ from ..errors import PoisonReachError
 from ..targets import TARGET_GENERATORS
 from ..training import CONVERGED_OPTIONS, HYPERPARAMETERS, minimize, train
 from .config import POISONED_TARGETS
+from .selection import select_options
 
 __all__ = ["GROUPS", "Option", "describe", "listing", "options_of", "plain"]
 
@@ -44,6 +45,9 @@ GROUPS = (
           f"run --target NAME --target-option KEY=VALUE (eps_w and eps_w_mode are --eps-w and --eps-w-mode; seed and "
           f"device are the run's); in a sweep run.target and run.target_options; "
           f"the attacks {', '.join(POISONED_TARGETS)} are targets too, with their attack options"),
+    Group("target selection", {"select": (select_options, None)},
+          "run --target select --target-option KEY=VALUE (lists as [0.1,0.5]); in a sweep run.target: select and "
+          "run.target_options"),
     Group("defenses", {name: (cls, None) for name, cls in DEFENSES.items()},
           "defend --defense NAME --option KEY=VALUE; in a sweep defenses: [{name: NAME, options: {...}}]"),
     Group("training protocols", {"train": (train, tuple(HYPERPARAMETERS)), "minimize": (minimize, tuple(CONVERGED_OPTIONS))},

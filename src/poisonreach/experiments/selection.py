@@ -59,19 +59,39 @@ from ..targets import GradPC
 from ..training import accuracy
 from ..validation import Choice, Number
 
-# target_options of ``target: select`` and their defaults
-SELECT_DEFAULTS = {
-    "eps_w": [0.05, 0.1, 0.25, 0.5, 1.0],  # GradPC radii (absolute)
-    "flip_factors": [1.0, 1.5, 2.0, 3.0, 5.0],  # planted label flips at E = factor·ε_d, for each ε_d
-    "flip_eps_d": [],  # planted label flips at these budgets E, for every ε_d
-    "frontier_factors": [0.5, 0.7, 1.0],  # damage-frontier models admissible at B = factor·ε_d, for each ε_d
-    "flip_strategy": "least-likely",
-    "reach": 0.1,  # GC must bring the residual to this fraction of its start
-    "seed": None,  # the candidates' random draws (GradPC's, the flipped points, the frontier's starts); None: the run's seed
-}
 logger = logging.getLogger(__name__)
 _CHECKS = {"flip_strategy": Choice(("random", "loss", "least-likely")), "reach": Number(low=0, low_open=True, high=1),
            "seed": Number(low=0, integer=True, optional=True)}
+
+
+def select_options(*, eps_w=(0.05, 0.1, 0.25, 0.5, 1.0), flip_factors=(1.0, 1.5, 2.0, 3.0, 5.0), flip_eps_d=(),
+                   frontier_factors=(0.5, 0.7, 1.0), flip_strategy: str = "least-likely", reach: float = 0.1,
+                   seed: int | None = None) -> dict:
+    """Choose the target per ε_d among GradPC, planted label-flip and damage-frontier candidates
+    (appendix D over a wider family): the options of ``--target select``, checked, as a dict.
+
+    Args:
+        eps_w: radii of the GradPC candidates (absolute ε_w); a list, may be empty.
+        flip_factors: planted label-flip candidates at E = factor·ε_d, for each ε_d.
+        flip_eps_d: planted label-flip candidates at these budgets E, for every ε_d.
+        frontier_factors: damage-frontier models admissible at B = factor·ε_d (a linear model with a box and weight decay).
+        flip_strategy: how the planting flips choose their labels: random, loss or least-likely.
+        reach: GC reaches a candidate when it brings the residual to this fraction of its clean start.
+        seed: the candidates' random draws (GradPC's direction, the flipped points, the frontier's starts); None: the run's seed.
+    """
+    options = {"eps_w": eps_w, "flip_factors": flip_factors, "flip_eps_d": flip_eps_d, "frontier_factors": frontier_factors}
+    for key, values in options.items():
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
+            raise PoisonReachError(f"select target option {key} must be a list of positive numbers (may be empty), got {values!r}")
+    if not any(options.values()):
+        raise PoisonReachError("the select target has no candidates: give eps_w, flip_factors, flip_eps_d or frontier_factors a value")
+    options = {key: list(values) for key, values in options.items()}
+    for key, value in {"flip_strategy": flip_strategy, "reach": reach, "seed": seed}.items():
+        options[key] = _CHECKS[key](key, value)
+    return options
+
+
+SELECT_DEFAULTS = select_options()
 
 
 def check_select_options(options: dict) -> dict:
@@ -79,16 +99,7 @@ def check_select_options(options: dict) -> dict:
     unknown = sorted(set(options) - set(SELECT_DEFAULTS))
     if unknown:
         raise PoisonReachError(f"unknown option(s) {unknown} of the select target: it takes {sorted(SELECT_DEFAULTS)}")
-    merged = {**SELECT_DEFAULTS, **options}
-    for key in ("eps_w", "flip_factors", "flip_eps_d", "frontier_factors"):
-        values = merged[key]
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) and v > 0 for v in values):
-            raise PoisonReachError(f"select target option {key} must be a list of positive numbers (may be empty), got {values!r}")
-    if not (merged["eps_w"] or merged["flip_factors"] or merged["flip_eps_d"] or merged["frontier_factors"]):
-        raise PoisonReachError("the select target has no candidates: give eps_w, flip_factors, flip_eps_d or frontier_factors a value")
-    for key, check in _CHECKS.items():
-        check(key, merged[key])
-    return merged
+    return select_options(**options)
 
 
 @dataclass

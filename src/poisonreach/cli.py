@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import yaml
@@ -422,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         print("poisonreach: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of stdout left (`poisonreach options | head`): stop quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit does not raise again
+        tracking.discard_stdout()
         return 141
 
 

@@ -96,6 +96,12 @@ def console_logging(quiet: bool = False):
         package.setLevel(level)
 
 
+def discard_stdout() -> None:
+    """Send what is left of stdout to the null device: its reader has gone (``poisonreach options |
+    head``), and the flush at exit would otherwise raise ``BrokenPipeError`` a second time."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 # --------------------------------------------------------------------------------------------------
 # tracking
 # --------------------------------------------------------------------------------------------------

@@ -284,3 +284,23 @@ def test_gc_is_gauss_newton_and_the_paper_preset_is_projected_gradient_descent(c
     # soft labels are a relaxation of projected gradient descent only: one clear line for gc
     code, _, err = run_cli(capsys, "run", "--optimize-labels", "--out", "unused")
     assert code == 2 and "optimize_labels" in err and "GaussNewtonCanceling" in err
+
+
+def test_an_attack_and_a_poisoned_target_take_a_seed_apart_from_the_runs():
+    from poisonreach.errors import PoisonReachError
+    from poisonreach.experiments.config import RunConfig
+
+    # the run's seed draws the split too; a seed under attack/target options redraws only their choices
+    config = RunConfig(eps_d=[0.1], seed=5, attack="labelflip", attack_options={"seed": 3}, target="labelflip",
+                       target_options={"eps_d": 0.3, "seed": 4})
+    config.validate()
+    (attack,) = config.make_attacks()
+    assert (attack.seed, config.make_generator().seed) == (3, 4)
+    plain = RunConfig(eps_d=[0.1], seed=5, attack="labelflip", target="labelflip")
+    (attack,) = plain.make_attacks()
+    assert (attack.seed, plain.make_generator().seed) == (5, 5)
+    for where in ("attack_options", "target_options"):
+        with pytest.raises(PoisonReachError, match="set device at the top level"):
+            RunConfig(eps_d=[0.1], attack="labelflip", target="labelflip", **{where: {"device": "cpu"}}).validate()
+    with pytest.raises(PoisonReachError, match="victim-seeds"):
+        RunConfig(eps_d=[0.1], training={"seed": 1}).validate()

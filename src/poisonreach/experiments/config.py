@@ -203,9 +203,12 @@ class RunConfig:
                 check_number("victim_seeds", seed, integer=True)
             if len(set(self.victim_seeds)) != len(self.victim_seeds):
                 raise PoisonReachError(f"victim_seeds repeats a seed: {list(self.victim_seeds)}; each seed gives the same victim every time")
+        # an attack's or a target's seed defaults to the run's (which also draws the split) and may be
+        # set apart from it; a training seed is the victim seeds' business
         for key in ("device", "progress", "seed"):
-            if key in self.attack_options or key in self.training:
-                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/training")
+            if (key != "seed" and (key in self.attack_options or key in self.target_options)) or key in self.training:
+                raise PoisonReachError(f"set {key} at the top level of the configuration, not under attack_options/target_options/training"
+                                       + ("; victims are retrained with each of --victim-seeds" if key == "seed" else ""))
         unknown = sorted(set(self.training) - set(self.training_options))
         if unknown:
             raise PoisonReachError(f"unknown training option(s) {unknown}: the {self.protocol} protocol's training takes "
@@ -236,7 +239,7 @@ class RunConfig:
         if self.target in POISONED_TARGETS:
             cls = ATTACKS[self.target]
             check_options(cls, self.target_options, f"{self.target} target")
-            generator = cls(**{"eps_d": 1.0, **self.target_options, "seed": self.seed, "device": self.device})
+            generator = cls(**{"eps_d": 1.0, "seed": self.seed, **self.target_options, "device": self.device})
             if generator.model_targeted:
                 raise PoisonReachError(
                     f"a {self.target} target is made by attacking the clean model; {generator!r} needs a target "
@@ -264,7 +267,7 @@ class RunConfig:
         attacks = []
         for eps_d in self.budgets(tau):
             preset = cls.presets[self.preset] if self.preset is not None else {}
-            kwargs = dict(preset, **self.attack_options, seed=self.seed, device=self.device)
+            kwargs = {**preset, "seed": self.seed, **self.attack_options, "device": self.device}
             if "weight_decay" in inspect.signature(cls).parameters:
                 kwargs.setdefault("weight_decay", self.weight_decay)
             if self.trained_parameters != "all" and "parameters" in inspect.signature(cls).parameters:

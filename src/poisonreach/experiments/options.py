@@ -39,11 +39,11 @@ class Group:
 
 GROUPS = (
     Group("attacks", {name: (cls, None) for name, cls in ATTACKS.items()},
-          "run --attack NAME --attack-option KEY=VALUE (eps_d is --eps-d; seed and device are the run's); in a sweep "
+          "run --attack NAME --attack-option KEY=VALUE (eps_d is --eps-d; device is the run's, and so is seed unless given here); in a sweep "
           "run.attack and run.attack_options"),
     Group("target generators", {name: (cls, None) for name, cls in TARGET_GENERATORS.items()},
-          f"run --target NAME --target-option KEY=VALUE (eps_w and eps_w_mode are --eps-w and --eps-w-mode; seed and "
-          f"device are the run's); in a sweep run.target and run.target_options; "
+          f"run --target NAME --target-option KEY=VALUE (eps_w and eps_w_mode are --eps-w and --eps-w-mode; device "
+          f"is the run's, and so is seed unless given here); in a sweep run.target and run.target_options; "
           f"the attacks {', '.join(POISONED_TARGETS)} are targets too, with their attack options"),
     Group("target selection", {"select": (select_options, None)},
           "run --target select --target-option KEY=VALUE (lists as [0.1,0.5]); in a sweep run.target: select and "

@@ -96,6 +96,24 @@ def test_tau_from_a_saved_target_matches_the_run(demo_run, capsys):
     assert math.isclose(json.loads(out)["tau"], metrics["tau"], rel_tol=1e-9)
 
 
+def test_train_writes_the_clean_model_a_run_trains_first(demo_run, tmp_path, capsys):
+    out = tmp_path / "models" / "clean.pt"
+    code, printed, _ = run_cli(capsys, "train", "--train-size", "300", "--train-epochs", "3", "--out", str(out), "--json")
+    assert code == 0
+    record = json.loads(printed)
+    trained, ran = models.load_model(out), models.load_model(demo_run / "clean_model.pt")
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), ran.state_dict().values()))
+    metrics = json.loads((demo_run / "metrics.json").read_text())
+    assert math.isclose(record["test_acc"], metrics["clean_acc"], rel_tol=1e-12)
+    assert record["train_size"] == 300 and record["train_grad_norm"] > 0
+
+    # an existing file is refused and kept as it was
+    before = out.read_bytes()
+    code, _, err = run_cli(capsys, "train", "--train-size", "300", "--train-epochs", "1", "--out", str(out))
+    assert code == 2 and "exists" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "argv, words",
     [

@@ -12,13 +12,14 @@
     poisonreach plot RUN_OR_SWEEP_DIR
     poisonreach report SWEEP_DIR
     poisonreach tau --dataset D --model M --eps-w E [--json]
+    poisonreach train --dataset D --model M [--protocol honest|converged] --out FILE [--json]
     poisonreach audit [--data FILE.npz|DIR] [--model M] [--weights FILE] [--target-weights FILE] [--poisons FILE ...] [--runs RUN_DIR ...]
     poisonreach options [NAME]
     poisonreach --version
 
 Each command parses its arguments and calls one function of the experiments: ``run.run``,
 ``defend.defend`` (or ``defend.defend_poisons``), ``export.export``, ``evaluate.evaluate``, ``sweep.command``,
-``plots.plot_folder``, ``report.write_report``, ``run.tau``, ``options.describe``. Tables and results go to
+``plots.plot_folder``, ``report.write_report``, ``run.tau``, ``run.train_model``, ``options.describe``. Tables and results go to
 stdout; log lines (progress, what a run is doing) to stderr (``tracking.console_logging``; ``--quiet``
 keeps warnings only). Bad input prints one line on stderr and exits with status 2; no traceback.
 Every option's help shows its default (:class:`HelpFormatter`), and the descriptions are the
@@ -49,7 +50,7 @@ from .experiments.config import (ATTACKS, CONVERGED_OPTIONS, DEFENSES, EPS_W_MOD
                                  PoisonReachError, RunConfig, dataset_names, model_names, parse_yaml, set_threads)
 from .experiments.defend import defend, format_defense_table
 from .experiments.report import write_report
-from .experiments.run import format_table, format_tau, tau
+from .experiments.run import format_table, format_tau, format_trained, tau, train_model
 
 
 def _box(text: str):
@@ -262,6 +263,15 @@ def _parser() -> argparse.ArgumentParser:
                                                        "(default: none, train the clean model and make the target)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = command("train", "train the clean model a run would train first and write it to a model file (e.g. for --pretrained)",
+                run_module.train_model.__doc__)
+    _common(p, target=False)
+    p.add_argument("--protocol", choices=evaluate_module.EVALUATION_PROTOCOLS, default="honest",
+                   help="honest (default): the paper's training; converged: full-batch L-BFGS to a stationary point, as "
+                        "`poisonreach run --protocol converged`")
+    p.add_argument("--out", required=True, help="the model file to write (refused if it exists)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = command("audit", "how much poison a target needs and how much damage any attack could do, without running one",
                 audit_module.__doc__)
     _common(p, target=False)
@@ -377,6 +387,11 @@ def _cmd_tau(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    print(format_trained(train_model(_config(args, protocol=args.protocol), args.out), as_json=args.json))
+    return 0
+
+
 def _cmd_audit(args) -> int:
     if args.data is not None:
         args.dataset = audit_module.dataset_spec(args.data)
@@ -413,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         with run_module.joined(getattr(args, "device", None)), \
                 tracking.console_logging(quiet=getattr(args, "quiet", False) or not run_module.is_writer()):
             return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
-                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "audit": _cmd_audit, "options": _cmd_options}[args.command](args)
+                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "train": _cmd_train, "audit": _cmd_audit, "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2

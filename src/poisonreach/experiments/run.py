@@ -431,6 +431,42 @@ def format_tau(record: dict, *, as_json: bool = False) -> str:
             f"<W, G(mu)> = {record['inner']:.6g}, lambda = {record['lam']:.6g})")
 
 
+def train_model(config: RunConfig, out: str | os.PathLike) -> dict:
+    """Train the run's clean model and write it to the model file ``out`` (``poisonreach train``):
+    the model :func:`run` trains first, by the same seed and protocol, for ``--pretrained`` or any
+    command that reads a model file. An existing ``out`` is refused, not overwritten. Returns the
+    file, its test accuracy (or MSE), its training-gradient norm over the parameters the protocol
+    fits (the convergence check) and the seconds the training took."""
+    config.validate()
+    if config.protocol == "official":
+        raise PoisonReachError("train fits a model by --protocol honest or converged; the official protocol's models are made "
+                               "inside its runs (poisonreach run --protocol official)")
+    out = Path(out)
+    if out.exists():
+        raise PoisonReachError(f"{out} exists: give another --out, or delete it to train again")
+    splits, spec = load_data(config)
+    X, y = splits.x_train, splits.y_train
+    fresh_model(config, spec)  # fail on a model that does not fit the data before the training
+    started = time.perf_counter()
+    model = fitter(config, spec)(X, y)
+    seconds = time.perf_counter() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    models.save_model(model, out, **spec)
+    acc, mse = _evaluate(model, splits.x_test, splits.y_test)
+    return {"file": str(out), "dataset": config.dataset, "model": config.model, "protocol": config.protocol, "seed": config.seed,
+            "train_size": len(X), "test_acc": acc, "test_mse": mse, "train_grad_norm": trained_grad_norm(config, model, X, y),
+            "seconds": seconds}
+
+
+def format_trained(record: dict, *, as_json: bool = False) -> str:
+    """A :func:`train_model` record as one line for the terminal, or as JSON."""
+    if as_json:
+        return json.dumps(io.plain(record), indent=2)
+    quality = f"test MSE {record['test_mse']:.4g}" if record["test_mse"] is not None else f"test accuracy {record['test_acc']:.2f}%"
+    return (f"{record['file']}: {record['model']} trained on {record['train_size']} {record['dataset']} points, {record['protocol']} protocol, "
+            f"{quality}, training-gradient norm {record['train_grad_norm']:.2g}, {record['seconds']:.1f} s")
+
+
 def _poison(attack: Attack, model: nn.Module, X, y, splits) -> PoisonResult:
     # an attack that validates its poisons (TGDA's leader) gets the validation split, never the test set
     takes_validation = "validation" in inspect.signature(attack.poison).parameters

@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         with run_module.joined(getattr(args, "device", None)), \
                 tracking.console_logging(quiet=getattr(args, "quiet", False) or not run_module.is_writer()):
             return {"run": _cmd_run, "defend": _cmd_defend, "export": _cmd_export, "evaluate": _cmd_evaluate, "sweep": sweep_module.command,
-                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "train": _cmd_train, "audit": _cmd_audit, "options": _cmd_options}[args.command](args)
+                    "plot": _cmd_plot, "report": _cmd_report, "tau": _cmd_tau, "train": _cmd_train, "audit": _cmd_audit,
+                    "options": _cmd_options}[args.command](args)
     except PoisonReachError as e:
         print(f"poisonreach: error: {e}", file=sys.stderr)
         return 2
